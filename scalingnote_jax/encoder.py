@@ -1,0 +1,118 @@
+"""Encoding API in the sentence-transformers style.
+
+    enc = Encoder.from_pretrained("path/to/hf_dir_or.gguf")
+    q_NxD = enc.encode_queries(["what is ...?"])
+    d_NxD = enc.encode_documents([{"title": "...", "text": "..."}])
+
+Inputs are sorted by length and padded to a few bucketed shapes so jit compiles a handful of programs; the
+caller's order is restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from scalingnote_jax.models import load_backbone
+from scalingnote_jax.models.tokenizer import Tokenizer
+from scalingnote_jax.models.tower import Tower, TowerConfig
+
+MIN_LENGTH_BUCKET = 16
+
+
+def bucket(n: int, cap: int, smallest: int = 1) -> int:
+  """The smallest power of two >= n (and >= smallest), or `cap` if that is smaller."""
+  b = smallest
+  while b < n:
+    b *= 2
+  return min(b, cap)
+
+
+class Encoder:
+  """A tower with its tokenizer; encodes text into float32 numpy arrays [N, D]."""
+
+  def __init__(self, tower: Tower, tokenizer: Tokenizer):
+    self.tower, self.tokenizer, self.cfg = tower, tokenizer, tower.cfg
+    graphdef, self._state = nnx.split(tower)
+    self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+
+  @classmethod
+  def from_pretrained(cls, path: str, *, dtype: str = "float32", param_dtype: str = "float32",
+                      **tower_fields) -> Encoder:
+    """From a HF model directory or a llama GGUF file; `tower_fields` override `TowerConfig` defaults."""
+    backbone, backbone_cfg = load_backbone(path, dtype=dtype, param_dtype=param_dtype)
+    unknown = set(tower_fields) - {f.name for f in dataclasses.fields(TowerConfig)}
+    if unknown:
+      raise TypeError(f"unknown TowerConfig field(s): {sorted(unknown)}")
+    tower_cfg = TowerConfig.default_for(backbone_cfg, None if path.endswith(".gguf") else path, **tower_fields)
+    return cls(Tower(backbone, tower_cfg, rngs=nnx.Rngs(0)), Tokenizer.from_pretrained(path))
+
+  @property
+  def dim(self) -> int:
+    return self.tower.dim
+
+  def encode_queries(self, queries: Sequence[str], batch_size: int = 32, **kw) -> np.ndarray:
+    _check_items(queries, "queries", allow_dict=False)
+    return self.encode([self.cfg.query_prompt.format(text=q).strip() for q in queries], batch_size, **kw)
+
+  def encode_documents(self, docs: Sequence[str | dict], batch_size: int = 32, **kw) -> np.ndarray:
+    """Documents as strings or {"title", "text"} dicts."""
+    _check_items(docs, "docs", allow_dict=True)
+    texts = []
+    for d in docs:
+      title, text = (d.get("title") or "", d["text"]) if isinstance(d, dict) else ("", d)
+      texts.append(self.cfg.document_prompt.format(title=title, text=text).strip())
+    return self.encode(texts, batch_size, **kw)
+
+  def encode(self, texts: Sequence[str], batch_size: int = 32, *, truncate: bool = True,
+             show_progress: bool | None = None) -> np.ndarray:
+    """Already-prompted texts -> [N, D]. The progress bar shows by default beyond 10 batches."""
+    _check_items(texts, "texts", allow_dict=False)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = self.tokenizer.encode(list(texts), max_length=self.cfg.max_length, append_eos=self.cfg.append_eos,
+                                truncate=truncate)
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    starts = range(0, len(ids), batch_size)
+    show = len(starts) > 10 if show_progress is None else show_progress
+    outs = []
+    for s in tqdm(starts, desc="encoding", unit="batch", disable=not show):
+      rows = [ids[i] for i in order[s:s + batch_size]]
+      ids_BxT, mask_BxT = self._pad(rows, batch_size)
+      outs.append(self._forward(self._state, ids_BxT, mask_BxT)[:len(rows)])  # async: no sync per batch
+    emb = np.concatenate([np.asarray(o) for o in outs]).astype(np.float32)
+    out = np.empty_like(emb)
+    out[order] = emb
+    return out
+
+  def _pad(self, rows: list[list[int]], batch_size: int):
+    t = bucket(max(len(r) for r in rows), self.cfg.max_length, MIN_LENGTH_BUCKET)
+    b = bucket(len(rows), batch_size)
+    ids = np.full((b, t), self.tokenizer.pad_id, np.int32)
+    mask = np.zeros((b, t), np.int32)
+    mask[len(rows):, 0] = 1  # filler rows get one token so no softmax row is fully masked
+    for r, row in enumerate(rows):
+      ids[r, :len(row)], mask[r, :len(row)] = row, 1
+    return ids, mask
+
+
+def _check_items(items, what: str, *, allow_dict: bool):
+  if isinstance(items, (str, dict)) or not isinstance(items, Sequence):
+    raise TypeError(f"{what}: expected a list, got {type(items).__name__}")
+  if len(items) == 0:
+    raise ValueError(f"{what}: got an empty list; nothing to encode")
+  for i, x in enumerate(items):
+    if isinstance(x, str):
+      continue
+    if allow_dict and isinstance(x, dict):
+      if not isinstance(x.get("text"), str) or not isinstance(x.get("title", ""), (str, type(None))):
+        raise TypeError(f"{what}[{i}]: a document dict needs a string 'text' (and optional string 'title'), "
+                        f"got keys {sorted(x)}")
+      continue
+    raise TypeError(f"{what}[{i}]: expected {'a string or dict' if allow_dict else 'a string'}, "
+                    f"got {type(x).__name__}")

@@ -1,0 +1,100 @@
+"""Building blocks shared by the model files: parameters with logical axis names, Dense, norms, RoPE,
+attention.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, ...)
+in its `out_sharding` metadata. Nothing is sharded here: a later mesh maps the names to mesh axes by rules
+(`nnx.get_partition_spec` + logical rules) and creates the parameters already sharded.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
+  """A parameter initialised by `init`, annotated with logical `axes` (one name per dimension)."""
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel (+ bias). The kernel is stored [in, out] (the transpose of torch's Linear)."""
+
+  def __init__(self, din: int, dout: int, axes: tuple[str, str], *, use_bias: bool, dtype, param_dtype,
+               rngs: nnx.Rngs, init_std: float = 0.02):
+    self.dtype = dtype
+    self.kernel = param(rngs, nnx.initializers.normal(init_std), (din, dout), axes, param_dtype)
+    self.bias = param(rngs, nnx.initializers.zeros, (dout,), axes[1:], param_dtype) if use_bias else None
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, as Llama/Qwen do, then cast back to the compute dtype."""
+
+  def __init__(self, dim: int, eps: float, axis: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis,), param_dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias, statistics in float32."""
+
+  def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+    self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> jnp.ndarray:
+  """Inverse frequencies of rotary embeddings; `scaling` follows HF's `rope_parameters` ('llama3' only)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if not scaling or scaling.get("rope_type", "default") == "default":
+    return inv_freq
+  if scaling["rope_type"] != "llama3":
+    raise ValueError(f"rope_type {scaling['rope_type']!r} is not supported (supported: default, llama3)")
+  # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+  factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  wavelen = 2 * jnp.pi / inv_freq
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  out = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  is_medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+  return jnp.where(is_medium, smoothed, out)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, inv_freq):
+  """Rotary embedding in the HF 'rotate_half' layout (first half / second half of head_dim)."""
+  angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # B, T, H/2
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxS, *, causal: bool):
+  """Scaled dot-product attention with a key padding mask; grouped-query when K < N heads."""
+  mask = mask_BxS[:, None, None, :].astype(bool)
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=causal)

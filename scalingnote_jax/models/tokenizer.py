@@ -1,0 +1,56 @@
+"""Tokenizers from a HF model directory or a GGUF file, behind one small interface: batch encode with
+truncation (or a clear error), optional EOS appended; padding is the encoder's job (it buckets lengths)."""
+
+from __future__ import annotations
+
+import os
+
+import tokenizers
+
+
+class Tokenizer:
+
+  def __init__(self, tok: tokenizers.Tokenizer, *, pad_id: int, eos_id: int | None, source: str):
+    tok.no_padding()
+    tok.no_truncation()
+    self.tok, self.pad_id, self.eos_id, self.source = tok, pad_id, eos_id, source
+
+  @classmethod
+  def from_pretrained(cls, path: str) -> Tokenizer:
+    """A HF model directory (tokenizer.json, or files AutoTokenizer converts) or a `.gguf` file."""
+    if path.endswith(".gguf"):
+      from scalingnote_jax.models.gguf import GGUFFile
+
+      f = GGUFFile(path)
+      cfg = f.config()
+      pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+      return cls(f.tokenizer(), pad_id=pad or 0, eos_id=cfg.eos_token_id, source=path)
+    import transformers
+
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    if not hf.is_fast:
+      raise ValueError(f"{path}: tokenizer could not be converted to a fast (tokenizers) tokenizer")
+    eos = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
+    pad = hf.pad_token_id if hf.pad_token_id is not None else (eos or 0)
+    return cls(hf.backend_tokenizer, pad_id=pad, eos_id=eos, source=path)
+
+  def encode(self, texts: list[str], *, max_length: int, append_eos: bool = False,
+             truncate: bool = True) -> list[list[int]]:
+    """Token ids per text, at most `max_length` each (EOS included when appended)."""
+    if append_eos and self.eos_id is None:
+      raise ValueError(f"{self.source}: append_eos is set but the tokenizer has no EOS token")
+    budget = max_length - int(append_eos)
+    out = [e.ids for e in self.tok.encode_batch(texts)]
+    too_long = [i for i, ids in enumerate(out) if len(ids) > budget]
+    if too_long and not truncate:
+      i = too_long[0]
+      raise ValueError(f"input {i} has {len(out[i])} tokens, over max_length={max_length} "
+                       f"({len(too_long)} input(s) too long); pass truncate=True to cut them")
+    if too_long:  # re-encode with the tokenizer's own truncation, which keeps special tokens like [SEP]
+      self.tok.enable_truncation(budget)
+      for i, e in zip(too_long, self.tok.encode_batch([texts[i] for i in too_long])):
+        out[i] = e.ids
+      self.tok.no_truncation()
+    return [ids + [self.eos_id] for ids in out] if append_eos else out

@@ -1,0 +1,105 @@
+"""A tower = backbone + pooling + optional projection + L2 normalisation. Prompt templates and lengths are
+configuration (`TowerConfig`), applied by the encoder before tokenisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from scalingnote_jax.models import BackboneConfig, bert, create_backbone, layers
+
+POOLINGS = ("last", "mean", "cls")
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+  pooling: str = "last"  # last non-pad token (decoders), mean (BERT), cls
+  append_eos: bool = True  # with 'last' pooling the EOS token's state becomes the embedding
+  projection_dim: int | None = None  # linear map to this width after pooling
+  normalize: bool = True
+  max_length: int = 512
+  query_prompt: str = "{text}"
+  document_prompt: str = "{title}\n{text}"  # an empty title drops its line
+
+  def __post_init__(self):
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"TowerConfig.pooling={self.pooling!r}: expected one of {POOLINGS}")
+    for field in ("query_prompt", "document_prompt"):
+      if "{text}" not in getattr(self, field):
+        raise ValueError(f"TowerConfig.{field}={getattr(self, field)!r} has no {{text}} slot")
+
+  @classmethod
+  def default_for(cls, backbone: BackboneConfig, model_dir: str | None = None, **overrides) -> TowerConfig:
+    """Decoders: last-token pooling with EOS; BERT: mean pooling, or what a sentence-transformers
+    `1_Pooling/config.json` in `model_dir` says."""
+    if isinstance(backbone, bert.BertConfig):
+      pooling, max_length = _sentence_transformers_settings(model_dir)
+      base = cls(pooling=pooling or "mean", append_eos=False, document_prompt="{title} {text}",
+                 max_length=min(max_length or 512, backbone.max_position_embeddings))
+    else:
+      base = cls(pooling="last", append_eos=True)
+    return dataclasses.replace(base, **overrides)
+
+
+def _sentence_transformers_settings(model_dir: str | None) -> tuple[str | None, int | None]:
+  """(pooling, max_seq_length) from a sentence-transformers model directory, None where not given."""
+  def read(*parts):
+    fn = os.path.join(model_dir or "", *parts)
+    if not model_dir or not os.path.exists(fn):
+      return fn, {}
+    with open(fn) as f:
+      return fn, json.load(f)
+
+  fn, pool = read("1_Pooling", "config.json")
+  pooling = None
+  if pool:
+    modes = [name for key, name in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                                    ("pooling_mode_lasttoken", "last")) if pool.get(key)]
+    if len(modes) != 1:
+      raise ValueError(f"{fn}: unsupported pooling mode {pool}")
+    pooling = modes[0]
+  return pooling, read("sentence_bert_config.json")[1].get("max_seq_length")
+
+
+def pool(hidden_BxTxE, mask_BxT, how: str):
+  """Pools hidden states of right-padded sequences into one vector each (float32)."""
+  hidden = hidden_BxTxE.astype(jnp.float32)
+  if how == "cls":
+    return hidden[:, 0]
+  if how == "last":
+    last_B = jnp.maximum(mask_BxT.sum(axis=1) - 1, 0)
+    return jnp.take_along_axis(hidden, last_B[:, None, None], axis=1)[:, 0]
+  m = mask_BxT[..., None].astype(jnp.float32)
+  return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+
+
+class Tower(nnx.Module):
+  """Token ids [B, T] + mask [B, T] -> embeddings [B, D] (float32, unit norm when `normalize`)."""
+
+  def __init__(self, backbone: nnx.Module, cfg: TowerConfig, *, rngs: nnx.Rngs):
+    self.backbone, self.cfg = backbone, cfg
+    width = backbone.cfg.hidden_size
+    self.projection = (layers.Dense(width, cfg.projection_dim, ("embed", "proj"), use_bias=False,
+                                    dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+                       if cfg.projection_dim else None)
+
+  @classmethod
+  def create(cls, backbone_cfg: BackboneConfig, cfg: TowerConfig, rngs: nnx.Rngs) -> Tower:
+    """A randomly initialised tower (for training from scratch and for `eval_shape`)."""
+    return cls(create_backbone(backbone_cfg, rngs), cfg, rngs=rngs)
+
+  @property
+  def dim(self) -> int:
+    return self.cfg.projection_dim or self.backbone.cfg.hidden_size
+
+  def __call__(self, ids_BxT, mask_BxT):
+    emb_BxD = pool(self.backbone(ids_BxT, mask_BxT), mask_BxT, self.cfg.pooling)
+    if self.projection is not None:
+      emb_BxD = self.projection(emb_BxD)
+    if self.cfg.normalize:
+      emb_BxD = emb_BxD / jnp.maximum(jnp.linalg.norm(emb_BxD, axis=-1, keepdims=True), 1e-12)
+    return emb_BxD
