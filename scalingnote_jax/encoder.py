@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from scalingnote_jax.models import load_backbone
+from scalingnote_jax.models import load_backbone, resolve_path
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
 
@@ -44,7 +44,9 @@ class Encoder:
   @classmethod
   def from_pretrained(cls, path: str, *, dtype: str = "float32", param_dtype: str = "float32",
                       **tower_fields) -> Encoder:
-    """From a HF model directory or a llama GGUF file; `tower_fields` override `TowerConfig` defaults."""
+    """From a HF model directory, a llama GGUF file or a packaged model name (`models.PACKAGED`);
+    `tower_fields` override `TowerConfig` defaults."""
+    path = resolve_path(path)
     backbone, backbone_cfg = load_backbone(path, dtype=dtype, param_dtype=param_dtype)
     unknown = set(tower_fields) - {f.name for f in dataclasses.fields(TowerConfig)}
     if unknown:

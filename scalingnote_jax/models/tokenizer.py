@@ -18,6 +18,9 @@ class Tokenizer:
   @classmethod
   def from_pretrained(cls, path: str) -> Tokenizer:
     """A HF model directory (tokenizer.json, or files AutoTokenizer converts) or a `.gguf` file."""
+    from scalingnote_jax.models import resolve_path
+
+    path = resolve_path(path)
     if path.endswith(".gguf"):
       from scalingnote_jax.models.gguf import GGUFFile
 

@@ -1,0 +1,1 @@
+"""Datasets: the built-in synthetic corpus (no download) and, later, BEIR / JSONL readers."""

