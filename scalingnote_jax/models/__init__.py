@@ -50,9 +50,9 @@ def backbone_config(path: str, **overrides) -> BackboneConfig:
   """The backbone config of a HF directory or GGUF file, without reading any weights."""
   path = resolve_path(path)
   if path.endswith(".gguf"):
-    from scalingnote_jax.models.gguf import GGUFFile
+    from scalingnote_jax.models.gguf import open_gguf
 
-    return GGUFFile(path).config(**overrides)
+    return open_gguf(path).config(**overrides)
   hf = read_hf_config(path)
   if hf.get("model_type") == "bert":
     return bert.BertConfig.from_hf(hf, **overrides)
@@ -70,15 +70,13 @@ def load_backbone(path: str, *, sharding=None, **overrides) -> tuple[nnx.Module,
   """Backbone module with the checkpoint's weights; `overrides` replace config fields (e.g. dtype)."""
   path = resolve_path(path)
   cfg = backbone_config(path, **overrides)
-  create = lambda: create_backbone(cfg, nnx.Rngs(0))  # noqa: E731
-  if path.endswith(".gguf"):
-    from scalingnote_jax.models.gguf import GGUFFile
+  if path.endswith(".gguf"):  # GGUF tensors are renamed to HF `LlamaForCausalLM` names
+    from scalingnote_jax.models.gguf import open_gguf
 
-    reader = GGUFFile(path)
-    return load_params(create, llm.hf_rows(cfg, "model."), reader, llm.hf_ignored, sharding), cfg
-  reader = SafetensorsReader(path)
-  if isinstance(cfg, bert.BertConfig):
-    prefix = detect_prefix(reader.names(), bert.HF_TABLE[0][0], ("", "bert."), path)
-    return load_params(create, bert.hf_rows(cfg, prefix), reader, bert.hf_ignored, sharding), cfg
-  prefix = detect_prefix(reader.names(), llm.HF_TABLE[0][0], ("", "model."), path)
-  return load_params(create, llm.hf_rows(cfg, prefix), reader, llm.hf_ignored, sharding), cfg
+    reader, arch, prefix = open_gguf(path), llm, "model."
+  else:
+    reader = SafetensorsReader(path)
+    arch, prefixes = (bert, ("", "bert.")) if isinstance(cfg, bert.BertConfig) else (llm, ("", "model."))
+    prefix = detect_prefix(reader.names(), arch.HF_TABLE[0][0], prefixes, path)
+  create = lambda: create_backbone(cfg, nnx.Rngs(0))  # noqa: E731
+  return load_params(create, arch.hf_rows(cfg, prefix), reader, arch.hf_ignored, sharding), cfg

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -126,17 +125,16 @@ def load_params(create: Callable[[], nnx.Module], rows: dict[str, tuple[str, boo
   values = {}
   for name, (path, transpose) in rows.items():
     key, var = params[path]
-    x = reader.get(name)
+    x = np.asarray(reader.get(name))  # host memory; zero-copy for CPU jax arrays
     if transpose:
       x = x.T
     if tuple(x.shape) != tuple(var.shape):
       raise CheckpointError(f"{reader.source}: tensor {name!r} has shape {tuple(x.shape)}"
                             f"{' (transposed)' if transpose else ''}, model parameter {path} expects "
                             f"{tuple(var.shape)}")
-    x = jnp.asarray(x, dtype=var.dtype) if sharding is None else x.astype(var.dtype)
-    axes = var.get_metadata().get("out_sharding")
-    values[key] = jax.device_put(x, sharding(path, axes)) if sharding is not None else x
+    target = sharding(path, var.get_metadata().get("out_sharding")) if sharding is not None else None
+    values[key] = jax.device_put(x.astype(var.dtype), target)
     del x
   for key, var in flat.items():
-    var.set_value(values[key]) if hasattr(var, "set_value") else setattr(var, "value", values[key])
+    var.set_value(values[key])
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -4,6 +4,7 @@ names so `llm.HF_TABLE` serves both formats) and the BPE tokenizer built from th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 
@@ -125,3 +126,15 @@ GGUF_PRE_TOKENIZERS = {
                                       pt.ByteLevel(add_prefix_space=False, use_regex=True)]),
     "gpt2": lambda pt: pt.ByteLevel(add_prefix_space=False, use_regex=True),
 }
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: str, mtime: float) -> GGUFFile:
+  return GGUFFile(path)
+
+
+def open_gguf(path: str) -> GGUFFile:
+  """Opens a GGUF file once per process (parsing its metadata takes seconds); reopens if it changed."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file")
+  return _open_cached(path, os.path.getmtime(path))

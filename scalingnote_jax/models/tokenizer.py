@@ -22,9 +22,9 @@ class Tokenizer:
 
     path = resolve_path(path)
     if path.endswith(".gguf"):
-      from scalingnote_jax.models.gguf import GGUFFile
+      from scalingnote_jax.models.gguf import open_gguf
 
-      f = GGUFFile(path)
+      f = open_gguf(path)
       cfg = f.config()
       pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
       return cls(f.tokenizer(), pad_id=pad or 0, eos_id=cfg.eos_token_id, source=path)
