@@ -1,6 +1,9 @@
 import importlib.util
 import os
 
+# Simulate an 8-device mesh on the CPU (must precede the first jax import of the session).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import numpy as np
 import pytest
 

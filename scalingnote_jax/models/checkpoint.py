@@ -94,11 +94,12 @@ def detect_prefix(names: set[str], probe: str, candidates: tuple[str, ...], sour
 
 def load_params(create: Callable[[], nnx.Module], rows: dict[str, tuple[str, bool]], reader: TensorReader,
                 ignore: Callable[[str], bool] = lambda name: False,
-                sharding: Callable[[str, tuple], jax.sharding.Sharding] | None = None) -> nnx.Module:
+                sharding: Callable[[tuple, tuple], jax.sharding.Sharding] | None = None) -> nnx.Module:
   """Builds `create()` with every parameter read from `reader` through `rows` (see `expand_table`).
 
   `ignore(name)` marks checkpoint tensors the model knowingly does not use (e.g. a BERT pooler).
-  `sharding(path, logical_axes)` gives each parameter's target sharding; default: the default device.
+  `sharding(shape, logical_axes)` gives each parameter's target sharding (`sharding.param_sharding_fn`);
+  default: the default device.
   """
   abstract = nnx.eval_shape(create)
   graphdef, state = nnx.split(abstract)
@@ -132,7 +133,7 @@ def load_params(create: Callable[[], nnx.Module], rows: dict[str, tuple[str, boo
       raise CheckpointError(f"{reader.source}: tensor {name!r} has shape {tuple(x.shape)}"
                             f"{' (transposed)' if transpose else ''}, model parameter {path} expects "
                             f"{tuple(var.shape)}")
-    target = sharding(path, var.get_metadata().get("out_sharding")) if sharding is not None else None
+    target = sharding(tuple(var.shape), var.get_metadata().get("out_sharding")) if sharding is not None else None
     values[key] = jax.device_put(x.astype(var.dtype), target)
     del x
   for key, var in flat.items():
