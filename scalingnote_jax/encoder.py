@@ -58,18 +58,35 @@ class Encoder:
   def dim(self) -> int:
     return self.tower.dim
 
-  def encode_queries(self, queries: Sequence[str], batch_size: int = 32, **kw) -> np.ndarray:
-    _check_items(queries, "queries", allow_dict=False)
-    return self.encode([self.cfg.query_prompt.format(text=q).strip() for q in queries], batch_size, **kw)
+  def update(self, tower: Tower) -> None:
+    """Use `tower`'s current parameters (same structure; e.g. during training): no recompilation."""
+    self._state = nnx.state(tower)
 
-  def encode_documents(self, docs: Sequence[str | dict], batch_size: int = 32, **kw) -> np.ndarray:
-    """Documents as strings or {"title", "text"} dicts."""
+  def query_texts(self, queries: Sequence[str]) -> list[str]:
+    """Queries with the query prompt applied."""
+    _check_items(queries, "queries", allow_dict=False)
+    return [self.cfg.query_prompt.format(text=q).strip() for q in queries]
+
+  def document_texts(self, docs: Sequence[str | dict]) -> list[str]:
+    """Documents (strings or {"title", "text"} dicts) with the document prompt applied."""
     _check_items(docs, "docs", allow_dict=True)
     texts = []
     for d in docs:
       title, text = (d.get("title") or "", d["text"]) if isinstance(d, dict) else ("", d)
       texts.append(self.cfg.document_prompt.format(title=title, text=text).strip())
-    return self.encode(texts, batch_size, **kw)
+    return texts
+
+  def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+    """Token ids as the tower sees them: truncated to max_length, EOS appended when configured."""
+    return self.tokenizer.encode(texts, max_length=self.cfg.max_length, append_eos=self.cfg.append_eos,
+                                 truncate=truncate)
+
+  def encode_queries(self, queries: Sequence[str], batch_size: int = 32, **kw) -> np.ndarray:
+    return self.encode(self.query_texts(queries), batch_size, **kw)
+
+  def encode_documents(self, docs: Sequence[str | dict], batch_size: int = 32, **kw) -> np.ndarray:
+    """Documents as strings or {"title", "text"} dicts."""
+    return self.encode(self.document_texts(docs), batch_size, **kw)
 
   def encode(self, texts: Sequence[str], batch_size: int = 32, *, truncate: bool = True,
              show_progress: bool | None = None) -> np.ndarray:
@@ -77,8 +94,7 @@ class Encoder:
     _check_items(texts, "texts", allow_dict=False)
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ids = self.tokenizer.encode(list(texts), max_length=self.cfg.max_length, append_eos=self.cfg.append_eos,
-                                truncate=truncate)
+    ids = self.tokenize(list(texts), truncate)
     order = np.argsort([-len(x) for x in ids], kind="stable")
     starts = range(0, len(ids), batch_size)
     show = len(starts) > 10 if show_progress is None else show_progress

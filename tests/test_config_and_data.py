@@ -28,8 +28,9 @@ def test_synthetic_corpus_is_deterministic_and_labelled():
   assert len(a.corpus) == 40 and set(a.qrels) == set(a.queries)
   for qid, query in a.queries.items():
     (doc_id,) = a.qrels[qid]
-    entity = next(w for w in query.split() if "-" in w and w[0].isupper())
-    assert entity in a.corpus[doc_id]["text"]  # the query names its document's entity
+    entity = next(w for w in a.corpus[doc_id]["title"].split() if "-" in w)
+    assert entity.lower().replace("-", " ") in query  # the query names its document's entity, as typed
+    assert entity not in query
     others = [d for d in a.corpus if d != doc_id and entity in a.corpus[d]["text"]]
     assert not others  # ... and only that document's
   topics = [doc["title"].split("(")[1] for doc in a.corpus.values()]

@@ -100,7 +100,9 @@ def generate(num_docs: int = 200, queries_per_doc: int = 1, seed: int = 0, noise
 
 
 def paraphrase(query: str, attrs: dict[str, list[str]], rng: np.random.Generator, noise: float) -> str:
-  """Swaps attributes for synonyms, drops filler words and sometimes moves the entity to the front."""
+  """Swaps attributes for synonyms, drops filler words, sometimes moves the entity to the front, and writes
+  the entity the way people type it: lower case, digits apart ('Halfeva-31' -> 'halfeva 31'). The last step
+  means the query and its document share no entity token: matching them is learned, not lexical."""
   for attr, synonyms in attrs.items():
     if attr in query and rng.random() < noise * 2:
       query = query.replace(attr, str(rng.choice(synonyms)))
@@ -108,4 +110,21 @@ def paraphrase(query: str, attrs: dict[str, list[str]], rng: np.random.Generator
   entity = [w for w in words if "-" in w and w[0].isupper()]
   if entity and rng.random() < noise:
     words = entity + [w for w in words if w not in entity]
-  return " ".join(words)
+  return " ".join(w.lower().replace("-", " ") if w in entity else w for w in words)
+
+
+def topic_of(doc: dict[str, str]) -> str:
+  """Documents are titled 'Entity (topic)'."""
+  return doc["title"].rsplit("(", 1)[1].rstrip(")")
+
+
+def with_topic_negatives(examples, corpus: dict[str, dict[str, str]], k: int, seed: int):
+  """Gives each example up to `k` hard negatives: other documents of its positive's topic."""
+  rng = np.random.default_rng(seed)
+  by_topic: dict[str, list[str]] = {}
+  for doc_id, doc in corpus.items():
+    by_topic.setdefault(topic_of(doc), []).append(doc_id)
+  for ex in examples:
+    pool = [d for d in by_topic[topic_of(corpus[ex.positive_ids[0]])] if d not in ex.positive_ids]
+    ex.negative_ids = [str(d) for d in rng.choice(pool, size=min(k, len(pool)), replace=False)]
+  return examples

@@ -1,0 +1,148 @@
+"""Readers for BEIR directories (`corpus.jsonl`, `queries.jsonl`, `qrels/<split>.tsv`) and for training
+JSONL (`{"query_id", "query", "positive_ids", "negative_ids"}`). Bad lines are errors naming file:line."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+from scalingnote_jax.data.synthetic import Dataset
+
+
+class DataError(ValueError):
+  """A malformed input line: the message starts with file:line."""
+
+
+@dataclasses.dataclass
+class TrainExample:
+  query_id: str
+  query: str
+  positive_ids: list[str]
+  negative_ids: list[str]
+
+
+def _jsonl(path: str):
+  if not os.path.exists(path):
+    raise DataError(f"{path}: no such file")
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+      if not isinstance(obj, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+      yield lineno, obj
+
+
+def _field(obj: dict, key: str, where: str, *, kind=str, allow_empty=False):
+  if key not in obj:
+    raise DataError(f"{where}: missing field {key!r}")
+  value = obj[key]
+  if kind is str and isinstance(value, int) and not isinstance(value, bool):
+    value = str(value)  # numeric ids are common in BEIR files
+  if not isinstance(value, kind):
+    raise DataError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+  if not allow_empty and not value:
+    raise DataError(f"{where}: field {key!r} is empty")
+  return value
+
+
+def load_corpus(path: str) -> dict[str, dict[str, str]]:
+  corpus = {}
+  for lineno, obj in _jsonl(path):
+    where = f"{path}:{lineno}"
+    doc_id = _field(obj, "_id", where)
+    if doc_id in corpus:
+      raise DataError(f"{where}: duplicate document id {doc_id!r}")
+    title = obj.get("title") or ""
+    text = _field(obj, "text", where, allow_empty=bool(title))  # a title alone is still a document
+    corpus[doc_id] = {"title": str(title), "text": text}
+  return corpus
+
+
+def load_queries(path: str) -> dict[str, str]:
+  queries = {}
+  for lineno, obj in _jsonl(path):
+    where = f"{path}:{lineno}"
+    qid = _field(obj, "_id", where)
+    if qid in queries:
+      raise DataError(f"{where}: duplicate query id {qid!r}")
+    queries[qid] = _field(obj, "text", where)
+  return queries
+
+
+def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error") -> dict[str, dict[str, int]]:
+  """qrels TSV (header `query-id corpus-id score`). Pairs naming ids outside `query_ids` / `doc_ids` raise
+  (`unknown="error"`) or are dropped (`unknown="skip"`, for evaluation where BEIR reports them)."""
+  if not os.path.exists(path):
+    raise DataError(f"{path}: no such file")
+  qrels: dict[str, dict[str, int]] = {}
+  with open(path, encoding="utf-8", newline="") as f:
+    for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+      if not row or (lineno == 1 and row[0] == "query-id"):
+        continue
+      where = f"{path}:{lineno}"
+      if len(row) < 3:
+        raise DataError(f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(row)}")
+      qid, doc_id, score = row[0], row[1], row[2]
+      try:
+        grade = int(float(score))
+      except ValueError:
+        raise DataError(f"{where}: score {score!r} is not a number") from None
+      bad = ("query", qid) if query_ids is not None and qid not in query_ids else (
+          ("document", doc_id) if doc_ids is not None and doc_id not in doc_ids else None)
+      if bad and unknown == "error":
+        raise DataError(f"{where}: unknown {bad[0]} id {bad[1]!r}")
+      if bad:
+        continue
+      qrels.setdefault(qid, {})[doc_id] = grade
+  return qrels
+
+
+def load_beir(directory: str, split: str, *, unknown: str = "error") -> Dataset:
+  """The split's queries (those its qrels name), the whole corpus and the split's qrels."""
+  corpus = load_corpus(os.path.join(directory, "corpus.jsonl"))
+  queries = load_queries(os.path.join(directory, "queries.jsonl"))
+  qrels = load_qrels(os.path.join(directory, "qrels", f"{split}.tsv"), query_ids=queries, doc_ids=corpus,
+                     unknown=unknown)
+  return Dataset(corpus, {q: queries[q] for q in qrels}, qrels)
+
+
+def examples_from_qrels(data: Dataset) -> list[TrainExample]:
+  """One training example per query with its relevant documents (grade > 0) and no mined negatives."""
+  out = []
+  for qid, judged in data.qrels.items():
+    positives = [d for d, g in judged.items() if g > 0]
+    if positives:
+      out.append(TrainExample(qid, data.queries[qid], positives, []))
+  return out
+
+
+def load_train_jsonl(path: str, corpus: dict) -> list[TrainExample]:
+  """Training examples with hard negatives. Negatives that are also positives are dropped, never used."""
+  out = []
+  for lineno, obj in _jsonl(path):
+    where = f"{path}:{lineno}"
+    ex = TrainExample(_field(obj, "query_id", where), _field(obj, "query", where),
+                      [str(x) for x in _field(obj, "positive_ids", where, kind=list)],
+                      [str(x) for x in _field(obj, "negative_ids", where, kind=list, allow_empty=True)])
+    for doc_id in ex.positive_ids + ex.negative_ids:
+      if doc_id not in corpus:
+        raise DataError(f"{where}: unknown document id {doc_id!r}")
+    positives = set(ex.positive_ids)
+    ex.negative_ids = [d for d in ex.negative_ids if d not in positives]
+    out.append(ex)
+  return out
+
+
+def write_train_jsonl(path: str, examples: list[TrainExample]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for ex in examples:
+      f.write(json.dumps(dataclasses.asdict(ex)) + "\n")
+  os.replace(tmp, path)

@@ -1,0 +1,276 @@
+"""Stage 1: dual LLM towers trained SPMD over a device mesh with the cross-device InfoNCE loss.
+
+Sections in execution order: mesh -> data -> model (created sharded) -> optimizer -> train step (optionally
+GradCache-chunked) -> evaluation -> loop. `scalingnote train --config configs/<name>.py --workdir DIR`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from scalingnote_jax import sharding
+from scalingnote_jax.data import beir, synthetic
+from scalingnote_jax.data.pipeline import BatchSpec, TrainData
+from scalingnote_jax.encoder import Encoder
+from scalingnote_jax.models import bert, llm, load_backbone
+from scalingnote_jax.models.tokenizer import Tokenizer
+from scalingnote_jax.models.tower import Tower, TowerConfig
+from scalingnote_jax.train.losses import contrastive_loss
+
+MAX_SCALE = 100.0  # 1 / temperature is capped, as in CLIP
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: training examples, a held-out split for validation, and the corpus.
+
+def load_data(cfg: ConfigDict) -> tuple[list[beir.TrainExample], synthetic.Dataset, dict]:
+  """(training examples, validation dataset, corpus) as the config's `data` section says."""
+  d = cfg.data
+  if d.source == "synthetic":
+    data = synthetic.generate(d.num_docs, queries_per_doc=d.queries_per_doc, seed=d.seed)
+    qids = list(data.queries)
+    n_val = int(len(qids) * d.val_fraction)
+    rng = np.random.default_rng(d.seed)
+    val = set(rng.choice(qids, size=n_val, replace=False).tolist())
+    train = synthetic.Dataset(data.corpus, {q: t for q, t in data.queries.items() if q not in val},
+                              {q: r for q, r in data.qrels.items() if q not in val})
+    examples = synthetic.with_topic_negatives(beir.examples_from_qrels(train), data.corpus, d.n_neg_candidates,
+                                              d.seed)
+    held_out = synthetic.Dataset(data.corpus, {q: data.queries[q] for q in val}, {q: data.qrels[q] for q in val})
+    return examples, held_out, data.corpus
+  if d.source == "beir":
+    train = beir.load_beir(d.path, d.train_split)
+    examples = (beir.load_train_jsonl(d.train_jsonl, train.corpus) if d.train_jsonl
+                else beir.examples_from_qrels(train))
+    held_out = beir.load_beir(d.path, d.val_split, unknown="skip") if d.val_split else None
+    return examples, held_out, train.corpus
+  raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: query and document towers from the same LLM (checkpoint or random config), created sharded.
+
+class DualEncoder(nnx.Module):
+  """Query and document towers (separate parameters unless tied) and the softmax temperature."""
+
+  def __init__(self, query: Tower, doc: Tower, temperature: float, learn_temperature: bool):
+    self.query, self.doc = query, doc  # `doc is query` when tied
+    self.log_scale = nnx.Param(jnp.log(jnp.float32(1.0 / temperature))) if learn_temperature else None
+    self.fixed_scale = 1.0 / temperature
+
+  def scale(self):
+    if self.log_scale is None:
+      return jnp.float32(self.fixed_scale)
+    return jnp.minimum(jnp.exp(self.log_scale[...]), MAX_SCALE)
+
+
+def backbone_config(m: ConfigDict):
+  fields = dict(m.backbone)
+  kind = fields.pop("kind")
+  cls = {"llm": llm.LLMConfig, "bert": bert.BertConfig}[kind]
+  return cls(**fields, dtype=m.dtype, param_dtype=m.param_dtype)
+
+
+def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
+  m, rules = cfg.model, cfg.rules
+  tower_cfg = TowerConfig(**cfg.tower)
+  if m.init == "random":
+    bcfg = backbone_config(m)
+    # the same seed for both towers: like a checkpoint, both start from identical weights
+    make = lambda: Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))  # noqa: E731
+    query = sharding.create_sharded(make, mesh, rules)
+    doc = query if cfg.tied else sharding.create_sharded(make, mesh, rules)
+    tokenizer = Tokenizer.from_pretrained(m.tokenizer)
+  else:
+    place = sharding.param_sharding_fn(mesh, rules)
+    load = lambda: Tower(load_backbone(m.init, sharding=place, dtype=m.dtype, param_dtype=m.param_dtype)[0],
+                         tower_cfg, rngs=nnx.Rngs(m.seed))  # noqa: E731
+    query = load()
+    doc = query if cfg.tied else load()
+    tokenizer = Tokenizer.from_pretrained(m.tokenizer or m.init)
+  return DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer: AdamW with warmup + decay, global-norm clipping, no weight decay on vectors (norms, biases).
+
+def make_optimizer(o: ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  decay_steps = max(num_steps, o.warmup_steps + 1)
+  if o.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps, o.lr * o.final_lr_fraction)
+  elif o.schedule == "linear":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
+                               optax.linear_schedule(o.lr, o.lr * o.final_lr_fraction, decay_steps - o.warmup_steps)],
+                              [o.warmup_steps])
+  else:
+    raise ValueError(f"optim.schedule={o.schedule!r}: expected 'cosine' or 'linear'")
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                     optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train step: embed both towers, contrastive loss over the global batch, AdamW update.
+
+def _split_chunks(x, n):
+  """[B, ...] -> [n, B/n, ...], chunk c holding rows c, c+n, ...: each chunk keeps rows of every device."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+
+def _merge_chunks(x):
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False):
+  """(params, batch) -> ((loss, (accuracy, scale)), grads). With `chunks` > 1 this is GradCache: embeddings
+  are computed chunk by chunk without activations kept, the loss's gradient with respect to the embeddings
+  is taken on the full global batch, then each chunk is re-run to push that gradient into the parameters.
+  Same result as one big batch, with the activation memory of one chunk."""
+
+  def embed(params, tokens):
+    model = nnx.merge(graphdef, params)
+    b, g, t = tokens["d_ids"].shape
+    q_BxD = model.query(tokens["q_ids"], tokens["q_mask"])
+    d_BxGxD = model.doc(tokens["d_ids"].reshape(b * g, t), tokens["d_mask"].reshape(b * g, t)).reshape(b, g, -1)
+    return q_BxD, d_BxGxD
+
+  def loss_of(q_BxD, d_BxGxD, params, batch):
+    scale = nnx.merge(graphdef, params).scale()
+    loss, accuracy = contrastive_loss(q_BxD, d_BxGxD, batch["doc_ids"], batch["pos_ids"], scale, mesh=mesh,
+                                      symmetric=symmetric)
+    return loss, (accuracy, scale)
+
+  def grads_direct(params, batch):
+    def f(p):
+      return loss_of(*embed(p, batch), p, batch)
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+  def grads_cached(params, batch):
+    tokens = {k: _split_chunks(batch[k], chunks) for k in ("q_ids", "q_mask", "d_ids", "d_mask")}
+    q_c, d_c = jax.lax.map(lambda c: embed(params, c), tokens)
+    (loss, aux), (g_q, g_d, g_params) = jax.value_and_grad(loss_of, argnums=(0, 1, 2), has_aux=True)(
+        _merge_chunks(q_c), _merge_chunks(d_c), params, batch)
+
+    def backprop_chunk(acc, xs):
+      c, g_q_c, g_d_c = xs
+      _, vjp = jax.vjp(lambda p: embed(p, c), params)
+      return jax.tree.map(jnp.add, acc, vjp((g_q_c, g_d_c))[0]), None
+
+    grads, _ = jax.lax.scan(backprop_chunk, g_params, (tokens, _split_chunks(g_q, chunks), _split_chunks(g_d, chunks)))
+    return (loss, aux), grads
+
+  return grads_cached if chunks > 1 else grads_direct
+
+
+def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = False):
+  """(params, opt_state, batch) -> (params, opt_state, metrics)."""
+  grad_fn = make_grad_fn(graphdef, mesh, chunks=chunks, symmetric=symmetric)
+
+  def step(params, opt_state, batch):
+    (loss, (accuracy, scale)), grads = grad_fn(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, dict(loss=loss, accuracy=accuracy, scale=scale, grad_norm=optax.tree.norm(grads))
+
+  return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: Recall@10 by exact search and contrastive entropy on held-out queries.
+
+def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic.Dataset, *, num_negatives: int,
+             seed: int, batch_size: int) -> dict[str, float]:
+  q_enc.update(model.query)
+  d_enc.update(model.doc)
+  doc_ids = list(data.corpus)
+  qids = list(data.queries)
+  d_NxD = d_enc.encode_documents([data.corpus[d] for d in doc_ids], batch_size=batch_size, show_progress=False)
+  q_QxD = q_enc.encode_queries([data.queries[q] for q in qids], batch_size=batch_size, show_progress=False)
+  scores_QxN = q_QxD @ d_NxD.T
+  top10 = np.argsort(-scores_QxN, axis=1)[:, :10]
+  index = {d: i for i, d in enumerate(doc_ids)}
+  recall, entropy = [], []
+  rng = np.random.default_rng(seed)
+  scale = float(model.scale())
+  for row, qid in enumerate(qids):
+    relevant = {index[d] for d, g in data.qrels[qid].items() if g > 0 and d in index}
+    if not relevant:
+      continue
+    recall.append(len(relevant & set(top10[row].tolist())) / min(len(relevant), 10))
+    # contrastive entropy: the positive against a fixed number of sampled non-relevant documents
+    pos = next(iter(relevant))
+    negs = rng.choice([i for i in range(len(doc_ids)) if i not in relevant], size=num_negatives, replace=False)
+    logits = scale * scores_QxN[row, [pos, *negs]]
+    entropy.append(float(np.logaddexp.reduce(logits) - logits[0]))
+  return {"recall_at_10": float(np.mean(recall)), "contrastive_entropy": float(np.mean(entropy))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+
+def train(cfg: ConfigDict, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(cfg.mesh)
+  examples, held_out, corpus = load_data(cfg)
+
+  model, tokenizer = build_model(cfg, mesh)
+  q_enc, d_enc = Encoder(model.query, tokenizer), Encoder(model.doc, tokenizer)
+  spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
+  data = TrainData(examples, corpus, lambda qs: q_enc.tokenize(q_enc.query_texts(qs)),
+                   lambda ds: d_enc.tokenize(d_enc.document_texts(ds)), tokenizer.pad_id, spec)
+  batches = data.iterator(cfg.data.seed, jax.process_index(), jax.process_count())
+
+  graphdef, params = nnx.split(model)
+  tx = make_optimizer(cfg.optim, cfg.num_steps)
+  opt_state = jax.jit(tx.init)(params)  # sharded like the parameters by propagation
+  step_fn = jax.jit(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric),
+                    donate_argnums=(0, 1))
+
+  history, evals = [], []
+  tokens_per_step = cfg.batch_size * (spec.query_len + (1 + spec.n_neg) * spec.doc_len)
+  log_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def run_eval(step):
+    nnx.update(model, params)
+    metrics = evaluate(model, q_enc, d_enc, held_out, num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed,
+                       batch_size=cfg.eval.batch_size)
+    evals.append({"step": step, **metrics})
+    log_file.write(json.dumps({"step": step, **{f"val/{k}": v for k, v in metrics.items()}}) + "\n")
+    return metrics
+
+  if held_out is not None and cfg.eval.every:
+    run_eval(0)
+  bar = tqdm(range(1, cfg.num_steps + 1), desc="stage1", disable=jax.process_index() != 0)
+  t_last = time.perf_counter()
+  for step in bar:
+    batch = sharding.global_batch(mesh, next(batches))
+    params, opt_state, metrics = step_fn(params, opt_state, batch)
+    if step % cfg.log_every == 0 or step == cfg.num_steps:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopping (last good checkpoint kept)")
+      now = time.perf_counter()
+      step_time = (now - t_last) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
+      t_last = now
+      metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
+      history.append({"step": step, **metrics})
+      log_file.write(json.dumps({"step": step, **{f"train/{k}": v for k, v in metrics.items()}}) + "\n")
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", step_s=f"{step_time:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    if held_out is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.num_steps):
+      m = run_eval(step)
+      bar.write(f"step {step}: val Recall@10 {m['recall_at_10']:.3f}, contrastive entropy {m['contrastive_entropy']:.3f}")
+  log_file.close()
+  nnx.update(model, params)
+  return {"history": history, "evals": evals, "model": model, "tokenizer": tokenizer}
