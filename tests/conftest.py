@@ -14,6 +14,8 @@ SENTENCES = [
     "while documents keep the quality of the large model.",
     "hi",
 ]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEIR = os.path.join(ROOT, "..", "shared", "data", "beir")  # real BEIR data beside the checkout (also in CI)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 

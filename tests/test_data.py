@@ -1,0 +1,96 @@
+"""BEIR / JSONL readers (errors name file:line) and the grain training pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scalingnote_jax.data import beir
+from scalingnote_jax.data.pipeline import BatchSpec, TrainData
+
+from conftest import BEIR
+
+
+def write(path, lines):
+  path.write_text("".join(line + "\n" for line in lines))
+  return str(path)
+
+
+def test_real_scifact_loads():
+  root = f"{BEIR}/scifact"
+  data = beir.load_beir(root, "train")
+  assert len(data.corpus) == 5183 and len(data.queries) == 809 and sum(map(len, data.qrels.values())) == 919
+  test = beir.load_beir(root, "test")
+  assert len(test.queries) == 300
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"_id": "1", "text": "ok"', r"corpus\.jsonl:2: invalid JSON"),
+    ('{"_id": "2"}', r"corpus\.jsonl:2: missing field 'text'"),
+    ('{"_id": "3", "text": ""}', r"corpus\.jsonl:2: field 'text' is empty"),
+    ('{"_id": "0", "text": "again"}', r"corpus\.jsonl:2: duplicate document id '0'"),
+    ('["not", "an", "object"]', r"corpus\.jsonl:2: expected a JSON object"),
+])
+def test_bad_corpus_lines_name_file_and_line(tmp_path, line, message):
+  path = write(tmp_path / "corpus.jsonl", ['{"_id": "0", "title": "t", "text": "first"}', line])
+  with pytest.raises(beir.DataError, match=message):
+    beir.load_corpus(path)
+
+
+def test_bad_qrels_name_file_and_line(tmp_path):
+  qrels = write(tmp_path / "q.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q1\td9\t1"])
+  with pytest.raises(beir.DataError, match=r"q\.tsv:3: unknown document id 'd9'"):
+    beir.load_qrels(qrels, query_ids={"q1"}, doc_ids={"d1"})
+  assert beir.load_qrels(qrels, query_ids={"q1"}, doc_ids={"d1"}, unknown="skip") == {"q1": {"d1": 1}}
+  bad = write(tmp_path / "b.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\thigh"])
+  with pytest.raises(beir.DataError, match=r"b\.tsv:2: score 'high' is not a number"):
+    beir.load_qrels(bad)
+
+
+def test_train_jsonl_drops_negatives_that_are_positives(tmp_path):
+  corpus = {f"d{i}": {"title": "", "text": f"doc {i}"} for i in range(5)}
+  path = write(tmp_path / "train.jsonl", [json.dumps(dict(query_id="q", query="x", positive_ids=["d0", "d1"],
+                                                          negative_ids=["d1", "d2", "d3"]))])
+  (ex,) = beir.load_train_jsonl(path, corpus)
+  assert ex.negative_ids == ["d2", "d3"]
+  bad = write(tmp_path / "bad.jsonl", [json.dumps(dict(query_id="q", query="x", positive_ids=["d7"],
+                                                         negative_ids=[]))])
+  with pytest.raises(beir.DataError, match=r"bad\.jsonl:1: unknown document id 'd7'"):
+    beir.load_train_jsonl(bad, corpus)
+
+
+def pipeline(batch_size=4, n_neg=2):
+  corpus = {f"d{i}": {"title": "", "text": f"doc {i}"} for i in range(12)}
+  examples = [beir.TrainExample(f"q{i}", f"query {i}", [f"d{i}"], [f"d{(i + k) % 12}" for k in (1, 2, 3)])
+              for i in range(10)]
+  examples[0].negative_ids = ["d5"]  # fewer negatives than n_neg: a padded slot
+  tok = lambda texts: [[len(t)] * (1 + i % 5) for i, t in enumerate(texts)]  # noqa: E731
+  return TrainData(examples, corpus, tok, lambda docs: tok([d["text"] for d in docs]), 0,
+                   BatchSpec(batch_size, n_neg, 8, 8))
+
+
+def test_pipeline_batches_and_resumes_from_saved_state():
+  data = pipeline()
+  it = data.iterator(seed=1)
+  first = [next(it) for _ in range(3)]
+  state = it.get_state()
+  rest = [next(it) for _ in range(4)]
+  b = first[0]
+  assert b["q_ids"].shape == (4, 8) and b["d_ids"].shape == (4, 3, 8) and b["doc_ids"].shape == (4, 3)
+  assert (b["doc_ids"][:, 0] == b["pos_ids"][:, 0]).all()  # slot 0 is a positive
+  seen = np.concatenate([x["pos_ids"][:, 0] for x in first + rest])
+  assert len(set(seen[:10].tolist())) >= 8  # an epoch visits (nearly) every example once
+  resumed = data.iterator(seed=1)
+  resumed.set_state(state)
+  for want in rest:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_pipeline_shards_by_process():
+  data = pipeline(batch_size=4)
+  full = next(data.iterator(seed=2))
+  halves = [next(data.iterator(seed=2, process_index=p, process_count=2)) for p in range(2)]
+  assert all(h["q_ids"].shape[0] == 2 for h in halves)
+  assert sorted(np.concatenate([h["pos_ids"][:, 0] for h in halves]).tolist()) == sorted(full["pos_ids"][:, 0].tolist())
