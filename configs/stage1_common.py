@@ -24,5 +24,6 @@ def base() -> ConfigDict:
   c.data = ConfigDict(dict(source="synthetic", path="", train_split="train", val_split="", train_jsonl="",
                            num_docs=256, queries_per_doc=2, val_fraction=0.25, n_neg_candidates=8, seed=0,
                            n_neg=1, query_len=32, doc_len=64))
+  c.checkpoint = ConfigDict(dict(every=50, keep=3))
   c.eval = ConfigDict(dict(every=50, num_negatives=31, seed=0, batch_size=64))
   return c

@@ -84,9 +84,25 @@ def create_sharded(create: Callable[[], nnx.Module], mesh: Mesh, rules) -> nnx.M
   return nnx.merge(graphdef, state)
 
 
+def optimizer_shardings(tx, params, mesh: Mesh):
+  """Shardings of `tx`'s state for `params` (arrays or abstract): moments follow their parameter, counters
+  and other scalars are replicated. (`jit(tx.init)` alone would put the zero-initialised moments on one
+  device, since they do not depend on the parameters' values.)"""
+  import optax
+
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  abstract = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
+
+
 def param_sharding_fn(mesh: Mesh, rules) -> Callable[[str, tuple], NamedSharding]:
   """For `load_params(sharding=...)`: places each imported tensor straight into its mesh sharding."""
   return lambda shape, axes: logical_sharding(shape, axes, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -20,13 +20,14 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from scalingnote_jax import sharding
+from scalingnote_jax import models, sharding
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.models import bert, llm, load_backbone
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
+from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like
 from scalingnote_jax.train.losses import contrastive_loss
 
 MAX_SCALE = 100.0  # 1 / temperature is capped, as in CLIP
@@ -83,6 +84,20 @@ def backbone_config(m: ConfigDict):
   return cls(**fields, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
+def abstract_model(cfg: ConfigDict) -> DualEncoder:
+  """The dual encoder's structure with no memory behind it (for restoring a checkpoint into)."""
+  m = cfg.model
+  bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(m.init, dtype=m.dtype,
+                                                                              param_dtype=m.param_dtype)
+  tower_cfg = TowerConfig(**cfg.tower)
+
+  def create():
+    query = Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))
+    doc = query if cfg.tied else Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))
+    return DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
+  return nnx.eval_shape(create)
+
+
 def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
   m, rules = cfg.model, cfg.rules
   tower_cfg = TowerConfig(**cfg.tower)
@@ -100,7 +115,11 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
     query = load()
     doc = query if cfg.tied else load()
     tokenizer = Tokenizer.from_pretrained(m.tokenizer or m.init)
-  return DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature), tokenizer
+  model = DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
+  # the few parameters made outside the sharded paths (temperature, projection) get their shardings too
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
+  return nnx.merge(graphdef, state), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,59 +237,117 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The loop.
+# The loop: resume or start, step, log, validate, checkpoint.
 
-def train(cfg: ConfigDict, workdir: str) -> dict:
+class MetricsLog:
+  """metrics.jsonl (every process-0 record) and TensorBoard event files under the workdir."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    from tensorboardX import SummaryWriter
+
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if os.path.exists(self.path):  # drop what a crashed run logged after its last checkpoint
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+  def write(self, step: int, prefix: str, metrics: dict) -> None:
+    if not self.active:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}) + "\n")
+    for k, v in metrics.items():
+      self.tb.add_scalar(f"{prefix}/{k}", v, step)
+    self.tb.flush()
+
+
+def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
+  """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
+  from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh)
   examples, held_out, corpus = load_data(cfg)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+  last = ckpt.latest_step()
+  if last is not None and not resume:
+    raise FileExistsError(f"{workdir} already holds checkpoints up to step {last}: pass --resume to continue, "
+                          "or choose a new --workdir")
+  tx = make_optimizer(cfg.optim, cfg.num_steps)
 
-  model, tokenizer = build_model(cfg, mesh)
+  if last is None:  # fresh start: parameters created (or imported) already sharded
+    model, tokenizer = build_model(cfg, mesh)
+    graphdef, params = nnx.split(model)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
+    start, data_state = 0, None
+  else:  # resume: restore straight into this mesh's shardings (it may differ from the saving run's)
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
+    abstract_opt = abstract_like(jax.eval_shape(tx.init, abstract), sharding.optimizer_shardings(tx, abstract, mesh))
+    state, data_state = ckpt.restore(last, {"params": abstract, "opt_state": abstract_opt})
+    params, opt_state, start = state["params"], state["opt_state"], last
+    model = nnx.merge(graphdef, params)
+    tokenizer = Tokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.init)
+
   q_enc, d_enc = Encoder(model.query, tokenizer), Encoder(model.doc, tokenizer)
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
   data = TrainData(examples, corpus, lambda qs: q_enc.tokenize(q_enc.query_texts(qs)),
                    lambda ds: d_enc.tokenize(d_enc.document_texts(ds)), tokenizer.pad_id, spec)
   batches = data.iterator(cfg.data.seed, jax.process_index(), jax.process_count())
-
-  graphdef, params = nnx.split(model)
-  tx = make_optimizer(cfg.optim, cfg.num_steps)
-  opt_state = jax.jit(tx.init)(params)  # sharded like the parameters by propagation
+  if data_state is not None:
+    batches.set_state(data_state)
+  # Outputs keep the inputs' shardings, so the step compiles once and the donated buffers are reused.
+  state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
   step_fn = jax.jit(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric),
-                    donate_argnums=(0, 1))
+                    out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
 
+  log = MetricsLog(workdir, start)
   history, evals = [], []
   tokens_per_step = cfg.batch_size * (spec.query_len + (1 + spec.n_neg) * spec.doc_len)
-  log_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
   def run_eval(step):
     nnx.update(model, params)
     metrics = evaluate(model, q_enc, d_enc, held_out, num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed,
                        batch_size=cfg.eval.batch_size)
     evals.append({"step": step, **metrics})
-    log_file.write(json.dumps({"step": step, **{f"val/{k}": v for k, v in metrics.items()}}) + "\n")
+    log.write(step, "val", metrics)
     return metrics
 
-  if held_out is not None and cfg.eval.every:
+  validate = held_out is not None and cfg.eval.every > 0
+  if validate and start == 0:
     run_eval(0)
-  bar = tqdm(range(1, cfg.num_steps + 1), desc="stage1", disable=jax.process_index() != 0)
-  t_last = time.perf_counter()
+  bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage1", initial=start, total=cfg.num_steps,
+             disable=jax.process_index() != 0)
+  t_last, steps_since = time.perf_counter(), 0
   for step in bar:
     batch = sharding.global_batch(mesh, next(batches))
     params, opt_state, metrics = step_fn(params, opt_state, batch)
-    if step % cfg.log_every == 0 or step == cfg.num_steps:
+    steps_since += 1
+    save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps
+    if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
       metrics = {k: float(v) for k, v in metrics.items()}
       if not math.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopping (last good checkpoint kept)")
+        ckpt.wait()
+        raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopped. The last good checkpoint "
+                                 f"(step {ckpt.latest_step()}) in {workdir} is intact.")
       now = time.perf_counter()
-      step_time = (now - t_last) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
-      t_last = now
+      step_time, t_last, steps_since = (now - t_last) / steps_since, now, 0
       metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
       history.append({"step": step, **metrics})
-      log_file.write(json.dumps({"step": step, **{f"train/{k}": v for k, v in metrics.items()}}) + "\n")
+      log.write(step, "train", metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", step_s=f"{step_time:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-    if held_out is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.num_steps):
+    if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
       m = run_eval(step)
-      bar.write(f"step {step}: val Recall@10 {m['recall_at_10']:.3f}, contrastive entropy {m['contrastive_entropy']:.3f}")
-  log_file.close()
+      bar.write(f"step {step}: val Recall@10 {m['recall_at_10']:.3f}, "
+                f"contrastive entropy {m['contrastive_entropy']:.3f}") if jax.process_index() == 0 else None
+    if save:
+      ckpt.save(step, {"params": params, "opt_state": opt_state}, batches.get_state())
+  ckpt.wait()
+  ckpt.close()
   nnx.update(model, params)
   return {"history": history, "evals": evals, "model": model, "tokenizer": tokenizer}
