@@ -15,7 +15,7 @@ def base() -> ConfigDict:
   c.tied = False  # one set of parameters for both towers
   c.log_every = 10
   c.model = ConfigDict(dict(init="random", tokenizer="", seed=0, dtype="float32", param_dtype="float32",
-                            backbone=ConfigDict()))
+                            remat=False, backbone=ConfigDict()))
   c.tower = ConfigDict(dict(pooling="last", append_eos=True, projection_dim=None, normalize=True, max_length=128,
                             query_prompt="{text}", document_prompt="{title}\n{text}"))
   c.loss = ConfigDict(dict(temperature=0.05, learn_temperature=False, symmetric=False))
@@ -25,5 +25,5 @@ def base() -> ConfigDict:
                            num_docs=256, queries_per_doc=2, val_fraction=0.25, n_neg_candidates=8, seed=0,
                            n_neg=1, query_len=32, doc_len=64))
   c.checkpoint = ConfigDict(dict(every=50, keep=3))
-  c.eval = ConfigDict(dict(every=50, num_negatives=31, seed=0, batch_size=64))
+  c.eval = ConfigDict(dict(every=50, num_negatives=31, max_docs=0, seed=0, batch_size=64))
   return c

@@ -79,3 +79,14 @@ def test_tiny_teacher_learns_on_synthetic_corpus(tmp_path):
   assert first["recall_at_10"] <= 0.5, first
   assert last["recall_at_10"] >= 0.9, last
   assert last["contrastive_entropy"] < 0.5 * first["contrastive_entropy"]
+
+
+def test_remat_and_tied_towers_train():
+  """Rematerialisation changes memory, not results; tied towers share one set of parameters."""
+  plain = run_steps(BASE, (8, 1, 1), None, steps=1)
+  remat = run_steps({**BASE, "model.remat": True}, (8, 1, 1), None, steps=1)
+  assert_same(remat, plain, atol=1e-6)
+  cfg = load_config(TINY, ["--config.tied=True", "--config.data.num_docs=32"])
+  model, _ = stage1.build_model(cfg, sharding.make_mesh((8, 1, 1)))
+  assert model.doc is model.query
+  assert len(jax.tree.leaves(nnx.state(model))) == len(jax.tree.leaves(nnx.state(model.query)))

@@ -25,6 +25,7 @@ class BertConfig:
   pad_token_id: int = 0
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: bool = False  # recompute each layer in the backward pass
 
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> BertConfig:
@@ -89,8 +90,9 @@ class Bert(nnx.Module):
     type_ids_BxT = jnp.zeros_like(ids_BxT) if type_ids_BxT is None else type_ids_BxT
     x = self.tok_embed[...][ids_BxT] + self.pos_embed[...][:t][None] + self.type_embed[...][type_ids_BxT]
     x = self.embed_norm(x.astype(self.cfg.dtype))
+    run = layers.maybe_remat(lambda layer, x: layer(x, mask_BxT), self.cfg.remat)
     for layer in self.layers:
-      x = layer(x, mask_BxT)
+      x = run(layer, x)
     return x
 
 

@@ -98,3 +98,8 @@ def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxS, *, causal: bool):
   """Scaled dot-product attention with a key padding mask; grouped-query when K < N heads."""
   mask = mask_BxS[:, None, None, :].astype(bool)
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=causal)
+
+
+def maybe_remat(fn, enabled: bool):
+  """`fn(module, x)` recomputed in the backward pass instead of storing its activations (when enabled)."""
+  return nnx.remat(fn) if enabled else fn

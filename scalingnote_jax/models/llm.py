@@ -41,6 +41,7 @@ class LLMConfig:
   pad_token_id: int | None = None
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"
+  remat: bool = False  # recompute each block in the backward pass (activation memory of one block)
 
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> LLMConfig:
@@ -149,8 +150,9 @@ class LLM(nnx.Module):
     x = self.embed[...].astype(cfg.dtype)[ids_BxT]
     positions_BxT = jnp.broadcast_to(jnp.arange(ids_BxT.shape[1]), ids_BxT.shape)
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
+    run = layers.maybe_remat(lambda block, x: block(x, mask_BxT, positions_BxT, inv_freq), cfg.remat)
     for block in self.layers:
-      x = block(x, mask_BxT, positions_BxT, inv_freq)
+      x = run(block, x)
     return self.norm(x)
 
   def logits(self, hidden_BxTxE):

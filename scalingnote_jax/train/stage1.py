@@ -24,6 +24,7 @@ from scalingnote_jax import models, sharding
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 from scalingnote_jax.encoder import Encoder
+from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, to_run
 from scalingnote_jax.models import bert, llm, load_backbone
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
@@ -81,14 +82,14 @@ def backbone_config(m: ConfigDict):
   fields = dict(m.backbone)
   kind = fields.pop("kind")
   cls = {"llm": llm.LLMConfig, "bert": bert.BertConfig}[kind]
-  return cls(**fields, dtype=m.dtype, param_dtype=m.param_dtype)
+  return cls(**fields, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
 
 
 def abstract_model(cfg: ConfigDict) -> DualEncoder:
   """The dual encoder's structure with no memory behind it (for restoring a checkpoint into)."""
   m = cfg.model
-  bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(m.init, dtype=m.dtype,
-                                                                              param_dtype=m.param_dtype)
+  bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(
+      m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
   tower_cfg = TowerConfig(**cfg.tower)
 
   def create():
@@ -110,8 +111,8 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
     tokenizer = Tokenizer.from_pretrained(m.tokenizer)
   else:
     place = sharding.param_sharding_fn(mesh, rules)
-    load = lambda: Tower(load_backbone(m.init, sharding=place, dtype=m.dtype, param_dtype=m.param_dtype)[0],
-                         tower_cfg, rngs=nnx.Rngs(m.seed))  # noqa: E731
+    load = lambda: Tower(load_backbone(m.init, sharding=place, dtype=m.dtype, param_dtype=m.param_dtype,  # noqa: E731
+                                       remat=m.remat)[0], tower_cfg, rngs=nnx.Rngs(m.seed))
     query = load()
     doc = query if cfg.tied else load()
     tokenizer = Tokenizer.from_pretrained(m.tokenizer or m.init)
@@ -210,30 +211,33 @@ def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = Fa
 # Evaluation: Recall@10 by exact search and contrastive entropy on held-out queries.
 
 def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic.Dataset, *, num_negatives: int,
-             seed: int, batch_size: int) -> dict[str, float]:
+             max_docs: int, seed: int, batch_size: int) -> dict[str, float]:
+  """IR metrics of the current towers on held-out queries (over at most `max_docs` documents: the judged
+  ones plus a fixed random sample; 0 = the whole corpus) and contrastive entropy: the cross-entropy of the
+  positive against `num_negatives` sampled non-relevant documents at the model's temperature."""
   q_enc.update(model.query)
   d_enc.update(model.doc)
+  rng = np.random.default_rng(seed)
   doc_ids = list(data.corpus)
+  if max_docs and len(doc_ids) > max_docs:
+    judged = {d for r in data.qrels.values() for d in r if d in data.corpus}
+    others = [d for d in doc_ids if d not in judged]
+    doc_ids = sorted(judged) + list(rng.choice(others, size=max(0, max_docs - len(judged)), replace=False))
   qids = list(data.queries)
   d_NxD = d_enc.encode_documents([data.corpus[d] for d in doc_ids], batch_size=batch_size, show_progress=False)
   q_QxD = q_enc.encode_queries([data.queries[q] for q in qids], batch_size=batch_size, show_progress=False)
-  scores_QxN = q_QxD @ d_NxD.T
-  top10 = np.argsort(-scores_QxN, axis=1)[:, :10]
+  metrics = ir_metrics(data.qrels, to_run(qids, doc_ids, *exact_search(q_QxD, d_NxD, k=100)))
   index = {d: i for i, d in enumerate(doc_ids)}
-  recall, entropy = [], []
-  rng = np.random.default_rng(seed)
-  scale = float(model.scale())
+  scale, entropy = float(model.scale()), []
   for row, qid in enumerate(qids):
-    relevant = {index[d] for d, g in data.qrels[qid].items() if g > 0 and d in index}
+    relevant = [index[d] for d, g in data.qrels[qid].items() if g > 0 and d in index]
     if not relevant:
       continue
-    recall.append(len(relevant & set(top10[row].tolist())) / min(len(relevant), 10))
-    # contrastive entropy: the positive against a fixed number of sampled non-relevant documents
-    pos = next(iter(relevant))
-    negs = rng.choice([i for i in range(len(doc_ids)) if i not in relevant], size=num_negatives, replace=False)
-    logits = scale * scores_QxN[row, [pos, *negs]]
+    pool = np.setdiff1d(np.arange(len(doc_ids)), relevant)
+    negs = rng.choice(pool, size=min(num_negatives, len(pool)), replace=False)
+    logits = scale * (d_NxD[[relevant[0], *negs]] @ q_QxD[row])
     entropy.append(float(np.logaddexp.reduce(logits) - logits[0]))
-  return {"recall_at_10": float(np.mean(recall)), "contrastive_entropy": float(np.mean(entropy))}
+  return {**metrics, "contrastive_entropy": float(np.mean(entropy)), "num_docs": len(doc_ids)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,8 +316,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
 
   def run_eval(step):
     nnx.update(model, params)
-    metrics = evaluate(model, q_enc, d_enc, held_out, num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed,
-                       batch_size=cfg.eval.batch_size)
+    metrics = evaluate(model, q_enc, d_enc, held_out, num_negatives=cfg.eval.num_negatives,
+                       max_docs=cfg.eval.max_docs, seed=cfg.eval.seed, batch_size=cfg.eval.batch_size)
     evals.append({"step": step, **metrics})
     log.write(step, "val", metrics)
     return metrics
@@ -343,8 +347,9 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", step_s=f"{step_time:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
       m = run_eval(step)
-      bar.write(f"step {step}: val Recall@10 {m['recall_at_10']:.3f}, "
-                f"contrastive entropy {m['contrastive_entropy']:.3f}") if jax.process_index() == 0 else None
+      if jax.process_index() == 0:
+        bar.write(f"step {step}: val nDCG@10 {m['ndcg_at_10']:.4f}, Recall@10 {m['recall_at_10']:.3f}, "
+                  f"contrastive entropy {m['contrastive_entropy']:.3f} ({m['num_docs']} documents)")
     if save:
       ckpt.save(step, {"params": params, "opt_state": opt_state}, batches.get_state())
   ckpt.wait()

@@ -1,0 +1,1 @@
+"""Retrieval evaluation with trec_eval's own implementation (pytrec_eval)."""
