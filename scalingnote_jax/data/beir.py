@@ -52,28 +52,29 @@ def _field(obj: dict, key: str, where: str, *, kind=str, allow_empty=False):
   return value
 
 
-def load_corpus(path: str) -> dict[str, dict[str, str]]:
-  corpus = {}
+def _by_id(path: str, kind: str, parse) -> dict:
+  """{_id: parse(obj, where)} over a JSONL file; duplicate ids are errors."""
+  out = {}
   for lineno, obj in _jsonl(path):
     where = f"{path}:{lineno}"
-    doc_id = _field(obj, "_id", where)
-    if doc_id in corpus:
-      raise DataError(f"{where}: duplicate document id {doc_id!r}")
-    title = obj.get("title") or ""
-    text = _field(obj, "text", where, allow_empty=bool(title))  # a title alone is still a document
-    corpus[doc_id] = {"title": str(title), "text": text}
-  return corpus
+    key = _field(obj, "_id", where)
+    if key in out:
+      raise DataError(f"{where}: duplicate {kind} id {key!r}")
+    out[key] = parse(obj, where)
+  return out
+
+
+def _document(obj: dict, where: str) -> dict[str, str]:
+  title = str(obj.get("title") or "")
+  return {"title": title, "text": _field(obj, "text", where, allow_empty=bool(title))}  # a title alone will do
+
+
+def load_corpus(path: str) -> dict[str, dict[str, str]]:
+  return _by_id(path, "document", _document)
 
 
 def load_queries(path: str) -> dict[str, str]:
-  queries = {}
-  for lineno, obj in _jsonl(path):
-    where = f"{path}:{lineno}"
-    qid = _field(obj, "_id", where)
-    if qid in queries:
-      raise DataError(f"{where}: duplicate query id {qid!r}")
-    queries[qid] = _field(obj, "text", where)
-  return queries
+  return _by_id(path, "query", lambda obj, where: _field(obj, "text", where))
 
 
 def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error") -> dict[str, dict[str, int]]:
