@@ -57,6 +57,7 @@ def logical_sharding(shape: Sequence[int], axes: Sequence[str | None] | None, me
   replicated instead (logged), so odd vocabularies (BERT's 30522) still load on any mesh."""
   if axes is None:
     return NamedSharding(mesh, P())
+  rules = tuple((name, tuple(m) if isinstance(m, list) else m) for name, m in rules)  # from JSON configs
   spec = nn.logical_to_mesh_axes(tuple(axes), rules)
   fixed = []
   for dim, entry in zip(shape, spec):

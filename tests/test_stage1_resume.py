@@ -35,8 +35,8 @@ def losses(workdir):
 
 
 def final_params(workdir):
-  tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
-  return [np.asarray(x) for x in jax.tree.leaves(tree["params"])]
+  tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(STEPS), "params"))
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
@@ -75,6 +75,11 @@ def test_resume_onto_a_different_mesh_and_stop_on_nan(tmp_path):
   assert [h["step"] for h in out["history"]] == [4, 5]
   kernel = out["model"].query.backbone.layers[0].mlp.up.kernel[...]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  # what later stages load: the towers of the latest checkpoint, rebuilt from the workdir alone
+  model, tok, saved_cfg = stage1.load_trained(str(tmp_path))
+  assert saved_cfg.num_steps == 5 and tok.eos_id == 2
+  np.testing.assert_array_equal(np.asarray(model.doc.backbone.embed[...]),
+                                np.asarray(out["model"].doc.backbone.embed[...]))
   assert np.isfinite(out["history"][-1]["loss"])
 
   # a non-finite loss stops the run with a clear message and leaves the last good checkpoint as it was

@@ -10,21 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytrec_eval
 
+from scalingnote_jax.index.exact import exact_search  # noqa: F401  (one exact search for eval and the index)
+
 MEASURES = {"ndcg_cut.10", "recall.10", "recall.100", "map"}
-
-
-def exact_search(q_QxD: np.ndarray, d_NxD: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-  """Top-k by inner product, in query blocks: (scores [Q, k], indices [Q, k]), best first."""
-  k = min(k, d_NxD.shape[0])
-  scores, indices = [], []
-  for s in range(0, q_QxD.shape[0], block):
-    sims = q_QxD[s:s + block] @ d_NxD.T
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(sims, top, axis=1)
-    order = np.argsort(-top_scores, axis=1, kind="stable")
-    indices.append(np.take_along_axis(top, order, axis=1))
-    scores.append(np.take_along_axis(top_scores, order, axis=1))
-  return np.concatenate(scores), np.concatenate(indices)
 
 
 def to_run(qids: list[str], doc_ids: list[str], scores_QxK, indices_QxK, *, drop_self: bool = True):

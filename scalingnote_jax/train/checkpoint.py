@@ -21,15 +21,19 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+  def save(self, step: int, params, opt_state, data_state: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                    opt_state=ocp.args.StandardSave(opt_state),
                                                     data=ocp.args.JsonSave(data_state)))
 
-  def restore(self, step: int, abstract_state):
-    """(state, data_state); `abstract_state` holds ShapeDtypeStructs with the shardings to restore into."""
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             data=ocp.args.JsonRestore()))
-    return out.state, out.data
+  def restore(self, step: int, abstract_params, abstract_opt_state=None):
+    """(params, opt_state, data_state). Abstract trees hold ShapeDtypeStructs with the shardings to restore
+    into; without `abstract_opt_state` only the parameters are read (for encoding, export, distillation)."""
+    items = dict(params=ocp.args.StandardRestore(abstract_params))
+    if abstract_opt_state is not None:
+      items.update(opt_state=ocp.args.StandardRestore(abstract_opt_state), data=ocp.args.JsonRestore())
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out.params, out.get("opt_state"), out.get("data")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -32,6 +32,7 @@ from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like
 from scalingnote_jax.train.losses import contrastive_loss
 
 MAX_SCALE = 100.0  # 1 / temperature is capped, as in CLIP
+CONFIG_FILE = "config.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,10 +272,38 @@ class MetricsLog:
     self.tb.flush()
 
 
+def restore(cfg: ConfigDict, ckpt: Checkpointer, step: int, mesh, tx=None):
+  """(graphdef, params, opt_state, data_state) of checkpoint `step`, in `mesh`'s shardings. Without `tx`
+  only the parameters are read."""
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
+  abstract_opt = None if tx is None else abstract_like(jax.eval_shape(tx.init, abstract),
+                                                       sharding.optimizer_shardings(tx, abstract, mesh))
+  params, opt_state, data_state = ckpt.restore(step, abstract, abstract_opt)
+  return graphdef, params, opt_state, data_state
+
+
+def load_trained(workdir: str, mesh=None, step: int | None = None) -> tuple[DualEncoder, Tokenizer, ConfigDict]:
+  """The dual encoder of a Stage 1 workdir (its latest checkpoint unless `step`), its tokenizer and config."""
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    cfg = ConfigDict(json.load(f))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint")
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  graphdef, params, _, _ = restore(cfg, ckpt, step, mesh)
+  ckpt.close()
+  return nnx.merge(graphdef, params), Tokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.init), cfg
+
+
 def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
   from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:  # what later commands (encode, distill, export) rebuild the towers from
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(cfg.to_json(indent=1))
   mesh = sharding.make_mesh(cfg.mesh)
   examples, held_out, corpus = load_data(cfg)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
@@ -290,12 +319,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
     start, data_state = 0, None
   else:  # resume: restore straight into this mesh's shardings (it may differ from the saving run's)
-    graphdef, abstract = nnx.split(abstract_model(cfg))
-    abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
-    abstract_opt = abstract_like(jax.eval_shape(tx.init, abstract), sharding.optimizer_shardings(tx, abstract, mesh))
-    state, data_state = ckpt.restore(last, {"params": abstract, "opt_state": abstract_opt})
-    params, opt_state, start = state["params"], state["opt_state"], last
-    model = nnx.merge(graphdef, params)
+    graphdef, params, opt_state, data_state = restore(cfg, ckpt, last, mesh, tx)
+    model, start = nnx.merge(graphdef, params), last
     tokenizer = Tokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.init)
 
   q_enc, d_enc = Encoder(model.query, tokenizer), Encoder(model.doc, tokenizer)
@@ -351,7 +376,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
         bar.write(f"step {step}: val nDCG@10 {m['ndcg_at_10']:.4f}, Recall@10 {m['recall_at_10']:.3f}, "
                   f"contrastive entropy {m['contrastive_entropy']:.3f} ({m['num_docs']} documents)")
     if save:
-      ckpt.save(step, {"params": params, "opt_state": opt_state}, batches.get_state())
+      ckpt.save(step, params, opt_state, batches.get_state())
   ckpt.wait()
   ckpt.close()
   nnx.update(model, params)
