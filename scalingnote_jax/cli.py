@@ -1,4 +1,5 @@
-"""Command line: `scalingnote <command> --config configs/<name>.py[:variant] [--config.field=value ...]`."""
+"""Command line: `scalingnote <command> ...`; config-driven commands take `--config configs/<name>.py[:variant]`
+and override any field with `--config.field=value`."""
 
 from __future__ import annotations
 
@@ -6,25 +7,49 @@ import argparse
 import json
 import sys
 
-COMMANDS = {
-    "demo": "encode the built-in synthetic corpus with both towers and report throughput",
-    "train": "Stage 1: train dual LLM towers with the cross-device contrastive loss",
-}
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="scalingnote", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("demo", help="encode the built-in synthetic corpus with both towers and report throughput")
+  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
+
+  p = sub.add_parser("train", help="Stage 1: train dual LLM towers with the cross-device contrastive loss")
+  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+
+  p = sub.add_parser("encode", help="encode a BEIR corpus with a document tower into a resumable zarr store")
+  p.add_argument("--checkpoint", required=True, help="a Stage 1 workdir, a HF model dir, a .gguf or a packaged name")
+  p.add_argument("--corpus", required=True, help="a BEIR directory (its corpus.jsonl is encoded)")
+  p.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--chunk-size", type=int, default=1024, help="documents per resumable chunk")
+  return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="scalingnote", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True)
-  for name, help_text in COMMANDS.items():
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
-    if name == "train":
-      p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
-      p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+  parser = build_parser()
   args, rest = parser.parse_known_args(argv)
-  bad = [a for a in rest if not a.startswith("--config.")]
+  takes_config = hasattr(args, "config")
+  bad = [a for a in rest if not (takes_config and a.startswith("--config."))]
   if bad:
-    parser.error(f"unrecognized arguments: {' '.join(bad)} (config fields are set as --config.field=value)")
+    parser.error(f"unrecognized arguments: {' '.join(bad)}"
+                 + (" (config fields are set as --config.field=value)" if takes_config else ""))
+
+  if args.command == "encode":
+    import os
+
+    from scalingnote_jax import sharding
+    from scalingnote_jax.data.beir import load_corpus
+    from scalingnote_jax.index.corpus import document_encoder, encode_corpus
+
+    encoder = document_encoder(args.checkpoint, sharding.make_mesh())
+    encode_corpus(encoder, load_corpus(os.path.join(args.corpus, "corpus.jsonl")), args.out,
+                  chunk_size=args.chunk_size, batch_size=args.batch_size)
+    print(json.dumps({"out": args.out, "dim": encoder.dim}))
+    return 0
 
   from scalingnote_jax.config import load_config
 

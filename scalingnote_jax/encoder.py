@@ -11,6 +11,7 @@ caller's order is restored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from scalingnote_jax import sharding
 from scalingnote_jax.models import load_backbone, resolve_path
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
@@ -36,14 +38,17 @@ def bucket(n: int, cap: int, smallest: int = 1) -> int:
 class Encoder:
   """A tower with its tokenizer; encodes text into float32 numpy arrays [N, D]."""
 
-  def __init__(self, tower: Tower, tokenizer: Tokenizer):
-    self.tower, self.tokenizer, self.cfg = tower, tokenizer, tower.cfg
+  def __init__(self, tower: Tower, tokenizer: Tokenizer, mesh: jax.sharding.Mesh | None = None):
+    """With a `mesh`, each batch is split over its batch axes (data parallel over all devices); the tower's
+    parameters keep whatever sharding they have."""
+    self.tower, self.tokenizer, self.cfg, self.mesh = tower, tokenizer, tower.cfg, mesh
     graphdef, self._state = nnx.split(tower)
     self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+    self._rows_multiple = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
 
   @classmethod
   def from_pretrained(cls, path: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                      **tower_fields) -> Encoder:
+                      mesh: jax.sharding.Mesh | None = None, **tower_fields) -> Encoder:
     """From a HF model directory, a llama GGUF file or a packaged model name (`models.PACKAGED`);
     `tower_fields` override `TowerConfig` defaults."""
     path = resolve_path(path)
@@ -52,7 +57,7 @@ class Encoder:
     if unknown:
       raise TypeError(f"unknown TowerConfig field(s): {sorted(unknown)}")
     tower_cfg = TowerConfig.default_for(backbone_cfg, None if path.endswith(".gguf") else path, **tower_fields)
-    return cls(Tower(backbone, tower_cfg, rngs=nnx.Rngs(0)), Tokenizer.from_pretrained(path))
+    return cls(Tower(backbone, tower_cfg, rngs=nnx.Rngs(0)), Tokenizer.from_pretrained(path), mesh)
 
   @property
   def dim(self) -> int:
@@ -102,6 +107,8 @@ class Encoder:
     for s in tqdm(starts, desc="encoding", unit="batch", disable=not show):
       rows = [ids[i] for i in order[s:s + batch_size]]
       ids_BxT, mask_BxT = self._pad(rows, batch_size)
+      if self.mesh is not None:
+        ids_BxT, mask_BxT = (jax.device_put(x, sharding.batch_sharding(self.mesh, 2)) for x in (ids_BxT, mask_BxT))
       outs.append(self._forward(self._state, ids_BxT, mask_BxT)[:len(rows)])  # async: no sync per batch
     emb = np.concatenate([np.asarray(o) for o in outs]).astype(np.float32)
     out = np.empty_like(emb)
@@ -111,6 +118,7 @@ class Encoder:
   def _pad(self, rows: list[list[int]], batch_size: int):
     t = bucket(max(len(r) for r in rows), self.cfg.max_length, MIN_LENGTH_BUCKET)
     b = bucket(len(rows), batch_size)
+    b = -(-b // self._rows_multiple) * self._rows_multiple  # every device gets the same number of rows
     ids = np.full((b, t), self.tokenizer.pad_id, np.int32)
     mask = np.zeros((b, t), np.int32)
     mask[len(rows):, 0] = 1  # filler rows get one token so no softmax row is fully masked

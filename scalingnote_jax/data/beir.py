@@ -147,3 +147,19 @@ def write_train_jsonl(path: str, examples: list[TrainExample]) -> None:
     for ex in examples:
       f.write(json.dumps(dataclasses.asdict(ex)) + "\n")
   os.replace(tmp, path)
+
+
+def write_beir(data: Dataset, directory: str, split: str) -> str:
+  """Writes a dataset as a BEIR directory (e.g. the synthetic corpus, for tools that take BEIR_DIR)."""
+  os.makedirs(os.path.join(directory, "qrels"), exist_ok=True)
+  with open(os.path.join(directory, "corpus.jsonl"), "w", encoding="utf-8") as f:
+    for doc_id, doc in data.corpus.items():
+      f.write(json.dumps({"_id": doc_id, "title": doc.get("title", ""), "text": doc["text"]}) + "\n")
+  with open(os.path.join(directory, "queries.jsonl"), "w", encoding="utf-8") as f:
+    for qid, text in data.queries.items():
+      f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+  with open(os.path.join(directory, "qrels", f"{split}.tsv"), "w", encoding="utf-8") as f:
+    f.write("query-id\tcorpus-id\tscore\n")
+    for qid, judged in data.qrels.items():
+      f.writelines(f"{qid}\t{doc_id}\t{grade}\n" for doc_id, grade in judged.items())
+  return directory
