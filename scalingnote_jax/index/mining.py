@@ -1,0 +1,82 @@
+"""Hard-negative mining, in the style of sentence-transformers' `mine_hard_negatives`.
+
+For each training query: retrieve the top `range_max` documents (dense, through the document index, or
+BM25 via bm25s), drop the query's positives, keep ranks [range_min, range_max) of what remains, drop
+candidates scoring too close to the positive (likely unlabelled positives: `absolute_margin`,
+`relative_margin`), then keep `num_negatives` of them (the highest ranked, or a random sample). The output is
+the training JSONL that Stage 1 reads (`data.train_jsonl`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from scalingnote_jax.data.beir import TrainExample
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningConfig:
+  range_min: int = 10  # skip the top ranks: the closest non-positives are often unlabelled positives
+  range_max: int = 100
+  num_negatives: int = 8
+  absolute_margin: float | None = None  # keep a negative only if score <= positive_score - margin
+  relative_margin: float | None = None  # ... and score <= positive_score * (1 - margin)
+  sampling: str = "top"  # "top": the best-ranked survivors; "random": a uniform sample of them
+  seed: int = 0
+
+  def __post_init__(self):
+    if not 0 <= self.range_min < self.range_max:
+      raise ValueError(f"need 0 <= range_min < range_max, got {self.range_min}, {self.range_max}")
+    if self.sampling not in ("top", "random"):
+      raise ValueError(f"sampling={self.sampling!r}: expected 'top' or 'random'")
+
+
+def select_negatives(ranked: list[str], scores: list[float], positives: set[str], positive_score: float | None,
+                     cfg: MiningConfig, rng: np.random.Generator) -> list[str]:
+  """Negatives from one query's ranking (best first). Positives are never returned."""
+  window = [(d, s) for d, s in zip(ranked, scores) if d not in positives][cfg.range_min:cfg.range_max]
+  if positive_score is not None:
+    if cfg.absolute_margin is not None:
+      window = [(d, s) for d, s in window if s <= positive_score - cfg.absolute_margin]
+    if cfg.relative_margin is not None:
+      window = [(d, s) for d, s in window if s <= positive_score * (1 - cfg.relative_margin)]
+  if cfg.sampling == "random" and len(window) > cfg.num_negatives:
+    picked = sorted(rng.choice(len(window), size=cfg.num_negatives, replace=False))
+    window = [window[i] for i in picked]
+  return [d for d, _ in window[:cfg.num_negatives]]
+
+
+def mine(examples: list[TrainExample], rankings: list[tuple[list[str], list[float]]],
+         positive_scores: list[float | None], cfg: MiningConfig) -> list[TrainExample]:
+  """New examples with mined negatives; `rankings[i]` and `positive_scores[i]` belong to `examples[i]`."""
+  rng = np.random.default_rng(cfg.seed)
+  out = []
+  for ex, (ranked, scores), pos_score in zip(examples, rankings, positive_scores):
+    negatives = select_negatives(ranked, scores, set(ex.positive_ids), pos_score, cfg, rng)
+    out.append(TrainExample(ex.query_id, ex.query, list(ex.positive_ids), negatives))
+  return out
+
+
+def dense_rankings(q_QxD: np.ndarray, index, positive_emb: list[np.ndarray], k: int):
+  """(rankings, positive scores) from a document `Index`; positive_emb[i] are [P_i, D] embeddings of query
+  i's positives (its best-scoring positive is the margin's reference)."""
+  scores, ids = index.search(q_QxD, k)
+  rankings = [(list(row_ids), [float(s) for s in row_scores]) for row_ids, row_scores in zip(ids, scores)]
+  positive_scores = [float((p @ q).max()) if len(p) else None for q, p in zip(q_QxD, positive_emb)]
+  return rankings, positive_scores
+
+
+def bm25_rankings(corpus: dict[str, dict], queries: list[str], k: int):
+  """(rankings, None scores) by BM25 (bm25s) over title + text; margins do not apply to BM25 scores."""
+  import bm25s
+
+  doc_ids = list(corpus)
+  retriever = bm25s.BM25()
+  retriever.index(bm25s.tokenize([f"{d.get('title', '')} {d['text']}" for d in corpus.values()],
+                                 stopwords="en", show_progress=False), show_progress=False)
+  idx, scores = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
+                                   k=min(k, len(doc_ids)), show_progress=False)
+  rankings = [([doc_ids[i] for i in row], [float(s) for s in srow]) for row, srow in zip(idx, scores)]
+  return rankings, [None] * len(queries)
