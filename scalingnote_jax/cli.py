@@ -26,6 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--chunk-size", type=int, default=1024, help="documents per resumable chunk")
+
+  p = sub.add_parser("mine", help="mine hard negatives for a BEIR split into the training JSONL of Stage 1")
+  p.add_argument("--checkpoint", default="", help="a Stage 1 workdir, HF dir, .gguf or packaged name (dense)")
+  p.add_argument("--data", required=True, help="a BEIR directory")
+  p.add_argument("--split", default="train")
+  p.add_argument("--out", required=True, help="the JSONL to write ({query_id, query, positive_ids, negative_ids})")
+  p.add_argument("--method", choices=("dense", "bm25"), default="dense")
+  p.add_argument("--backend", choices=("scann", "exact"), default="scann", help="document index (dense)")
+  p.add_argument("--embeddings", default=None, help="corpus embedding store (default: next to --out; reused)")
+  p.add_argument("--range-min", type=int, default=10)
+  p.add_argument("--range-max", type=int, default=100)
+  p.add_argument("--num-negatives", type=int, default=8)
+  p.add_argument("--absolute-margin", type=float, default=None)
+  p.add_argument("--relative-margin", type=float, default=None)
+  p.add_argument("--sampling", choices=("top", "random"), default="top")
+  p.add_argument("--seed", type=int, default=0)
   return parser
 
 
@@ -49,6 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     encode_corpus(encoder, load_corpus(os.path.join(args.corpus, "corpus.jsonl")), args.out,
                   chunk_size=args.chunk_size, batch_size=args.batch_size)
     print(json.dumps({"out": args.out, "dim": encoder.dim}))
+    return 0
+
+  if args.command == "mine":
+    from scalingnote_jax.index import mining
+
+    if args.method == "dense" and not args.checkpoint:
+      parser.error("mine --method dense needs --checkpoint")
+    cfg = mining.MiningConfig(range_min=args.range_min, range_max=args.range_max, num_negatives=args.num_negatives,
+                              absolute_margin=args.absolute_margin, relative_margin=args.relative_margin,
+                              sampling=args.sampling, seed=args.seed)
+    mined = mining.mine_from_checkpoint(args.checkpoint, args.data, args.split, args.out, cfg, method=args.method,
+                                        embeddings_dir=args.embeddings, backend=args.backend)
+    print(json.dumps({"out": args.out, "queries": len(mined),
+                      "negatives_per_query": sum(len(m.negative_ids) for m in mined) / max(1, len(mined))}))
     return 0
 
   from scalingnote_jax.config import load_config

@@ -37,3 +37,31 @@ def test_bm25_mining_on_synthetic_excludes_every_positive():
   # BM25 finds the entity's document first for most queries; window from rank 1 keeps it out
   first = [r[0][0] for r in rankings]
   assert np.mean([f in e.positive_ids for f, e in zip(first, examples)]) > 0.3
+
+
+def test_mine_then_train_rounds_from_the_cli(tmp_path):
+  """Round 1 trains, `mine` uses its towers (dense, through the index) to write negatives that exclude every
+  positive, round 2 warm-starts from round 1 and trains on them."""
+  import json
+
+  from conftest import ROOT
+  from scalingnote_jax.cli import main
+  from scalingnote_jax.data.beir import load_train_jsonl, write_beir
+
+  data = synthetic.generate(96, queries_per_doc=2, seed=7)
+  beir_dir = write_beir(data, str(tmp_path / "beir"), "train")
+  common = ["--config.data.source=beir", f"--config.data.path={beir_dir}", "--config.data.val_split=",
+            "--config.batch_size=16", "--config.log_every=1", "--config.checkpoint.every=100"]
+  tiny = f"{ROOT}/configs/tiny.py:smoke"
+  assert main(["train", "--config", tiny, "--workdir", str(tmp_path / "r1"), "--config.num_steps=3", *common]) == 0
+  out = str(tmp_path / "negatives.jsonl")
+  assert main(["mine", "--checkpoint", str(tmp_path / "r1"), "--data", beir_dir, "--out", out, "--backend", "exact",
+               "--range-min", "1", "--range-max", "20", "--num-negatives", "3"]) == 0
+  mined = load_train_jsonl(out, data.corpus)
+  assert len(mined) == len(data.queries)
+  assert all(len(m.negative_ids) == 3 and not set(m.negative_ids) & set(m.positive_ids) for m in mined)
+  assert main(["train", "--config", tiny, "--workdir", str(tmp_path / "r2"), "--config.num_steps=2",
+               f"--config.model.init={tmp_path / 'r1'}", f"--config.data.train_jsonl={out}",
+               "--config.data.n_neg=2", *common]) == 0
+  with open(tmp_path / "r2" / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2]

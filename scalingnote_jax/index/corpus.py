@@ -45,9 +45,9 @@ def _open_array(out_dir: str, shape=None, chunk_rows=None, *, create: bool):
 
 def document_encoder(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> Encoder:
   """The document tower of a Stage 1 workdir (latest checkpoint), or of a HF dir / GGUF / packaged model."""
-  if os.path.exists(os.path.join(checkpoint, "config.json")) and os.path.isdir(os.path.join(checkpoint, "checkpoints")):
-    from scalingnote_jax.train import stage1
+  from scalingnote_jax.train import stage1
 
+  if stage1.is_stage1_workdir(checkpoint):
     model, tokenizer, _ = stage1.load_trained(checkpoint, mesh)
     return Encoder(model.doc, tokenizer, mesh)
   return Encoder.from_pretrained(checkpoint, mesh=mesh)

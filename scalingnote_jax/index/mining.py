@@ -80,3 +80,44 @@ def bm25_rankings(corpus: dict[str, dict], queries: list[str], k: int):
                                    k=min(k, len(doc_ids)), show_progress=False)
   rankings = [([doc_ids[i] for i in row], [float(s) for s in srow]) for row, srow in zip(idx, scores)]
   return rankings, [None] * len(queries)
+
+
+def mine_from_checkpoint(checkpoint: str, data_dir: str, split: str, out: str, cfg: MiningConfig, *,
+                         method: str = "dense", embeddings_dir: str | None = None, backend: str = "scann",
+                         batch_size: int = 64) -> list[TrainExample]:
+  """`scalingnote mine`: writes `out` (training JSONL) for the split's queries of a BEIR directory."""
+  import os
+
+  from scalingnote_jax import sharding
+  from scalingnote_jax.data.beir import examples_from_qrels, load_beir, write_train_jsonl
+  from scalingnote_jax.encoder import Encoder
+  from scalingnote_jax.index import Index
+  from scalingnote_jax.index.corpus import document_encoder, encode_corpus, load_embeddings
+  from scalingnote_jax.train import stage1
+
+  data = load_beir(data_dir, split)
+  examples = examples_from_qrels(data)
+  queries = [ex.query for ex in examples]
+  if method == "bm25":
+    rankings, positive_scores = bm25_rankings(data.corpus, queries, cfg.range_max + max(map(len, data.qrels.values())))
+  elif method == "dense":
+    mesh = sharding.make_mesh()
+    if stage1.is_stage1_workdir(checkpoint):
+      model, tokenizer, _ = stage1.load_trained(checkpoint, mesh)
+      q_enc, d_enc = Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
+    else:
+      q_enc = d_enc = document_encoder(checkpoint, mesh)
+    embeddings_dir = embeddings_dir or f"{os.path.splitext(out)[0]}.embeddings"
+    encode_corpus(d_enc, data.corpus, embeddings_dir, batch_size=batch_size)  # resumable, reused if complete
+    doc_ids, d_NxD = load_embeddings(embeddings_dir)
+    row = {d: i for i, d in enumerate(doc_ids)}
+    index = Index.build(d_NxD, doc_ids, backend=backend)
+    q_QxD = q_enc.encode_queries(queries, batch_size=batch_size)
+    positive_emb = [d_NxD[[row[d] for d in ex.positive_ids]] for ex in examples]
+    k = cfg.range_max + max(len(ex.positive_ids) for ex in examples)  # positives are removed from the top k
+    rankings, positive_scores = dense_rankings(q_QxD, index, positive_emb, k)
+  else:
+    raise ValueError(f"method={method!r}: expected 'dense' or 'bm25'")
+  mined = mine(examples, rankings, positive_scores, cfg)
+  write_train_jsonl(out, mined)
+  return mined

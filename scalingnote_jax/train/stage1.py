@@ -6,7 +6,6 @@ GradCache-chunked) -> evaluation -> loop. `scalingnote train --config configs/<n
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -86,9 +85,29 @@ def backbone_config(m: ConfigDict):
   return cls(**fields, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
 
 
+def is_stage1_workdir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def _previous_round(cfg: ConfigDict) -> ConfigDict:
+  """The config of the Stage 1 run that `model.init` names (a warm start, e.g. after mining negatives).
+  The towers keep that run's structure, so the parts that define it must agree."""
+  with open(os.path.join(cfg.model.init, CONFIG_FILE)) as f:
+    prev = ConfigDict(json.load(f))
+  for key in ("tied", "tower", "loss.learn_temperature"):
+    a, b = prev, cfg
+    for part in key.split("."):
+      a, b = a[part], b[part]
+    if (a.to_dict() if isinstance(a, ConfigDict) else a) != (b.to_dict() if isinstance(b, ConfigDict) else b):
+      raise ValueError(f"model.init={cfg.model.init}: its {key} ({a}) differs from this config's ({b})")
+  return prev
+
+
 def abstract_model(cfg: ConfigDict) -> DualEncoder:
   """The dual encoder's structure with no memory behind it (for restoring a checkpoint into)."""
   m = cfg.model
+  if is_stage1_workdir(m.init):
+    return abstract_model(_previous_round(cfg))
   bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(
       m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
   tower_cfg = TowerConfig(**cfg.tower)
@@ -103,6 +122,14 @@ def abstract_model(cfg: ConfigDict) -> DualEncoder:
 def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
   m, rules = cfg.model, cfg.rules
   tower_cfg = TowerConfig(**cfg.tower)
+  if is_stage1_workdir(m.init):  # the next round starts from the towers a previous run trained
+    prev = _previous_round(cfg)
+    ckpt = Checkpointer(os.path.join(m.init, "checkpoints"), keep=prev.checkpoint.keep)
+    graphdef, params, _, _ = restore(prev, ckpt, ckpt.latest_step(), mesh)
+    ckpt.close()
+    model = nnx.merge(graphdef, params)
+    model.fixed_scale = 1.0 / cfg.loss.temperature
+    return model, tokenizer_of(prev)
   if m.init == "random":
     bcfg = backbone_config(m)
     # the same seed for both towers: like a checkpoint, both start from identical weights
@@ -276,7 +303,7 @@ def restore(cfg: ConfigDict, ckpt: Checkpointer, step: int, mesh, tx=None):
   """(graphdef, params, opt_state, data_state) of checkpoint `step`, in `mesh`'s shardings. Without `tx`
   only the parameters are read."""
   graphdef, abstract = nnx.split(abstract_model(cfg))
-  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
+  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))  # this run's rules
   abstract_opt = None if tx is None else abstract_like(jax.eval_shape(tx.init, abstract),
                                                        sharding.optimizer_shardings(tx, abstract, mesh))
   params, opt_state, data_state = ckpt.restore(step, abstract, abstract_opt)
@@ -294,7 +321,13 @@ def load_trained(workdir: str, mesh=None, step: int | None = None) -> tuple[Dual
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   graphdef, params, _, _ = restore(cfg, ckpt, step, mesh)
   ckpt.close()
-  return nnx.merge(graphdef, params), Tokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.init), cfg
+  return nnx.merge(graphdef, params), tokenizer_of(cfg), cfg
+
+
+def tokenizer_of(cfg: ConfigDict) -> Tokenizer:
+  """The towers' tokenizer, following `model.init` back through warm-started rounds."""
+  m = cfg.model
+  return tokenizer_of(_previous_round(cfg)) if is_stage1_workdir(m.init) else Tokenizer.from_pretrained(m.tokenizer or m.init)
 
 
 def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
@@ -321,7 +354,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   else:  # resume: restore straight into this mesh's shardings (it may differ from the saving run's)
     graphdef, params, opt_state, data_state = restore(cfg, ckpt, last, mesh, tx)
     model, start = nnx.merge(graphdef, params), last
-    tokenizer = Tokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.init)
+    tokenizer = tokenizer_of(cfg)
 
   q_enc, d_enc = Encoder(model.query, tokenizer), Encoder(model.doc, tokenizer)
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
