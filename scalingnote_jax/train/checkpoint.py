@@ -18,7 +18,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),  # orbax refuses relative paths options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save))
+        os.path.abspath(directory),  # orbax refuses relative paths
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
