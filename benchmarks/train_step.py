@@ -32,9 +32,10 @@ def timeit(fn, repeats):
   return float(np.median(times))
 
 
-def matmul_peak(n: int, repeats: int) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_peak(n: int, dtype: str, repeats: int) -> float:
+  """FLOP/s of an n x n x n jnp.dot in the step's compute dtype (bf16 on an accelerator has its own peak)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   dot = jax.jit(jnp.dot)
   dot(a, b).block_until_ready()
   return 2 * n**3 / timeit(lambda: dot(a, b), repeats)
@@ -47,7 +48,8 @@ def main():
   p.add_argument("--batch", type=int, default=16, help="queries per step (each with one document)")
   p.add_argument("--seq", type=int, default=128, help="query and document length")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--dtype", default="float32", help="compute dtype (parameters stay float32)")
+  p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak (8192 on a GPU)")
   args = p.parse_args()
 
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -81,7 +83,7 @@ def main():
 
   run()
   step_s = timeit(run, args.repeats)
-  peak = matmul_peak(2048, args.repeats)
+  peak = matmul_peak(args.peak_n, args.dtype, args.repeats)
   tokens = 2 * b * t
   out = {"tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4), "achieved_flops": flops / step_s,
          "peak_flops": peak, "mfu": round(flops / step_s / peak, 3), "step_flops": flops,
