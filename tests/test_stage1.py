@@ -2,6 +2,7 @@
 step, and a tiny teacher measurably learns on the synthetic corpus (8 simulated devices)."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -85,6 +86,15 @@ def test_remat_and_tied_towers_train():
   plain = run_steps(BASE, (8, 1, 1), None, steps=1)
   remat = run_steps({**BASE, "model.remat": True}, (8, 1, 1), None, steps=1)
   assert_same(remat, plain, atol=1e-6)
+  remat_chunked = run_steps({**BASE, "model.remat": True, "chunks": 2}, (8, 1, 1), None, steps=1)
+  assert_same(remat_chunked, plain, atol=1e-5)
+  cfg = load_config(TINY, ["--config.model.remat=True", "--config.data.num_docs=32"])
+  model, _ = stage1.build_model(cfg, sharding.make_mesh((8, 1, 1)))
+  graphdef, state = nnx.split(model.query)
+  ids = np.ones((2, 8), np.int32)
+  jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, ids))(state))
+  remats = re.findall(r"\b(?:remat\d*|checkpoint)\[", jaxpr)  # the primitive's name varies across jax versions
+  assert len(remats) == cfg.model.backbone.num_layers  # one rematerialised block per layer
   cfg = load_config(TINY, ["--config.tied=True", "--config.data.num_docs=32"])
   model, _ = stage1.build_model(cfg, sharding.make_mesh((8, 1, 1)))
   assert model.doc is model.query

@@ -101,5 +101,16 @@ def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxS, *, causal: bool):
 
 
 def maybe_remat(fn, enabled: bool):
-  """`fn(module, x)` recomputed in the backward pass instead of storing its activations (when enabled)."""
-  return nnx.remat(fn) if enabled else fn
+  """`fn(module, *args)` recomputed in the backward pass instead of storing its activations (when enabled).
+
+  A plain `jax.checkpoint` of a pure function of the module's state: blocks mutate nothing, so no state has
+  to flow back out. (`nnx.remat` writes state back into the module; under flax 0.12.10 that write-back
+  raised TraceContextError inside GradCache's `lax.map`.)"""
+  if not enabled:
+    return fn
+
+  def run(module, *args):
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda state, *args: fn(nnx.merge(graphdef, state), *args))(state, *args)
+
+  return run
