@@ -63,7 +63,9 @@ def dense_rankings(q_QxD: np.ndarray, index, positive_emb: list[np.ndarray], k: 
   """(rankings, positive scores) from a document `Index`; positive_emb[i] are [P_i, D] embeddings of query
   i's positives (its best-scoring positive is the margin's reference)."""
   scores, ids = index.search(q_QxD, k)
-  rankings = [(list(row_ids), [float(s) for s in row_scores]) for row_ids, row_scores in zip(ids, scores)]
+  # ScaNN pads a row it could not fill with id None (score -inf): those are not documents.
+  rankings = [([d for d in row_ids if d is not None], [float(s) for d, s in zip(row_ids, row_scores) if d is not None])
+              for row_ids, row_scores in zip(ids, scores)]
   positive_scores = [float((p @ q).max()) if len(p) else None for q, p in zip(q_QxD, positive_emb)]
   return rankings, positive_scores
 
