@@ -381,7 +381,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     return metrics
 
   validate = held_out is not None and cfg.eval.every > 0
-  if validate and start == 0:
+  if validate and start == 0 and cfg.eval.at_start:
     run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage1", initial=start, total=cfg.num_steps,
              disable=jax.process_index() != 0)
