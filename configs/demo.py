@@ -1,24 +1,21 @@
-"""The embedded default: the built-in synthetic corpus, encoded by the LLM document tower (SmolLM2-135M,
-shipped as a pip package) and the small BERT query tower (all-MiniLM-L6-v2). No download at run time.
+"""The embedded default (`make demo`): Stage 1 on the built-in synthetic corpus with a small random decoder
+and SmolLM2's tokenizer (shipped as a pip package): no download, ~2 minutes on a 2-core CPU. The model and
+data are the test config's (configs/tiny.py), so the demo's learning is what tests/test_stage1.py proves.
 
-  scalingnote demo --config configs/demo.py          # ~1-2 minutes on a 2-core CPU
-  scalingnote demo --config configs/demo.py:smoke    # seconds
+  scalingnote demo --config configs/demo.py                       # train, then encode and report
+  scalingnote demo --config configs/demo.py:smoke                 # seconds
+  scalingnote train --config configs/demo.py --workdir runs/demo  # the training alone
 """
 
-from ml_collections import ConfigDict
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny import get_config as tiny_config  # noqa: E402
 
 
-def get_config(variant: str = "") -> ConfigDict:
-  c = ConfigDict()
-  c.seed = 0
-  c.num_docs = 256  # synthetic documents; one query each
-  c.document_tower = "SmolLM2-135M-Instruct-Q4_1"  # HF dir, .gguf file or packaged name
-  c.query_tower = "all-MiniLM-L6-v2"
-  c.batch_size = 32
-  c.max_length = 128
-  c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+def get_config(variant: str = ""):
+  c = tiny_config(variant)
   if variant == "smoke":
-    c.num_docs = 32
-  elif variant:
-    raise ValueError(f"configs/demo.py: unknown variant {variant!r} (known: smoke)")
+    c.eval.every = c.num_steps  # before and after, even in the smoke run
   return c

@@ -6,14 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="scalingnote", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("demo", help="encode the built-in synthetic corpus with both towers and report throughput")
+  p = sub.add_parser("demo", help="the main job on the embedded default: Stage 1 on the synthetic corpus, then "
+                                   "encoding; reports retrieval before/after and throughput")
   p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
+  p.add_argument("--workdir", default=None, help="where to train (default: a new temporary directory)")
 
   p = sub.add_parser("train", help="Stage 1: train dual LLM towers with the cross-device contrastive loss")
   p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "demo":
     from scalingnote_jax import demo
 
-    demo.run(cfg)
+    demo.run(cfg, args.workdir or tempfile.mkdtemp(prefix="scalingnote-demo-"))
   elif args.command == "train":
     from scalingnote_jax.train import stage1
 
