@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/scalingnote demo --config configs/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # torch is a reference for benchmarks and fixtures only, never a runtime or CI dependency.
 $(VENV)/.torch-stamp: $(STAMP)
