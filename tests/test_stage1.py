@@ -84,10 +84,8 @@ def test_tiny_teacher_learns_on_synthetic_corpus(tmp_path):
 def test_remat_and_tied_towers_train():
   """Rematerialisation changes memory, not results; tied towers share one set of parameters."""
   plain = run_steps(BASE, (8, 1, 1), None, steps=1)
-  remat = run_steps({**BASE, "model.remat": True}, (8, 1, 1), None, steps=1)
-  assert_same(remat, plain, atol=1e-6)
   remat_chunked = run_steps({**BASE, "model.remat": True, "chunks": 2}, (8, 1, 1), None, steps=1)
-  assert_same(remat_chunked, plain, atol=1e-5)
+  assert_same(remat_chunked, plain, atol=1e-5)  # remat inside GradCache, the combination large runs use
   cfg = load_config(TINY, ["--config.model.remat=True", "--config.data.num_docs=32"])
   model, _ = stage1.build_model(cfg, sharding.make_mesh((8, 1, 1)))
   graphdef, state = nnx.split(model.query)
