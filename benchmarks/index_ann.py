@@ -1,6 +1,6 @@
 """ANN index: ScaNN (our `Index`, default parameters) vs exact search vs faiss HNSW at matched recall.
 
-Data: N unit vectors of dimension D shaped like text embeddings, made by `clustered` below (the same recipe as
+Data: N unit vectors of dimension D shaped like text embeddings, made by `synthetic.clustered_embeddings` (also used by
 tests/test_index.py): the variance along direction j falls as 1/(j+1) (a power-law spectrum, as in real
 embedding spaces); 100 topic centres ~ N(0, diag(s)); N/100 cluster centres = a random topic + N(0, diag(s));
 a vector = its cluster's centre + 1.5 * N(0, diag(s)), then L2-normalised. Queries are drawn like documents
@@ -34,27 +34,8 @@ import time
 import numpy as np
 import psutil
 
+from scalingnote_jax.data.synthetic import clustered_embeddings
 from scalingnote_jax.index import Index
-
-
-def clustered(n: int, d: int, q: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(documents [n, d], queries [q, d]): unit vectors, clustered like text embeddings (see the docstring)."""
-  rng = np.random.default_rng(seed)
-  scale = np.sqrt(1.0 / (1.0 + np.arange(d)))
-  scale = (scale / np.linalg.norm(scale)).astype(np.float32)
-  topics = rng.standard_normal((100, d), dtype=np.float32) * scale
-  c = max(1, n // 100)
-  centres = topics[rng.integers(0, 100, c)] + rng.standard_normal((c, d), dtype=np.float32) * scale
-
-  def draw(m, r):
-    out = np.empty((m, d), np.float32)
-    for s in range(0, m, 100_000):  # in slices: no 1M x D temporaries besides the result
-      e = min(m, s + 100_000)
-      x = centres[r.integers(0, c, e - s)] + 1.5 * r.standard_normal((e - s, d), dtype=np.float32) * scale
-      out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
-
-  return draw(n, rng), draw(q, np.random.default_rng(seed + 1))
 
 
 def recall_at(got_QxK: np.ndarray, want_QxK: np.ndarray) -> float:
@@ -133,7 +114,7 @@ def main():
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB; load average {load_start[0]:.2f}")
 
   t0 = time.perf_counter()
-  d_NxD, q_QxD = clustered(args.n, args.dim, args.queries, args.seed)
+  d_NxD, q_QxD = clustered_embeddings(args.n, args.dim, args.queries, args.seed)
   ids = [f"d{i}" for i in range(args.n)]
   print(f"data: {args.n} x {args.dim} documents, {args.queries} queries, generated in {time.perf_counter() - t0:.1f} s")
 

@@ -8,25 +8,8 @@ import re
 import numpy as np
 import pytest
 
+from scalingnote_jax.data.synthetic import clustered_embeddings
 from scalingnote_jax.index import BRUTE_FORCE_BELOW, Index, IndexFormatError, load_index, scann_defaults
-
-
-def clustered(n: int, d: int, q: int, seed: int = 0):
-  """Unit vectors with the structure of text embeddings (as in benchmarks/index_ann.py): a power-law spectrum
-  (variance of direction j ~ 1/(j+1)), 100 topics, clusters of ~100 documents around topic + offset, and
-  document noise larger than the cluster offsets, so that a query's neighbours straddle clusters."""
-  rng = np.random.default_rng(seed)
-  scale = np.sqrt(1.0 / (1.0 + np.arange(d)))
-  scale = (scale / np.linalg.norm(scale)).astype(np.float32)
-  topics = rng.standard_normal((100, d), dtype=np.float32) * scale
-  c = max(1, n // 100)
-  centres = topics[rng.integers(0, 100, c)] + rng.standard_normal((c, d), dtype=np.float32) * scale
-
-  def draw(m, r):
-    x = centres[r.integers(0, c, m)] + 1.5 * r.standard_normal((m, d), dtype=np.float32) * scale
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-  return draw(n, rng), draw(q, np.random.default_rng(seed + 1))
 
 
 def ids_for(n: int) -> list[str]:
@@ -35,7 +18,7 @@ def ids_for(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus():
-  d_NxD, q_QxD = clustered(20_000, 64, 500)
+  d_NxD, q_QxD = clustered_embeddings(20_000, 64, 500)
   return d_NxD, q_QxD, ids_for(len(d_NxD))
 
 

@@ -128,3 +128,26 @@ def with_topic_negatives(examples, corpus: dict[str, dict[str, str]], k: int, se
     pool = [d for d in by_topic[topic_of(corpus[ex.positive_ids[0]])] if d not in ex.positive_ids]
     ex.negative_ids = [str(d) for d in rng.choice(pool, size=min(k, len(pool)), replace=False)]
   return examples
+
+
+def clustered_embeddings(n: int, d: int, q: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(documents [n, d], queries [q, d]): unit vectors with the structure of text embeddings, for index tests
+  and benchmarks. A power-law spectrum (variance of direction j ~ 1/(j+1)), 100 topics, clusters of ~100
+  documents around topic + offset, and document noise larger than the cluster offsets, so that a query's
+  neighbours straddle clusters. Queries are drawn like documents, not taken from the corpus."""
+  rng = np.random.default_rng(seed)
+  scale = np.sqrt(1.0 / (1.0 + np.arange(d)))
+  scale = (scale / np.linalg.norm(scale)).astype(np.float32)
+  topics = rng.standard_normal((100, d), dtype=np.float32) * scale
+  c = max(1, n // 100)
+  centres = topics[rng.integers(0, 100, c)] + rng.standard_normal((c, d), dtype=np.float32) * scale
+
+  def draw(m, r):
+    out = np.empty((m, d), np.float32)
+    for s in range(0, m, 100_000):  # in slices: no 1M x D temporaries besides the result
+      e = min(m, s + 100_000)
+      x = centres[r.integers(0, c, e - s)] + 1.5 * r.standard_normal((e - s, d), dtype=np.float32) * scale
+      out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+  return draw(n, rng), draw(q, np.random.default_rng(seed + 1))
