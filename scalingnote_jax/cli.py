@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
+  from scalingnote_jax import distributed
+
+  distributed.initialize()  # multi-process when a launch script (launch/) says so; before any JAX work
   takes_config = hasattr(args, "config")
   bad = [a for a in rest if not (takes_config and a.startswith("--config."))]
   if bad:
@@ -60,14 +63,18 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "encode":
     import os
 
+    import jax
+
     from scalingnote_jax import sharding
     from scalingnote_jax.data.beir import load_corpus
     from scalingnote_jax.index.corpus import document_encoder, encode_corpus
 
-    encoder = document_encoder(args.checkpoint, sharding.make_mesh())
+    # Each process encodes its own chunks with the tower on its own devices: no cross-host traffic.
+    encoder = document_encoder(args.checkpoint, sharding.make_mesh(devices=jax.local_devices()))
     encode_corpus(encoder, load_corpus(os.path.join(args.corpus, "corpus.jsonl")), args.out,
                   chunk_size=args.chunk_size, batch_size=args.batch_size)
-    print(json.dumps({"out": args.out, "dim": encoder.dim}))
+    if distributed.is_main():
+      print(json.dumps({"out": args.out, "dim": encoder.dim}))
     return 0
 
   if args.command == "mine":
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from scalingnote_jax.train import stage1
 
     out = stage1.train(cfg, args.workdir, resume=args.resume)
-    if out["evals"]:
+    if out["evals"] and distributed.is_main():
       print(json.dumps({"final": out["evals"][-1]}))
   return 0
 

@@ -43,7 +43,11 @@ class Encoder:
     parameters keep whatever sharding they have."""
     self.tower, self.tokenizer, self.cfg, self.mesh = tower, tokenizer, tower.cfg, mesh
     graphdef, self._state = nnx.split(tower)
-    self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+    # A mesh over several processes (evaluation during multi-process training): every process passes the
+    # same batch and gets the whole result back.
+    spans_processes = mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+    self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask),
+                            out_shardings=sharding.replicated(mesh) if spans_processes else None)
     self._rows_multiple = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
 
   @classmethod

@@ -63,8 +63,10 @@ class TrainData:
     """An endless, reshuffled-per-epoch iterator over this process's share of each global batch."""
     if self.spec.batch_size % process_count:
       raise ValueError(f"batch_size {self.spec.batch_size} is not divisible by {process_count} processes")
+    # Records are sampled before the split by process, so the global batch holds the same rows (same
+    # positives and negatives) whatever the number of processes.
     ds = (grain.MapDataset.range(len(self.examples)).shuffle(seed=seed).repeat(None)
-          [process_index::process_count]
           .random_map(self.record, seed=seed)
+          [process_index::process_count]
           .batch(self.spec.batch_size // process_count, drop_remainder=True))
     return iter(ds.to_iter_dataset())

@@ -21,6 +21,7 @@ import numpy as np
 import tensorstore as ts
 from tqdm.auto import tqdm
 
+from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import Encoder
 
 COMPLETE, IDS, ARRAY = "COMPLETE", "doc_ids.json", "embeddings.zarr"
@@ -65,7 +66,7 @@ def encode_corpus(encoder: Encoder, corpus: dict[str, dict], out_dir: str, *, ch
     with open(ids_path) as f:
       if json.load(f) != doc_ids:
         raise ValueError(f"{out_dir}: holds a partial encoding of a different corpus; use a new --out")
-  elif jax.process_index() == 0:
+  elif is_main():
     _write_atomic(ids_path, json.dumps(doc_ids))
   array = _open_array(out_dir, (len(doc_ids), encoder.dim), chunk_size, create=True)
   if array.shape != (len(doc_ids), encoder.dim):
@@ -73,7 +74,7 @@ def encode_corpus(encoder: Encoder, corpus: dict[str, dict], out_dir: str, *, ch
 
   chunks = range(jax.process_index(), -(-len(doc_ids) // chunk_size), jax.process_count())
   todo = [c for c in chunks if not os.path.exists(os.path.join(out_dir, "done", str(c)))]
-  for c in tqdm(todo, desc="encoding corpus", unit="chunk", disable=jax.process_index() != 0 or not todo):
+  for c in tqdm(todo, desc="encoding corpus", unit="chunk", disable=not is_main() or not todo):
     rows = doc_ids[c * chunk_size:(c + 1) * chunk_size]
     emb_CxD = encoder.encode_documents([corpus[d] for d in rows], batch_size=batch_size, show_progress=False)
     array[c * chunk_size:c * chunk_size + len(rows)].write(emb_CxD).result()
@@ -83,7 +84,7 @@ def encode_corpus(encoder: Encoder, corpus: dict[str, dict], out_dir: str, *, ch
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("encode_corpus")
-  if jax.process_index() == 0:
+  if is_main():
     _write_atomic(os.path.join(out_dir, COMPLETE), json.dumps({"num_docs": len(doc_ids), "dim": encoder.dim}))
   return out_dir
 

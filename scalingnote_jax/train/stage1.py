@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from scalingnote_jax import models, sharding
+from scalingnote_jax.distributed import is_main
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 from scalingnote_jax.encoder import Encoder
@@ -275,7 +276,7 @@ class MetricsLog:
   """metrics.jsonl (every process-0 record) and TensorBoard event files under the workdir."""
 
   def __init__(self, workdir: str, resume_step: int):
-    self.active = jax.process_index() == 0
+    self.active = is_main()
     if not self.active:
       return
     from tensorboardX import SummaryWriter
@@ -334,7 +335,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
   from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:  # what later commands (encode, distill, export) rebuild the towers from
+  if is_main():  # what later commands (encode, distill, export) rebuild the towers from
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(cfg.to_json(indent=1))
   mesh = sharding.make_mesh(cfg.mesh)
@@ -356,7 +357,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     model, start = nnx.merge(graphdef, params), last
     tokenizer = tokenizer_of(cfg)
 
-  q_enc, d_enc = Encoder(model.query, tokenizer), Encoder(model.doc, tokenizer)
+  q_enc, d_enc = Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
   data = TrainData(examples, corpus, lambda qs: q_enc.tokenize(q_enc.query_texts(qs)),
                    lambda ds: d_enc.tokenize(d_enc.document_texts(ds)), tokenizer.pad_id, spec)
@@ -384,7 +385,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   if validate and start == 0 and cfg.eval.at_start:
     run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage1", initial=start, total=cfg.num_steps,
-             disable=jax.process_index() != 0)
+             disable=not is_main())
   t_last, steps_since = time.perf_counter(), 0
   for step in bar:
     batch = sharding.global_batch(mesh, next(batches))
@@ -405,7 +406,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", step_s=f"{step_time:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
       m = run_eval(step)
-      if jax.process_index() == 0:
+      if is_main():
         bar.write(f"step {step}: val nDCG@10 {m['ndcg_at_10']:.4f}, Recall@10 {m['recall_at_10']:.3f}, "
                   f"contrastive entropy {m['contrastive_entropy']:.3f} ({m['num_docs']} documents)")
     if save:
