@@ -23,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
 
+  p = sub.add_parser("compile", help="compile the Stage 1 step ahead of time for a fake topology (TPU pod, GPU "
+                                      "hosts) and print per-device memory; no such hardware needed")
+  p.add_argument("--config", help="configs/<name>.py, optionally :variant")
+  p.add_argument("--topology", help="e.g. v5e-256, v5p-128, h100-64 (8 hosts x 8), cpu-8; see --list-topologies")
+  p.add_argument("--list-topologies", action="store_true")
+  p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
   p = sub.add_parser("encode", help="encode a BEIR corpus with a document tower into a resumable zarr store")
   p.add_argument("--checkpoint", required=True, help="a Stage 1 workdir, a HF model dir, a .gguf or a packaged name")
   p.add_argument("--corpus", required=True, help="a BEIR directory (its corpus.jsonl is encoded)")
@@ -89,6 +96,21 @@ def main(argv: list[str] | None = None) -> int:
                                         embeddings_dir=args.embeddings, backend=args.backend)
     print(json.dumps({"out": args.out, "queries": len(mined),
                       "negatives_per_query": sum(len(m.negative_ids) for m in mined) / max(1, len(mined))}))
+    return 0
+
+  if args.command == "compile":
+    from scalingnote_jax import aot
+
+    if args.list_topologies:
+      print(aot.list_topologies())
+      return 0
+    if not (args.config and args.topology):
+      parser.error("compile needs --config and --topology (or --list-topologies)")
+    aot.prepare_host(args.topology)  # before any JAX computation
+    from scalingnote_jax.config import load_config
+
+    report = aot.compile_report(load_config(args.config, rest), args.topology)
+    print(json.dumps(report) if args.json else aot.format_report(report))
     return 0
 
   from scalingnote_jax.config import load_config

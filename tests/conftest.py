@@ -4,6 +4,9 @@ import tempfile
 
 # Simulate an 8-device mesh on the CPU (must precede the first jax import of the session).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# libtpu is installed for the ahead-of-time compile tests (compile-only TPU devices work regardless); keep
+# every test process on the CPU without probing for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the training subprocesses they start) compile the same small programs: a session-wide
 # persistent compilation cache turns the repeats' ~30 s XLA compiles into ~3 s loads. Fresh per session.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scalingnote-test-jax-cache-"))
