@@ -24,22 +24,8 @@ How the devices are faked:
 
 Nothing is allocated: parameters, optimizer state and batch are ShapeDtypeStructs carrying their shardings.
 
-Memory of configs/qwen2_5_7b.py by hand (two untied towers, no LM head; S = data x fsdp batch shards):
-  parameters   per tower 0.545e9 embedding + 28 x 0.233e9 blocks = 7.07e9; two towers 14.14e9
-  state        fp32 master 4 B + AdamW moments 8 B = 12 B/param = 158.0 GiB, / (fsdp x tensor) per device:
-               19.8 GiB at fsdp 8, 9.9 at 16, 2.5 at 64, 0.6 at 256
-  gradients    fp32, 52.7 GiB / (fsdp x tensor); GradCache holds the accumulator and one chunk's: up to twice
-  activations  a chunk is 1024 / 8 = 128 queries x 64 tokens + 1024 documents x 256 tokens = 270k tokens;
-               remat keeps each block's bf16 input, 270k x 3584 x 2 B x 28 = 50.5 GiB / S, plus one block's
-               backward (an MLP intermediate 262k x 18944 x 2 B = 9.3 GiB / S, fp32 attention logits 7 GiB / S)
-  => fsdp 8 (one host of 8 GPUs): 19.8 + 13.2 + 6.3 + ~5 = ~44 GiB; (16,16,1) on v5e: 9.9 + 6.6 = 16.5 GiB of
-     state and gradients alone, over a v5e's 16 GiB before any activation.
-Compiled (jax 0.10.2, libtpu 0.0.42.1, jax-cuda12-plugin 0.10.2), total per device:
-  v5e-256 (16,16,1) refused: needs 23.4 GiB of temporaries; (1,256,1) refused: 33.0 GiB
-  v5p-128 (1,64,1)  40.2 GiB of 95: fits
-  h100-8  (1,8,1)   139.4 GiB of 79.6: does not fit;  h100-64 (1,64,1) 78.2 GiB: 98%, no headroom
-The temporaries exceed the arithmetic above because the towers' hidden states carry no batch sharding
-constraint: XLA shards them like the embedding table (over `embed`) and each device holds a whole chunk's.
+The memory arithmetic of configs/qwen2_5_7b.py and its compiled numbers per topology are in README.md
+("Does the 7B dual tower fit?").
 """
 
 from __future__ import annotations

@@ -89,10 +89,10 @@ class Bert(nnx.Module):
       raise ValueError(f"sequence length {t} exceeds max_position_embeddings {self.cfg.max_position_embeddings}")
     type_ids_BxT = jnp.zeros_like(ids_BxT) if type_ids_BxT is None else type_ids_BxT
     x = self.tok_embed[...][ids_BxT] + self.pos_embed[...][:t][None] + self.type_embed[...][type_ids_BxT]
-    x = self.embed_norm(x.astype(self.cfg.dtype))
+    x = layers.shard_batch(self.embed_norm(x.astype(self.cfg.dtype)))
     run = layers.maybe_remat(lambda layer, x: layer(x, mask_BxT), self.cfg.remat)
     for layer in self.layers:
-      x = run(layer, x)
+      x = layers.shard_batch(run(layer, x))
     return x
 
 

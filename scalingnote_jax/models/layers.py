@@ -8,9 +8,14 @@ in its `out_sharding` metadata. Nothing is sharded here: a later mesh maps the n
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from scalingnote_jax.sharding import BATCH_AXES
 
 Axes = tuple[str | None, ...]
 
@@ -114,3 +119,17 @@ def maybe_remat(fn, enabled: bool):
     return jax.checkpoint(lambda state, *args: fn(nnx.merge(graphdef, state), *args))(state, *args)
 
   return run
+
+
+def shard_batch(x):
+  """Pins activation `x`'s leading (batch) dimension to the mesh's batch axes, so each device keeps only its
+  rows. Without it XLA may lay hidden states out like the parameters they meet (split over `embed`), and every
+  device then holds the whole batch's activations. A no-op outside a mesh context
+  (`jax.sharding.use_abstract_mesh`) and when the rows do not divide evenly over the batch axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if math.prod(mesh.shape[a] for a in axes) <= 1 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))

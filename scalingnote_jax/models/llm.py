@@ -147,12 +147,12 @@ class LLM(nnx.Module):
 
   def __call__(self, ids_BxT, mask_BxT):
     cfg = self.cfg
-    x = self.embed[...].astype(cfg.dtype)[ids_BxT]
+    x = layers.shard_batch(self.embed[...].astype(cfg.dtype)[ids_BxT])
     positions_BxT = jnp.broadcast_to(jnp.arange(ids_BxT.shape[1]), ids_BxT.shape)
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
     run = layers.maybe_remat(lambda block, x: block(x, mask_BxT, positions_BxT, inv_freq), cfg.remat)
     for block in self.layers:
-      x = run(block, x)
+      x = layers.shard_batch(run(block, x))
     return self.norm(x)
 
   def logits(self, hidden_BxTxE):

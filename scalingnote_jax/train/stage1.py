@@ -191,8 +191,9 @@ def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False):
   def embed(params, tokens):
     model = nnx.merge(graphdef, params)
     b, g, t = tokens["d_ids"].shape
-    q_BxD = model.query(tokens["q_ids"], tokens["q_mask"])
-    d_BxGxD = model.doc(tokens["d_ids"].reshape(b * g, t), tokens["d_mask"].reshape(b * g, t)).reshape(b, g, -1)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # hidden states stay split by rows (shard_batch)
+      q_BxD = model.query(tokens["q_ids"], tokens["q_mask"])
+      d_BxGxD = model.doc(tokens["d_ids"].reshape(b * g, t), tokens["d_mask"].reshape(b * g, t)).reshape(b, g, -1)
     return q_BxD, d_BxGxD
 
   def loss_of(q_BxD, d_BxGxD, params, batch):
