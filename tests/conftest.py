@@ -4,8 +4,8 @@ import tempfile
 
 # Simulate an 8-device mesh on the CPU (must precede the first jax import of the session).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# libtpu is installed for the ahead-of-time compile tests (compile-only TPU devices work regardless); keep
-# every test process on the CPU without probing for a TPU.
+# Every test process runs on the CPU, without probing for accelerators (where libtpu is installed for the
+# ahead-of-time TPU compile tests, its compile-only devices work regardless).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the training subprocesses they start) compile the same small programs: a session-wide
 # persistent compilation cache turns the repeats' ~30 s XLA compiles into ~3 s loads. Fresh per session.
