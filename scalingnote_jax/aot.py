@@ -209,12 +209,8 @@ def compile_report(cfg: ConfigDict, topology: str) -> dict:
                      f"devices): {e}. Override it, e.g. --config.mesh='(1,-1,1)'") from e
   tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
   graphdef, params, opt_state, batch = abstract_inputs(cfg, mesh, tx)
-  step = stage1.make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric)
-  # as stage1.train: outputs keep the inputs' shardings and the old parameters and optimizer state are donated
-  state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
   t0 = time.perf_counter()
-  lowered = jax.jit(step, out_shardings=(*state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=(0, 1)).lower(params, opt_state, batch)
+  lowered = stage1.jit_train_step(cfg, graphdef, tx, mesh, params, opt_state).lower(params, opt_state, batch)
   t1 = time.perf_counter()
   report = dict(
       topology=topology, description=topo.description, platform=devices[0].platform,

@@ -237,6 +237,14 @@ def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = Fa
   return step
 
 
+def jit_train_step(cfg: ConfigDict, graphdef, tx, mesh, params, opt_state):
+  """The step as training compiles it (also for ahead-of-time compilation): outputs keep the inputs'
+  shardings, so it compiles once, and the old parameters and optimizer state are donated."""
+  state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+  return jax.jit(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric),
+                 out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: Recall@10 by exact search and contrastive entropy on held-out queries.
 
@@ -365,10 +373,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   batches = data.iterator(cfg.data.seed, jax.process_index(), jax.process_count())
   if data_state is not None:
     batches.set_state(data_state)
-  # Outputs keep the inputs' shardings, so the step compiles once and the donated buffers are reused.
-  state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-  step_fn = jax.jit(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric),
-                    out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
+  step_fn = jit_train_step(cfg, graphdef, tx, mesh, params, opt_state)
 
   log = MetricsLog(workdir, start)
   history, evals = [], []
