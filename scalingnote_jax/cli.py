@@ -23,6 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
 
+  p = sub.add_parser("distill", help="Stage 2: distil the frozen LLM query tower of a Stage 1 workdir "
+                                      "(--config.teacher) into a small BERT query encoder")
+  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
+  p.add_argument("--workdir", required=True, help="checkpoints, cached teacher embeddings and metrics go here")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+
+  p = sub.add_parser("export", help="write a serving bundle: the distilled student, the LLM document tower's "
+                                     "embeddings and their index, a manifest")
+  p.add_argument("student", help="a Stage 2 workdir (`scalingnote distill`)")
+  p.add_argument("--out", required=True, help="the bundle directory (replaced atomically if it is a bundle)")
+  p.add_argument("--corpus", default=None, help="a BEIR directory whose corpus.jsonl is indexed (default: the "
+                                                "teacher's training corpus)")
+  p.add_argument("--embeddings", default=None, help="an existing `scalingnote encode` store of the corpus, "
+                                                    "encoded by the teacher's document tower (not re-encoded)")
+  p.add_argument("--teacher", default=None, help="the Stage 1 workdir whose document tower encodes the corpus "
+                                                 "(default: the one the student was distilled from)")
+  p.add_argument("--backend", choices=("scann", "exact"), default="scann")
+  p.add_argument("--batch-size", type=int, default=64)
+
   p = sub.add_parser("compile", help="compile the Stage 1 step ahead of time for a fake topology (TPU pod, GPU "
                                       "hosts) and print per-device memory; no such hardware needed")
   p.add_argument("--config", help="configs/<name>.py, optionally :variant")
@@ -52,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--relative-margin", type=float, default=None)
   p.add_argument("--sampling", choices=("top", "random"), default="top")
   p.add_argument("--seed", type=int, default=0)
+
+  p = sub.add_parser("serve", help="the online retrieval service over a bundle: POST /search, GET /healthz, "
+                                    "GET /metrics, with micro-batching (serve/http.py)")
+  p.add_argument("bundle", help="a serving bundle directory (serve/bundle.py)")
+  p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 answers this machine only; 0.0.0.0 exposes it")
+  p.add_argument("--port", type=int, default=8000)
+  # Unset limits keep the defaults of serve.http.Limits.
+  p.add_argument("--max-batch", type=int, default=None, help="queries per encoder call (default 64)")
+  p.add_argument("--max-wait-ms", type=float, default=None, help="batching window after a first request (default 2)")
+  p.add_argument("--max-queries", type=int, default=None, help="queries per request (default 64)")
+  p.add_argument("--max-query-chars", type=int, default=None, help="characters per query (default 2048)")
+  p.add_argument("--max-k", type=int, default=None, help="results per query (default 1000)")
   return parser
 
 
@@ -78,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each process encodes its own chunks with the tower on its own devices: no cross-host traffic.
     encoder = document_encoder(args.checkpoint, sharding.make_mesh(devices=jax.local_devices()))
+    from flax import nnx
+
+    from scalingnote_jax.train.checkpoint import fingerprint
+
     encode_corpus(encoder, load_corpus(os.path.join(args.corpus, "corpus.jsonl")), args.out,
-                  chunk_size=args.chunk_size, batch_size=args.batch_size)
+                  chunk_size=args.chunk_size, batch_size=args.batch_size,
+                  fingerprint=fingerprint(nnx.state(encoder.tower)))  # export checks it against the student's teacher
     if distributed.is_main():
       print(json.dumps({"out": args.out, "dim": encoder.dim}))
     return 0
@@ -96,6 +132,30 @@ def main(argv: list[str] | None = None) -> int:
                                         embeddings_dir=args.embeddings, backend=args.backend)
     print(json.dumps({"out": args.out, "queries": len(mined),
                       "negatives_per_query": sum(len(m.negative_ids) for m in mined) / max(1, len(mined))}))
+    return 0
+
+  if args.command == "serve":
+    from scalingnote_jax.serve import http
+    from scalingnote_jax.serve.retriever import Retriever
+
+    given = {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "max_queries": args.max_queries,
+             "max_query_chars": args.max_query_chars, "max_k": args.max_k}
+    try:
+      limits = http.Limits(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as e:
+      parser.error(str(e))
+    retriever = Retriever.load(args.bundle, max_batch=limits.max_batch)
+    print(f"compiled the query encoder for {retriever.warmup()} batch/length shapes", file=sys.stderr)
+    http.serve(retriever, host=args.host, port=args.port, limits=limits)
+    return 0
+
+  if args.command == "export":
+    from scalingnote_jax.serve import bundle
+
+    manifest = bundle.export(args.student, args.out, corpus_dir=args.corpus, embeddings=args.embeddings,
+                             teacher=args.teacher, backend=args.backend, batch_size=args.batch_size)
+    print(json.dumps({"out": args.out, "num_docs": manifest["num_docs"], "dim": manifest["dim"],
+                      "metrics": manifest["metrics"]}))
     return 0
 
   if args.command == "compile":
@@ -126,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     out = stage1.train(cfg, args.workdir, resume=args.resume)
     if out["evals"] and distributed.is_main():
       print(json.dumps({"final": out["evals"][-1]}))
+  elif args.command == "distill":
+    from scalingnote_jax.train import stage2
+
+    out = stage2.distill(cfg, args.workdir, resume=args.resume)
+    if out["evals"] and distributed.is_main():
+      print(json.dumps({"teacher": out["teacher"], "final": out["evals"][-1]}))
   return 0
 
 

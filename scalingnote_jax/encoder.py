@@ -45,9 +45,9 @@ class Encoder:
     graphdef, self._state = nnx.split(tower)
     # A mesh over several processes (evaluation during multi-process training): every process passes the
     # same batch and gets the whole result back.
-    spans_processes = mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+    self.spans_processes = mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
     self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask),
-                            out_shardings=sharding.replicated(mesh) if spans_processes else None)
+                            out_shardings=sharding.replicated(mesh) if self.spans_processes else None)
     self._rows_multiple = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
 
   @classmethod
@@ -118,6 +118,19 @@ class Encoder:
     out = np.empty_like(emb)
     out[order] = emb
     return out
+
+  def warmup(self, batch_size: int = 32) -> int:
+    """Compiles every (batch, length) bucket that `encode(..., batch_size)` can meet, so that the first
+    requests of a service do not wait for XLA; returns how many shapes that was."""
+    powers = lambda cap: [2 ** i for i in range(cap.bit_length()) if 2 ** i <= cap] + [cap]  # noqa: E731
+    shapes = {self._pad([[self.tokenizer.pad_id] * t] * b, batch_size)[0].shape
+              for b in powers(batch_size) for t in powers(self.cfg.max_length)}
+    for b, t in sorted(shapes):
+      ids, mask = np.full((b, t), self.tokenizer.pad_id, np.int32), np.ones((b, t), np.int32)
+      if self.mesh is not None:
+        ids, mask = (jax.device_put(x, sharding.batch_sharding(self.mesh, 2)) for x in (ids, mask))
+      jax.block_until_ready(self._forward(self._state, ids, mask))
+    return len(shapes)
 
   def _pad(self, rows: list[list[int]], batch_size: int):
     t = bucket(max(len(r) for r in rows), self.cfg.max_length, MIN_LENGTH_BUCKET)

@@ -1,5 +1,9 @@
 import importlib.util
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
 # Simulate an 8-device mesh on the CPU (must precede the first jax import of the session).
@@ -10,6 +14,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the training subprocesses they start) compile the same small programs: a session-wide
 # persistent compilation cache turns the repeats' ~30 s XLA compiles into ~3 s loads. Fresh per session.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scalingnote-test-jax-cache-"))
+# Expensive artefacts (a trained tiny teacher) are made once per session, by whichever pytest-xdist worker
+# first needs them, in a directory every worker sees (workers inherit the controller's environment).
+os.environ.setdefault("SCALINGNOTE_TEST_SHARED", tempfile.mkdtemp(prefix="scalingnote-test-shared-"))
 
 import numpy as np
 import pytest
@@ -47,3 +54,42 @@ def fixture(name: str) -> tuple[str, dict]:
   d = os.path.join(FIXTURES, name)
   with np.load(os.path.join(d, "expected.npz")) as f:
     return d, dict(f)
+
+
+def shared_artefact(name: str, make) -> str:
+  """`make(path)` run once per test session across workers; returns the path."""
+  from filelock import FileLock
+
+  path = os.path.join(os.environ["SCALINGNOTE_TEST_SHARED"], name)
+  with FileLock(path + ".lock"):
+    if not os.path.exists(path + ".done"):
+      shutil.rmtree(path, ignore_errors=True)
+      make(path)
+      open(path + ".done", "w").close()
+  return path
+
+
+def run_cli(*args: str, devices: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+  """`scalingnote ARGS` in a fresh process with `devices` CPU devices, as a user runs it. (In this process
+  there are 8 simulated devices: right for sharding tests, slow for small models on 2 cores.)"""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(SCALINGNOTE_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "scalingnote_jax.cli", *args], env=env, capture_output=True,
+                       text=True, timeout=timeout)
+  assert out.returncode == 0, f"scalingnote {' '.join(args)} failed:\n{out.stderr[-3000:]}"
+  return out
+
+
+def read_metrics(workdir: str, prefix: str) -> list[dict]:
+  """The rows of a workdir's metrics.jsonl with `prefix/` fields, as {step, field: value}."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [{"step": r["step"], **{k[len(prefix) + 1:]: v for k, v in r.items() if k.startswith(prefix + "/")}}
+          for r in rows if any(k.startswith(prefix + "/") for k in r)]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher() -> str:
+  """A Stage 1 workdir: configs/tiny.py trained to the end (~80 s), the teacher of the Stage 2 tests."""
+  return shared_artefact("tiny_teacher", lambda path: run_cli("train", "--config", f"{ROOT}/configs/tiny.py",
+                                                              "--workdir", path))

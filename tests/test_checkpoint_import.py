@@ -116,3 +116,18 @@ def test_bf16_compute_is_close_to_f32():
   cos = (h32 * h16.astype(np.float32)).sum(-1) / np.linalg.norm(h32, axis=-1) / np.linalg.norm(
       h16.astype(np.float32), axis=-1)
   assert cos[m].min() > 0.99
+
+
+def test_first_layers_of_a_checkpoint(minilm_dir):
+  """A student from a checkpoint's first L layers holds exactly those layers' weights; more layers than the
+  checkpoint has is refused."""
+  full, _ = load_backbone(minilm_dir)
+  two, cfg = load_backbone(minilm_dir, num_layers=2)
+  assert cfg.num_layers == 2 and len(two.layers) == 2
+  want = {k: v for k, v in nnx.to_flat_state(nnx.state(full)) if not (k[0] == "layers" and k[1] >= 2)}
+  got = dict(nnx.to_flat_state(nnx.state(two)))
+  assert set(got) == set(want)
+  for k, v in got.items():
+    np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(want[k][...]))
+  with pytest.raises(CheckpointError, match="num_layers=7, but the checkpoint has 6 layers"):
+    load_backbone(minilm_dir, num_layers=7)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scalingnote_jax.sharding import batch_sharding, make_mesh
-from scalingnote_jax.train.losses import contrastive_loss
+from scalingnote_jax.train.losses import contrastive_loss, distillation_loss
 
 
 def batch(b=16, g=3, p=2, dim=8, seed=0, trouble=True):
@@ -93,3 +93,23 @@ def test_memory_grows_with_local_times_global_batch():
     assert s < 6 * l + 2 * 1024**2, (s, l)
   # doubling B_global (with B_local = B_global / 8) roughly quadruples the local logits, like B_local*B_global
   assert 3 < sharded[2] / sharded[1] < 5.5
+
+
+@pytest.mark.parametrize("normalized_mse", [False, True])
+def test_distillation_loss_matches_numpy(normalized_mse):
+  """MSE (squared L2 per row, raw or normalised student) + weight * (1 - cosine); zero only at the teacher."""
+  rng = np.random.default_rng(0)
+  t = rng.normal(size=(6, 5)).astype(np.float32)
+  t /= np.linalg.norm(t, axis=1, keepdims=True)
+  s = (2.0 * t + 0.3 * rng.normal(size=t.shape)).astype(np.float32)  # roughly aligned, not unit norm
+  s_unit = s / np.linalg.norm(s, axis=1, keepdims=True)
+  cosine = np.mean(np.sum(s_unit * t, axis=1))
+  mse = np.mean(np.sum(((s_unit if normalized_mse else s) - t) ** 2, axis=1))
+  loss, (got_mse, got_cos) = distillation_loss(s, t, mse_weight=0.5, cosine_weight=3.0, normalized_mse=normalized_mse)
+  np.testing.assert_allclose([float(loss), float(got_mse), float(got_cos)], [0.5 * mse + 3.0 * (1 - cosine), mse, cosine],
+                             rtol=1e-5)
+  at_teacher, _ = distillation_loss(t, t, normalized_mse=normalized_mse)
+  assert abs(float(at_teacher)) < 1e-6
+  # a student twice as long as the teacher: no cosine loss, but raw MSE still pulls its norm to the teacher's
+  twice, (twice_mse, _) = distillation_loss(2 * t, t, normalized_mse=normalized_mse)
+  assert abs(float(twice_mse) - (0.0 if normalized_mse else 1.0)) < 1e-5

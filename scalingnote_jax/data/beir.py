@@ -23,7 +23,7 @@ class TrainExample:
   negative_ids: list[str]
 
 
-def _jsonl(path: str):
+def read_jsonl(path: str):
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file")
   with open(path, encoding="utf-8") as f:
@@ -39,7 +39,7 @@ def _jsonl(path: str):
       yield lineno, obj
 
 
-def _field(obj: dict, key: str, where: str, *, kind=str, allow_empty=False):
+def field(obj: dict, key: str, where: str, *, kind=str, allow_empty=False):
   if key not in obj:
     raise DataError(f"{where}: missing field {key!r}")
   value = obj[key]
@@ -55,9 +55,9 @@ def _field(obj: dict, key: str, where: str, *, kind=str, allow_empty=False):
 def _by_id(path: str, kind: str, parse) -> dict:
   """{_id: parse(obj, where)} over a JSONL file; duplicate ids are errors."""
   out = {}
-  for lineno, obj in _jsonl(path):
+  for lineno, obj in read_jsonl(path):
     where = f"{path}:{lineno}"
-    key = _field(obj, "_id", where)
+    key = field(obj, "_id", where)
     if key in out:
       raise DataError(f"{where}: duplicate {kind} id {key!r}")
     out[key] = parse(obj, where)
@@ -66,7 +66,7 @@ def _by_id(path: str, kind: str, parse) -> dict:
 
 def _document(obj: dict, where: str) -> dict[str, str]:
   title = str(obj.get("title") or "")
-  return {"title": title, "text": _field(obj, "text", where, allow_empty=bool(title))}  # a title alone will do
+  return {"title": title, "text": field(obj, "text", where, allow_empty=bool(title))}  # a title alone will do
 
 
 def load_corpus(path: str) -> dict[str, dict[str, str]]:
@@ -74,7 +74,7 @@ def load_corpus(path: str) -> dict[str, dict[str, str]]:
 
 
 def load_queries(path: str) -> dict[str, str]:
-  return _by_id(path, "query", lambda obj, where: _field(obj, "text", where))
+  return _by_id(path, "query", lambda obj, where: field(obj, "text", where))
 
 
 def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error") -> dict[str, dict[str, int]]:
@@ -127,11 +127,11 @@ def examples_from_qrels(data: Dataset) -> list[TrainExample]:
 def load_train_jsonl(path: str, corpus: dict) -> list[TrainExample]:
   """Training examples with hard negatives. Negatives that are also positives are dropped, never used."""
   out = []
-  for lineno, obj in _jsonl(path):
+  for lineno, obj in read_jsonl(path):
     where = f"{path}:{lineno}"
-    ex = TrainExample(_field(obj, "query_id", where), _field(obj, "query", where),
-                      [str(x) for x in _field(obj, "positive_ids", where, kind=list)],
-                      [str(x) for x in _field(obj, "negative_ids", where, kind=list, allow_empty=True)])
+    ex = TrainExample(field(obj, "query_id", where), field(obj, "query", where),
+                      [str(x) for x in field(obj, "positive_ids", where, kind=list)],
+                      [str(x) for x in field(obj, "negative_ids", where, kind=list, allow_empty=True)])
     for doc_id in ex.positive_ids + ex.negative_ids:
       if doc_id not in corpus:
         raise DataError(f"{where}: unknown document id {doc_id!r}")

@@ -1,9 +1,10 @@
-"""The Stage 1 input pipeline (grain): examples -> tokenized, padded training batches, sharded by process.
+"""Input pipelines (grain). Stage 1: examples -> tokenized, padded training batches, sharded by process.
 
 A batch row is one query with G = 1 + n_neg documents: slot 0 a positive (sampled among the query's
 positives), then up to n_neg hard negatives (slots without one hold id -1 and are masked by the loss).
 Corpus and queries are tokenized once up front; the per-step work is sampling and padding. The iterator's
 state (`get_state` / `set_state`) is saved with checkpoints so a resumed run sees the same batches.
+Stage 2 (`DistillData`): queries with their cached teacher embeddings, batched the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ class BatchSpec:
   doc_len: int
 
 
+def pad(ids: list[int], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) of one sequence cut or right-padded to `length`."""
+  ids = ids[:length]
+  out = np.full(length, pad_id, np.int32)
+  out[:len(ids)] = ids
+  return out, (np.arange(length) < len(ids)).astype(np.int32)
+
+
+def _batches(n: int, batch_size: int, seed: int, process_index: int, process_count: int, record=None):
+  """Endless, reshuffled-per-epoch batches of this process's share of each global batch of `n` items.
+  Items (or `record(index, rng)` of them) are drawn before the split by process, so a global batch holds
+  the same rows whatever the number of processes."""
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+  if record is not None:
+    ds = ds.random_map(record, seed=seed)
+  return ds[process_index::process_count].batch(batch_size // process_count, drop_remainder=True)
+
+
 class TrainData:
   """Examples plus corpus, tokenized by the towers' own prompt and tokenizer settings."""
 
@@ -37,12 +58,6 @@ class TrainData:
     self.query_tokens = query_tokenize([ex.query for ex in examples])
     self.max_positives = max(len(ex.positive_ids) for ex in examples)
 
-  def _pad(self, ids: list[int], length: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = ids[:length]
-    out = np.full(length, self.pad_id, np.int32)
-    out[:len(ids)] = ids
-    return out, (np.arange(length) < len(ids)).astype(np.int32)
-
   def record(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     ex, spec = self.examples[index], self.spec
     positive = ex.positive_ids[rng.integers(len(ex.positive_ids))]
@@ -52,21 +67,36 @@ class TrainData:
     d_mask = np.zeros((1 + spec.n_neg, spec.doc_len), np.int32)
     for slot, doc in enumerate([positive] + negatives):
       doc_ids[slot] = self.doc_index[doc]
-      d_ids[slot], d_mask[slot] = self._pad(self.doc_tokens[doc_ids[slot]], spec.doc_len)
+      d_ids[slot], d_mask[slot] = pad(self.doc_tokens[doc_ids[slot]], spec.doc_len, self.pad_id)
     d_mask[len(negatives) + 1:, 0] = 1  # empty slots get one token so no softmax row is fully masked
-    q_ids, q_mask = self._pad(self.query_tokens[index], spec.query_len)
+    q_ids, q_mask = pad(self.query_tokens[index], spec.query_len, self.pad_id)
     pos_ids = np.full(self.max_positives, -1, np.int32)
     pos_ids[:len(ex.positive_ids)] = [self.doc_index[d] for d in ex.positive_ids]
     return dict(q_ids=q_ids, q_mask=q_mask, d_ids=d_ids, d_mask=d_mask, doc_ids=doc_ids, pos_ids=pos_ids)
 
   def iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
-    """An endless, reshuffled-per-epoch iterator over this process's share of each global batch."""
-    if self.spec.batch_size % process_count:
-      raise ValueError(f"batch_size {self.spec.batch_size} is not divisible by {process_count} processes")
-    # Records are sampled before the split by process, so the global batch holds the same rows (same
-    # positives and negatives) whatever the number of processes.
-    ds = (grain.MapDataset.range(len(self.examples)).shuffle(seed=seed).repeat(None)
-          .random_map(self.record, seed=seed)
-          [process_index::process_count]
-          .batch(self.spec.batch_size // process_count, drop_remainder=True))
+    """An endless iterator over this process's share of each global batch (state: get_state/set_state)."""
+    ds = _batches(len(self.examples), self.spec.batch_size, seed, process_index, process_count, self.record)
+    return iter(ds.to_iter_dataset())
+
+
+class DistillData:
+  """Stage 2 batches: student-tokenized queries and their teacher embeddings. The embeddings stay in their
+  tensorstore array (`index.corpus` layout) and each batch reads its rows, so the query set may exceed memory."""
+
+  def __init__(self, query_tokens: list[list[int]], teacher_array, pad_id: int, query_len: int, batch_size: int):
+    if not query_tokens:
+      raise ValueError("no training queries")
+    if teacher_array.shape[0] != len(query_tokens):
+      raise ValueError(f"{len(query_tokens)} queries but {teacher_array.shape[0]} teacher embeddings")
+    self.query_tokens, self.teacher, self.pad_id = query_tokens, teacher_array, pad_id
+    self.query_len, self.batch_size = query_len, batch_size
+
+  def batch(self, rows_B: np.ndarray) -> dict[str, np.ndarray]:
+    ids, mask = zip(*(pad(self.query_tokens[r], self.query_len, self.pad_id) for r in rows_B))
+    teacher_BxD = np.asarray(self.teacher.oindex[np.asarray(rows_B)].read().result(), np.float32)
+    return dict(ids=np.stack(ids), mask=np.stack(mask), teacher=teacher_BxD)
+
+  def iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
+    ds = _batches(len(self.query_tokens), self.batch_size, seed, process_index, process_count).map(self.batch)
     return iter(ds.to_iter_dataset())

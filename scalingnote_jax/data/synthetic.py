@@ -64,21 +64,25 @@ QUERIES = [
 
 @dataclasses.dataclass
 class Dataset:
-  """BEIR-shaped: corpus {doc_id: {"title", "text"}}, queries {qid: text}, qrels {qid: {doc_id: grade}}."""
+  """BEIR-shaped: corpus {doc_id: {"title", "text"}}, queries {qid: text}, qrels {qid: {doc_id: grade}};
+  `unlabelled`: more query texts about the same documents without judgements (a query log)."""
   corpus: dict[str, dict[str, str]]
   queries: dict[str, str]
   qrels: dict[str, dict[str, int]]
+  unlabelled: list[str] = dataclasses.field(default_factory=list)
 
 
 def entity_name(rng: np.random.Generator) -> str:
   return "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4)))).capitalize() + f"-{rng.integers(1, 99)}"
 
 
-def generate(num_docs: int = 200, queries_per_doc: int = 1, seed: int = 0, noise: float = 0.3) -> Dataset:
-  """`num_docs` documents spread over the topics; `noise` is the per-word paraphrase probability."""
+def generate(num_docs: int = 200, queries_per_doc: int = 1, seed: int = 0, noise: float = 0.3,
+             unlabelled_per_doc: int = 0) -> Dataset:
+  """`num_docs` documents spread over the topics; `noise` is the per-word paraphrase probability. The
+  `unlabelled_per_doc` extra queries come from their own random stream: the rest does not depend on it."""
   rng = np.random.default_rng(seed)
   topics = list(TOPICS)
-  corpus, queries, qrels, seen = {}, {}, {}, set()
+  corpus, queries, qrels, seen, all_slots = {}, {}, {}, set(), []
   for i in range(num_docs):
     topic = topics[i % len(topics)]
     nouns, attrs = TOPICS[topic]
@@ -96,7 +100,11 @@ def generate(num_docs: int = 200, queries_per_doc: int = 1, seed: int = 0, noise
       qid = f"q{i}_{j}"
       queries[qid] = paraphrase(rng.choice(QUERIES).format(**slots), attrs, rng, noise)
       qrels[qid] = {doc_id: 1}
-  return Dataset(corpus, queries, qrels)
+    all_slots.append((slots, attrs))
+  log_rng = np.random.default_rng([seed, 1])
+  unlabelled = [paraphrase(log_rng.choice(QUERIES).format(**slots), attrs, log_rng, noise)
+                for slots, attrs in all_slots for _ in range(unlabelled_per_doc)]
+  return Dataset(corpus, queries, qrels, unlabelled)
 
 
 def paraphrase(query: str, attrs: dict[str, list[str]], rng: np.random.Generator, noise: float) -> str:

@@ -1,10 +1,13 @@
-"""Offline corpus encoding by the document tower into a tensorstore zarr array, resumable chunk by chunk.
+"""Offline encoding of a corpus by the document tower (or of a query set by the query tower) into a
+tensorstore zarr array, resumable chunk by chunk.
 
 Layout of the output directory:
-  doc_ids.json        the corpus ids in row order (written first; a rerun checks it is the same corpus)
-  embeddings.zarr/    float32 [N, D], one zarr chunk per encoding chunk of `chunk_size` documents
+  ids.json            the ids in row order (written first; a rerun checks it is the same corpus)
+  ENCODER             JSON {fingerprint, kind}: which tower wrote it (a rerun with another tower is refused)
+  embeddings.zarr/    float32 [N, D], one zarr chunk per encoding chunk of `chunk_size` items
   done/<chunk>        an empty marker written after its chunk's rows are durably written
-  COMPLETE            JSON {num_docs, dim}, written last: a store without it is never read as complete
+  COMPLETE            JSON {num_docs, dim, fingerprint, kind}, written last: a store without it is never read
+                      as complete
 
 Chunks are dealt round-robin to JAX processes; within a process each batch is split over all its devices.
 A killed run leaves some chunks without markers; rerunning writes exactly those, so the result equals an
@@ -24,10 +27,10 @@ from tqdm.auto import tqdm
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import Encoder
 
-COMPLETE, IDS, ARRAY = "COMPLETE", "doc_ids.json", "embeddings.zarr"
+COMPLETE, IDS, ENCODER, ARRAY = "COMPLETE", "ids.json", "ENCODER", "embeddings.zarr"
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -36,7 +39,7 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _open_array(out_dir: str, shape=None, chunk_rows=None, *, create: bool):
+def open_array(out_dir: str, shape=None, chunk_rows=None, *, create: bool):
   spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(out_dir, ARRAY)}}
   if create:
     spec["metadata"] = {"shape": list(shape), "data_type": "float32",
@@ -54,29 +57,43 @@ def document_encoder(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> 
   return Encoder.from_pretrained(checkpoint, mesh=mesh)
 
 
-def encode_corpus(encoder: Encoder, corpus: dict[str, dict], out_dir: str, *, chunk_size: int = 1024,
-                  batch_size: int = 64) -> str:
-  """Encodes `corpus` ({id: {"title", "text"}}) into `out_dir`; returns it. Skips finished chunks."""
+def encode_corpus(encoder: Encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk_size: int = 1024,
+                  batch_size: int = 64, queries: bool = False, fingerprint: str | None = None) -> str:
+  """Encodes `corpus` ({id: {"title", "text"}} documents, or {id: text} queries with `queries`) into
+  `out_dir`; returns it. Skips finished chunks. `fingerprint` names the tower's parameters
+  (`train.checkpoint.fingerprint`): it is recorded, and resuming a store another tower began is refused."""
   os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
+  kind = "queries" if queries else "documents"
+  encoder_info = {"fingerprint": fingerprint, "kind": kind}
   if os.path.exists(os.path.join(out_dir, COMPLETE)):
+    _check_encoder(out_dir, _read_json(out_dir, COMPLETE), encoder_info)
     return out_dir
-  doc_ids = list(corpus)
-  ids_path = os.path.join(out_dir, IDS)
+  ids = list(corpus)
+  ids_path, encoder_path = os.path.join(out_dir, IDS), os.path.join(out_dir, ENCODER)
   if os.path.exists(ids_path):
-    with open(ids_path) as f:
-      if json.load(f) != doc_ids:
-        raise ValueError(f"{out_dir}: holds a partial encoding of a different corpus; use a new --out")
+    if _read_json(out_dir, IDS) != ids:
+      raise ValueError(f"{out_dir}: holds a partial encoding of a different corpus; use a new --out")
+    if os.path.exists(encoder_path):
+      _check_encoder(out_dir, _read_json(out_dir, ENCODER), encoder_info)
   elif is_main():
-    _write_atomic(ids_path, json.dumps(doc_ids))
-  array = _open_array(out_dir, (len(doc_ids), encoder.dim), chunk_size, create=True)
-  if array.shape != (len(doc_ids), encoder.dim):
-    raise ValueError(f"{out_dir}/{ARRAY}: shape {array.shape}, expected {(len(doc_ids), encoder.dim)}")
+    write_atomic(encoder_path, json.dumps(encoder_info))
+    write_atomic(ids_path, json.dumps(ids))
+  array = open_array(out_dir, (len(ids), encoder.dim), chunk_size, create=True)
+  if array.shape != (len(ids), encoder.dim):
+    raise ValueError(f"{out_dir}/{ARRAY}: shape {array.shape}, expected {(len(ids), encoder.dim)}")
 
-  chunks = range(jax.process_index(), -(-len(doc_ids) // chunk_size), jax.process_count())
+  encode = encoder.encode_queries if queries else encoder.encode_documents
+  # Chunks are dealt to processes, each encoding with its own devices; a tower sharded over every process
+  # (e.g. the teacher in multi-process distillation) encodes every chunk together and process 0 writes.
+  together = encoder.spans_processes
+  first, stride = (0, 1) if together else (jax.process_index(), jax.process_count())
+  chunks = range(first, -(-len(ids) // chunk_size), stride)
   todo = [c for c in chunks if not os.path.exists(os.path.join(out_dir, "done", str(c)))]
-  for c in tqdm(todo, desc="encoding corpus", unit="chunk", disable=not is_main() or not todo):
-    rows = doc_ids[c * chunk_size:(c + 1) * chunk_size]
-    emb_CxD = encoder.encode_documents([corpus[d] for d in rows], batch_size=batch_size, show_progress=False)
+  for c in tqdm(todo, desc=f"encoding {kind}", unit="chunk", disable=not is_main() or not todo):
+    rows = ids[c * chunk_size:(c + 1) * chunk_size]
+    emb_CxD = encode([corpus[i] for i in rows], batch_size=batch_size, show_progress=False)
+    if together and not is_main():
+      continue
     array[c * chunk_size:c * chunk_size + len(rows)].write(emb_CxD).result()
     open(os.path.join(out_dir, "done", str(c)), "w").close()
 
@@ -85,20 +102,36 @@ def encode_corpus(encoder: Encoder, corpus: dict[str, dict], out_dir: str, *, ch
 
     multihost_utils.sync_global_devices("encode_corpus")
   if is_main():
-    _write_atomic(os.path.join(out_dir, COMPLETE), json.dumps({"num_docs": len(doc_ids), "dim": encoder.dim}))
+    write_atomic(os.path.join(out_dir, COMPLETE),
+                  json.dumps({"num_docs": len(ids), "dim": encoder.dim, **encoder_info}))
   return out_dir
 
 
-def load_embeddings(out_dir: str) -> tuple[list[str], np.ndarray]:
-  """(doc ids, float32 [N, D]) of a complete encoding; an incomplete one is refused."""
+def _read_json(out_dir: str, name: str):
+  with open(os.path.join(out_dir, name)) as f:
+    return json.load(f)
+
+
+def _check_encoder(out_dir: str, found: dict, want: dict) -> None:
+  for key in ("kind", "fingerprint"):
+    if want[key] is not None and found.get(key) != want[key]:
+      raise ValueError(f"{out_dir}: was encoded with {key} {found.get(key)!r}, not this tower's {want[key]!r}; "
+                       "use a new --out (or the tower that wrote it)")
+
+
+def store_info(out_dir: str) -> dict:
+  """{num_docs, dim, fingerprint, kind} of a complete store."""
   if not os.path.exists(os.path.join(out_dir, COMPLETE)):
     raise FileNotFoundError(f"{out_dir}: no {COMPLETE} marker: the encoding is missing or unfinished "
                             "(rerun `scalingnote encode` with the same --out to finish it)")
-  with open(os.path.join(out_dir, COMPLETE)) as f:
-    info = json.load(f)
-  with open(os.path.join(out_dir, IDS)) as f:
-    doc_ids = json.load(f)
-  emb = _open_array(out_dir, create=False).read().result()
+  return _read_json(out_dir, COMPLETE)
+
+
+def load_embeddings(out_dir: str) -> tuple[list[str], np.ndarray]:
+  """(ids, float32 [N, D]) of a complete encoding; an incomplete one is refused."""
+  info = store_info(out_dir)
+  doc_ids = _read_json(out_dir, IDS)
+  emb = open_array(out_dir, create=False).read().result()
   if emb.shape != (info["num_docs"], info["dim"]) or len(doc_ids) != info["num_docs"]:
     raise ValueError(f"{out_dir}: {len(doc_ids)} ids and an array of {emb.shape} disagree with {COMPLETE} {info}")
   return doc_ids, np.asarray(emb, np.float32)

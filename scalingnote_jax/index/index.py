@@ -145,8 +145,8 @@ class Index:
       manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, backend=self.backend, dim=self.dim,
                       size=self.size, params=self.params, files=files)
       _write_json(os.path.join(tmp, MANIFEST), manifest)  # written last: a directory without it is no index
-      _fsync_tree(tmp)
-      _replace_dir(tmp, path)
+      fsync_tree(tmp)
+      replace_dir(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
@@ -161,7 +161,7 @@ class Index:
     if not os.path.isfile(manifest_path):
       what = "no such directory" if not os.path.isdir(path) else f"no {MANIFEST} (not an index, or a partial copy)"
       aside = glob.glob(os.path.join(os.path.dirname(path), f".{glob.escape(os.path.basename(path))}.old-*"))
-      if aside:  # a save died between its two renames (see _replace_dir)
+      if aside:  # a save died between its two renames (see replace_dir)
         what += f"; the previous index is complete at {aside[0]}"
       raise IndexFormatError(f"index {path}: {what}")
     with open(manifest_path, encoding="utf-8") as f:
@@ -367,7 +367,7 @@ def _write_json(path: str, obj) -> None:
     json.dump(obj, f, indent=1 if isinstance(obj, dict) else None)
 
 
-def _fsync_tree(directory: str) -> None:
+def fsync_tree(directory: str) -> None:
   """Flush file contents and directory entries to disk before the rename makes them visible."""
   for root, _, names in os.walk(directory):
     for name in names:
@@ -384,7 +384,7 @@ def _fsync_dir(directory: str) -> None:
     os.close(fd)
 
 
-def _replace_dir(src: str, dst: str) -> None:
+def replace_dir(src: str, dst: str) -> None:
   """Move the complete directory `src` to `dst`, replacing an index there.
 
   rename(2) cannot replace a non-empty directory, so an old index is first renamed aside and deleted only

@@ -6,6 +6,7 @@ may also name a model that a pip package ships (see PACKAGED), which needs no hu
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -67,9 +68,13 @@ def create_backbone(cfg: BackboneConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def load_backbone(path: str, *, sharding=None, **overrides) -> tuple[nnx.Module, BackboneConfig]:
-  """Backbone module with the checkpoint's weights; `overrides` replace config fields (e.g. dtype)."""
+  """Backbone module with the checkpoint's weights; `overrides` replace config fields (e.g. dtype).
+  `num_layers` below the checkpoint's keeps its first layers (a small student from a larger encoder)."""
   path = resolve_path(path)
   cfg = backbone_config(path, **overrides)
+  full_layers = backbone_config(path).num_layers
+  if not 1 <= cfg.num_layers <= full_layers:
+    raise CheckpointError(f"{path}: num_layers={cfg.num_layers}, but the checkpoint has {full_layers} layers")
   if path.endswith(".gguf"):  # GGUF tensors are renamed to HF `LlamaForCausalLM` names
     from scalingnote_jax.models.gguf import open_gguf
 
@@ -78,5 +83,8 @@ def load_backbone(path: str, *, sharding=None, **overrides) -> tuple[nnx.Module,
     reader = SafetensorsReader(path)
     arch, prefixes = (bert, ("", "bert.")) if isinstance(cfg, bert.BertConfig) else (llm, ("", "model."))
     prefix = detect_prefix(reader.names(), arch.HF_TABLE[0][0], prefixes, path)
+  rows = arch.hf_rows(cfg, prefix)
+  dropped = set(arch.hf_rows(dataclasses.replace(cfg, num_layers=full_layers), prefix)) - set(rows)
+  ignored = lambda name: name in dropped or arch.hf_ignored(name)  # noqa: E731
   create = lambda: create_backbone(cfg, nnx.Rngs(0))  # noqa: E731
-  return load_params(create, arch.hf_rows(cfg, prefix), reader, arch.hf_ignored, sharding), cfg
+  return load_params(create, rows, reader, ignored, sharding), cfg

@@ -3,9 +3,12 @@ truncation (or a clear error), optional EOS appended; padding is the encoder's j
 
 from __future__ import annotations
 
+import json
 import os
 
 import tokenizers
+
+SAVED = "scalingnote_tokenizer.json"
 
 
 class Tokenizer:
@@ -21,6 +24,11 @@ class Tokenizer:
     from scalingnote_jax.models import resolve_path
 
     path = resolve_path(path)
+    if os.path.exists(os.path.join(path, SAVED)):  # written by `save` (serving bundles)
+      with open(os.path.join(path, SAVED)) as f:
+        ids = json.load(f)
+      return cls(tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json")), pad_id=ids["pad_id"],
+                 eos_id=ids["eos_id"], source=path)
     if path.endswith(".gguf"):
       from scalingnote_jax.models.gguf import open_gguf
 
@@ -38,6 +46,13 @@ class Tokenizer:
     eos = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
     pad = hf.pad_token_id if hf.pad_token_id is not None else (eos or 0)
     return cls(hf.backend_tokenizer, pad_id=pad, eos_id=eos, source=path)
+
+  def save(self, directory: str) -> None:
+    """tokenizer.json and the special ids: `from_pretrained(directory)` needs nothing else (no transformers)."""
+    os.makedirs(directory, exist_ok=True)
+    self.tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, SAVED), "w") as f:
+      json.dump({"pad_id": self.pad_id, "eos_id": self.eos_id}, f)
 
   def encode(self, texts: list[str], *, max_length: int, append_eos: bool = False,
              truncate: bool = True) -> list[list[int]]:

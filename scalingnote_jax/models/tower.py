@@ -96,10 +96,11 @@ class Tower(nnx.Module):
   def dim(self) -> int:
     return self.cfg.projection_dim or self.backbone.cfg.hidden_size
 
-  def __call__(self, ids_BxT, mask_BxT):
+  def __call__(self, ids_BxT, mask_BxT, normalize: bool | None = None):
+    """`normalize` overrides the config (distillation's MSE may compare unnormalised student vectors)."""
     emb_BxD = pool(self.backbone(ids_BxT, mask_BxT), mask_BxT, self.cfg.pooling)
     if self.projection is not None:
       emb_BxD = self.projection(emb_BxD)
-    if self.cfg.normalize:
+    if self.cfg.normalize if normalize is None else normalize:
       emb_BxD = emb_BxD / jnp.maximum(jnp.linalg.norm(emb_BxD, axis=-1, keepdims=True), 1e-12)
     return emb_BxD

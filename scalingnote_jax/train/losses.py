@@ -72,3 +72,16 @@ def contrastive_loss(q_BxD, d_BxGxD, doc_ids_BxG, pos_ids_BxP, scale, *, mesh: M
   batch = P(BATCH_AXES)
   return jax.shard_map(per_device, mesh=mesh, in_specs=(batch, batch, batch, batch, P()),
                        out_specs=(P(), P()))(q_BxD, d_BxGxD, doc_ids_BxG, pos_ids_BxP, scale)
+
+
+def distillation_loss(s_BxD, t_BxD, *, mse_weight: float = 1.0, cosine_weight: float = 1.0,
+                      normalized_mse: bool = False):
+  """Stage 2: a student's query embeddings against the frozen teacher's (unit norm). Returns
+  (loss, (mse, cosine)): mse = mean over rows of the squared L2 distance (of the normalised student vector
+  with `normalized_mse`, else of its raw output), cosine = mean cosine similarity;
+  loss = mse_weight * mse + cosine_weight * (1 - cosine)."""
+  s_BxD, t_BxD = s_BxD.astype(jnp.float32), t_BxD.astype(jnp.float32)
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+  cosine = jnp.mean(jnp.sum(unit(s_BxD) * unit(t_BxD), axis=-1))
+  mse = jnp.mean(jnp.sum(((unit(s_BxD) if normalized_mse else s_BxD) - t_BxD) ** 2, axis=-1))
+  return mse_weight * mse + cosine_weight * (1.0 - cosine), (mse, cosine)

@@ -237,16 +237,31 @@ def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = Fa
   return step
 
 
-def jit_train_step(cfg: ConfigDict, graphdef, tx, mesh, params, opt_state):
-  """The step as training compiles it (also for ahead-of-time compilation): outputs keep the inputs'
-  shardings, so it compiles once, and the old parameters and optimizer state are donated."""
+def jit_step(step, mesh, params, opt_state):
+  """`step(params, opt_state, batch) -> (params, opt_state, metrics)` as training compiles it: outputs keep
+  the inputs' shardings, so it compiles once, and the old parameters and optimizer state are donated."""
   state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-  return jax.jit(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric),
-                 out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
+  return jax.jit(step, out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
+
+
+def jit_train_step(cfg: ConfigDict, graphdef, tx, mesh, params, opt_state):
+  """The Stage 1 step as training compiles it (also for ahead-of-time compilation)."""
+  return jit_step(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric), mesh,
+                  params, opt_state)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: Recall@10 by exact search and contrastive entropy on held-out queries.
+
+def eval_doc_ids(data: synthetic.Dataset, max_docs: int, rng: np.random.Generator) -> list[str]:
+  """The documents validation searches: all, or the judged ones plus a random sample up to `max_docs`."""
+  doc_ids = list(data.corpus)
+  if max_docs and len(doc_ids) > max_docs:
+    judged = {d for r in data.qrels.values() for d in r if d in data.corpus}
+    others = [d for d in doc_ids if d not in judged]
+    doc_ids = sorted(judged) + list(rng.choice(others, size=max(0, max_docs - len(judged)), replace=False))
+  return doc_ids
+
 
 def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic.Dataset, *, num_negatives: int,
              max_docs: int, seed: int, batch_size: int) -> dict[str, float]:
@@ -256,11 +271,7 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
   q_enc.update(model.query)
   d_enc.update(model.doc)
   rng = np.random.default_rng(seed)
-  doc_ids = list(data.corpus)
-  if max_docs and len(doc_ids) > max_docs:
-    judged = {d for r in data.qrels.values() for d in r if d in data.corpus}
-    others = [d for d in doc_ids if d not in judged]
-    doc_ids = sorted(judged) + list(rng.choice(others, size=max(0, max_docs - len(judged)), replace=False))
+  doc_ids = eval_doc_ids(data, max_docs, rng)
   qids = list(data.queries)
   d_NxD = d_enc.encode_documents([data.corpus[d] for d in doc_ids], batch_size=batch_size, show_progress=False)
   q_QxD = q_enc.encode_queries([data.queries[q] for q in qids], batch_size=batch_size, show_progress=False)
@@ -307,6 +318,25 @@ class MetricsLog:
     for k, v in metrics.items():
       self.tb.add_scalar(f"{prefix}/{k}", v, step)
     self.tb.flush()
+
+
+class SyncPoint:
+  """Where the loop waits for the device: metrics become floats, a non-finite loss stops the run before
+  anything more is saved, and the seconds per step since the previous sync point are measured."""
+
+  def __init__(self, ckpt: Checkpointer, workdir: str, step: int):
+    self.ckpt, self.workdir, self.step, self.time = ckpt, workdir, step, time.perf_counter()
+
+  def __call__(self, step: int, metrics: dict) -> dict:
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if not math.isfinite(metrics["loss"]):
+      self.ckpt.wait()
+      raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopped. The last good checkpoint "
+                               f"(step {self.ckpt.latest_step()}) in {self.workdir} is intact.")
+    now = time.perf_counter()
+    metrics["step_time_s"] = (now - self.time) / max(step - self.step, 1)
+    self.step, self.time = step, now
+    return metrics
 
 
 def restore(cfg: ConfigDict, ckpt: Checkpointer, step: int, mesh, tx=None):
@@ -392,24 +422,18 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage1", initial=start, total=cfg.num_steps,
              disable=not is_main())
-  t_last, steps_since = time.perf_counter(), 0
+  sync = SyncPoint(ckpt, workdir, start)
   for step in bar:
     batch = sharding.global_batch(mesh, next(batches))
     params, opt_state, metrics = step_fn(params, opt_state, batch)
-    steps_since += 1
     save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps
     if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
-      metrics = {k: float(v) for k, v in metrics.items()}
-      if not math.isfinite(metrics["loss"]):
-        ckpt.wait()
-        raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopped. The last good checkpoint "
-                                 f"(step {ckpt.latest_step()}) in {workdir} is intact.")
-      now = time.perf_counter()
-      step_time, t_last, steps_since = (now - t_last) / steps_since, now, 0
-      metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
+      metrics = sync(step, metrics)
+      metrics["tokens_per_s"] = tokens_per_step / metrics["step_time_s"]
       history.append({"step": step, **metrics})
       log.write(step, "train", metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}", step_s=f"{step_time:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", step_s=f"{metrics['step_time_s']:.2f}",
+                      tok_s=f"{metrics['tokens_per_s']:.0f}")
     if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
       m = run_eval(step)
       if is_main():

@@ -1,0 +1,318 @@
+"""Stage 2: query-based knowledge distillation of the frozen LLM query tower into a small BERT encoder.
+
+Documents stay with the LLM document tower; only the query side moves to the student, trained to reproduce
+the teacher's query embeddings (MSE + lambda * (1 - cosine)). Teacher embeddings are computed once and
+cached, so no step runs the LLM. Sections in execution order: teacher -> training queries -> cached teacher
+embeddings -> student (created sharded) -> train step -> evaluation -> loop.
+
+  scalingnote distill --config configs/distill_tiny.py --config.teacher=STAGE1_WORKDIR --workdir DIR
+
+The workdir holds config.json, student.json (what rebuilds the student: backbone and tower configs, its
+tokenizer, the teacher's fingerprints), teacher/{queries,val_queries,documents}/ (cached teacher embeddings,
+`index.corpus` stores), checkpoints/, metrics.jsonl and tensorboard/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from scalingnote_jax import models, sharding
+from scalingnote_jax.data import beir, synthetic
+from scalingnote_jax.data.pipeline import DistillData
+from scalingnote_jax.distributed import is_main
+from scalingnote_jax.encoder import Encoder
+from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, to_run
+from scalingnote_jax.index import corpus as store
+from scalingnote_jax.models import bert, llm
+from scalingnote_jax.models.tokenizer import Tokenizer
+from scalingnote_jax.models.tower import Tower, TowerConfig
+from scalingnote_jax.train import stage1
+from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like, fingerprint
+from scalingnote_jax.train.losses import distillation_loss
+
+STUDENT_FILE = "student.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher: the towers of a Stage 1 workdir, identified by content fingerprints.
+
+def load_teacher(path: str, mesh) -> tuple[stage1.DualEncoder, Tokenizer, ConfigDict, dict]:
+  """(towers, tokenizer, Stage 1 config, identity {workdir, dim, query_fingerprint, doc_fingerprint})."""
+  if not path or not stage1.is_stage1_workdir(path):
+    raise ValueError(f"teacher={path!r}: not a Stage 1 workdir (config.json + checkpoints/); "
+                     "set --config.teacher=DIR to a `scalingnote train` workdir")
+  model, tokenizer, t_cfg = stage1.load_trained(path, mesh)
+  identity = {"workdir": os.path.abspath(path), "dim": model.query.dim,
+              "query_fingerprint": fingerprint(nnx.state(model.query)),
+              "doc_fingerprint": fingerprint(nnx.state(model.doc))}
+  return model, tokenizer, t_cfg, identity
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Queries: the teacher's labelled training queries plus unlabelled query text (files, or the synthetic
+# corpus's query log); never a held-out query's text.
+
+def read_query_file(path: str) -> list[str]:
+  """Query texts from .jsonl (one object per line with a "text" or "query" field) or plain text (one
+  query per line). Errors name file:line."""
+  if path.endswith(".jsonl"):
+    out = []
+    for lineno, obj in beir.read_jsonl(path):
+      key = "text" if "text" in obj else "query"
+      out.append(beir.field(obj, key, f"{path}:{lineno}"))
+    return out
+  if not os.path.exists(path):
+    raise beir.DataError(f"{path}: no such file")
+  with open(path, encoding="utf-8") as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def training_queries(cfg: ConfigDict, t_cfg: ConfigDict) -> tuple[dict[str, str], synthetic.Dataset | None]:
+  """({id: text} to distil on, the teacher's held-out split or None)."""
+  examples, held_out, _ = stage1.load_data(t_cfg)
+  texts = {ex.query_id: ex.query for ex in examples}
+  unlabelled = []
+  if cfg.data.unlabelled_per_doc:
+    d = t_cfg.data
+    if d.source != "synthetic":
+      raise ValueError("data.unlabelled_per_doc needs a teacher trained on the synthetic corpus; "
+                       "give unlabelled queries as data.query_files instead")
+    unlabelled += synthetic.generate(d.num_docs, queries_per_doc=d.queries_per_doc, seed=d.seed,
+                                     unlabelled_per_doc=cfg.data.unlabelled_per_doc).unlabelled
+  for path in cfg.data.query_files:
+    unlabelled += read_query_file(path)
+  seen = set(texts.values()) | (set(held_out.queries.values()) if held_out else set())
+  for text in unlabelled:
+    if text not in seen:
+      seen.add(text)
+      texts[f"unlabelled:{len(texts)}"] = text
+  return texts, held_out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Student: a BERT encoder (a pretrained checkpoint's first L layers, or random) with a projection to the
+# teacher's width when they differ.
+
+def student_spec(cfg: ConfigDict, teacher_dim: int) -> dict:
+  """What student.json records: backbone config (with its kind), tower config, tokenizer, init."""
+  s = cfg.student
+  if s.init == "random":
+    bcfg, model_dir, tokenizer = stage1.backbone_config(s), None, s.tokenizer
+  else:
+    model_dir = models.resolve_path(s.init)
+    full = models.backbone_config(model_dir).num_layers
+    bcfg = models.backbone_config(model_dir, num_layers=s.num_layers or full, dtype=s.dtype,
+                                  param_dtype=s.param_dtype, remat=s.remat)
+    tokenizer = s.tokenizer or model_dir
+  fields = {k: v for k, v in cfg.tower.items() if k != "projection" and v is not None}
+  projection = cfg.tower.projection
+  if projection == "auto":
+    projection = teacher_dim if bcfg.hidden_size != teacher_dim else None
+  tower = TowerConfig.default_for(bcfg, model_dir if model_dir and os.path.isdir(model_dir) else None,
+                                  projection_dim=projection or None, **fields)
+  kind = "bert" if isinstance(bcfg, bert.BertConfig) else "llm"
+  return {"backbone": {"kind": kind, **dataclasses.asdict(bcfg)}, "tower": dataclasses.asdict(tower),
+          "tokenizer": tokenizer, "init": model_dir or "random"}
+
+
+def _configs(spec: dict):
+  fields = dict(spec["backbone"])
+  cls = {"bert": bert.BertConfig, "llm": llm.LLMConfig}[fields.pop("kind")]
+  return cls(**fields), TowerConfig(**spec["tower"])
+
+
+def build_student(spec: dict, mesh, rules, seed: int) -> Tower:
+  """The student with its parameters created (or imported) straight into their shardings."""
+  bcfg, tcfg = _configs(spec)
+  if spec["init"] == "random":
+    return sharding.create_sharded(lambda: Tower.create(bcfg, tcfg, nnx.Rngs(seed)), mesh, rules)
+  overrides = {f: getattr(bcfg, f) for f in ("num_layers", "dtype", "param_dtype", "remat")}
+  backbone, _ = models.load_backbone(spec["init"], sharding=sharding.param_sharding_fn(mesh, rules), **overrides)
+  student = Tower(backbone, tcfg, rngs=nnx.Rngs(seed))
+  graphdef, state = nnx.split(student)  # the projection was made outside the sharded path
+  return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+
+
+def abstract_student(spec: dict) -> Tower:
+  bcfg, tcfg = _configs(spec)
+  return nnx.eval_shape(lambda: Tower.create(bcfg, tcfg, nnx.Rngs(0)))
+
+
+def read_spec(workdir: str) -> dict:
+  with open(os.path.join(workdir, STUDENT_FILE)) as f:
+    return json.load(f)
+
+
+def load_student(workdir: str, mesh=None, step: int | None = None) -> tuple[Tower, Tokenizer, dict]:
+  """The student of a Stage 2 workdir (latest checkpoint unless `step`), its tokenizer and student.json."""
+  spec = read_spec(workdir)
+  with open(os.path.join(workdir, stage1.CONFIG_FILE)) as f:
+    cfg = ConfigDict(json.load(f))
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint")
+  graphdef, abstract = nnx.split(abstract_student(spec))
+  params, _, _ = ckpt.restore(step, abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules)))
+  ckpt.close()
+  return nnx.merge(graphdef, params), Tokenizer.from_pretrained(spec["tokenizer"]), spec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train step: the student's raw query vectors against the cached teacher embeddings.
+
+def make_train_step(graphdef, tx, mesh, loss: ConfigDict):
+  """(params, opt_state, batch) -> (params, opt_state, metrics)."""
+
+  def loss_fn(params, batch):
+    student = nnx.merge(graphdef, params)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      s_BxD = student(batch["ids"], batch["mask"], normalize=False)
+    return distillation_loss(s_BxD, batch["teacher"], mse_weight=loss.mse_weight, cosine_weight=loss.cosine_weight,
+                             normalized_mse=loss.normalized_mse)
+
+  def step(params, opt_state, batch):
+    (value, (mse, cosine)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, dict(loss=value, mse=mse, cosine=cosine, grad_norm=optax.tree.norm(grads))
+
+  return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: held-out queries searched over the teacher's document embeddings, by student and by teacher.
+
+def search_metrics(qids: list[str], q_QxD: np.ndarray, doc_ids: list[str], d_NxD: np.ndarray,
+                   qrels: dict) -> dict[str, float]:
+  return ir_metrics(qrels, to_run(qids, doc_ids, *exact_search(q_QxD, d_NxD, k=min(100, len(doc_ids)))))
+
+
+def evaluate(s_enc: Encoder, held_out: synthetic.Dataset, qids: list[str], t_QxD: np.ndarray, doc_ids: list[str],
+             d_NxD: np.ndarray, teacher: dict, batch_size: int) -> dict[str, float]:
+  """The student's IR metrics, their ratio to the teacher's, and its mean cosine to the teacher's vectors."""
+  s_QxD = s_enc.encode_queries([held_out.queries[q] for q in qids], batch_size=batch_size, show_progress=False)
+  m = search_metrics(qids, s_QxD, doc_ids, d_NxD, held_out.qrels)
+  m["cosine_to_teacher"] = float(np.mean(np.sum(s_QxD * t_QxD, axis=1)))
+  for key in ("recall_at_10", "recall_at_100", "ndcg_at_10"):
+    m[f"{key}_retention"] = m[key] / max(teacher[key], 1e-12)
+  return m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop: teacher embeddings (cached), student, resume or start, step, log, validate, checkpoint.
+
+def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
+  """Distils the teacher's query tower in `workdir`. With `resume` it continues from the latest checkpoint
+  there; without it, a workdir that already has checkpoints is refused."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(cfg.mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+  last = ckpt.latest_step()
+  if last is not None and not resume:
+    raise FileExistsError(f"{workdir} already holds checkpoints up to step {last}: pass --resume to continue, "
+                          "or choose a new --workdir")
+
+  # Teacher embeddings: training queries, held-out queries and the documents validation searches. Each
+  # store is resumable and reused; its fingerprint ties it to this teacher.
+  teacher, t_tok, t_cfg, identity = load_teacher(cfg.teacher, mesh)
+  if last is not None and read_spec(workdir)["teacher"]["query_fingerprint"] != identity["query_fingerprint"]:
+    raise ValueError(f"{workdir} was distilled from another teacher than {cfg.teacher} (fingerprints differ)")
+  queries, held_out = training_queries(cfg, t_cfg)
+  t_q_enc, t_d_enc = Encoder(teacher.query, t_tok, mesh), Encoder(teacher.doc, t_tok, mesh)
+  kw = dict(batch_size=cfg.teacher_encode.batch_size, chunk_size=cfg.teacher_encode.chunk_size)
+  train_store = store.encode_corpus(t_q_enc, queries, os.path.join(workdir, "teacher", "queries"), queries=True,
+                                    fingerprint=identity["query_fingerprint"], **kw)
+  validate = held_out is not None and cfg.eval.every > 0
+  if validate:
+    doc_ids = stage1.eval_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed))
+    val_qids = list(held_out.queries)
+    store.encode_corpus(t_q_enc, held_out.queries, os.path.join(workdir, "teacher", "val_queries"), queries=True,
+                        fingerprint=identity["query_fingerprint"], **kw)
+    store.encode_corpus(t_d_enc, {d: held_out.corpus[d] for d in doc_ids}, os.path.join(workdir, "teacher", "documents"),
+                        fingerprint=identity["doc_fingerprint"], **kw)
+    _, t_val_QxD = store.load_embeddings(os.path.join(workdir, "teacher", "val_queries"))
+    _, d_NxD = store.load_embeddings(os.path.join(workdir, "teacher", "documents"))
+    teacher_metrics = search_metrics(val_qids, t_val_QxD, doc_ids, d_NxD, held_out.qrels)
+  del teacher, t_q_enc, t_d_enc  # the LLM is not needed from here on
+
+  # Student and optimizer: fresh (student.json written once) or restored.
+  spec = student_spec(cfg, identity["dim"]) if last is None else read_spec(workdir)
+  spec["teacher"] = identity
+  if is_main():
+    with open(os.path.join(workdir, stage1.CONFIG_FILE), "w") as f:
+      f.write(cfg.to_json(indent=1))
+    store.write_atomic(os.path.join(workdir, STUDENT_FILE), json.dumps(spec, indent=1))
+  tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
+  if last is None:
+    student = build_student(spec, mesh, cfg.rules, cfg.student.seed)
+    graphdef, params = nnx.split(student)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
+    start, data_state = 0, None
+  else:
+    graphdef, abstract = nnx.split(abstract_student(spec))
+    abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
+    abstract_opt = abstract_like(jax.eval_shape(tx.init, abstract), sharding.optimizer_shardings(tx, abstract, mesh))
+    params, opt_state, data_state = ckpt.restore(last, abstract, abstract_opt)
+    student, start = nnx.merge(graphdef, params), last
+  s_tok = Tokenizer.from_pretrained(spec["tokenizer"])
+  s_enc = Encoder(student, s_tok, mesh)
+
+  # Data: the student's tokens of each training query with its cached teacher row.
+  query_tokens = s_enc.tokenize(s_enc.query_texts(list(queries.values())))
+  data = DistillData(query_tokens, store.open_array(train_store, create=False), s_tok.pad_id, cfg.data.query_len,
+                     cfg.batch_size)
+  batches = data.iterator(cfg.data.seed, jax.process_index(), jax.process_count())
+  if data_state is not None:
+    batches.set_state(data_state)
+  step_fn = stage1.jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
+
+  log = stage1.MetricsLog(workdir, start)
+  history, evals = [], []
+
+  def run_eval(step):
+    nnx.update(student, params)
+    s_enc.update(student)
+    metrics = evaluate(s_enc, held_out, val_qids, t_val_QxD, doc_ids, d_NxD, teacher_metrics, cfg.eval.batch_size)
+    evals.append({"step": step, **metrics})
+    log.write(step, "val", metrics)
+    return metrics
+
+  if validate and start == 0:
+    log.write(0, "teacher", teacher_metrics)
+    if cfg.eval.at_start:
+      run_eval(0)
+  bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage2", initial=start, total=cfg.num_steps,
+             disable=not is_main())
+  sync = stage1.SyncPoint(ckpt, workdir, start)
+  for step in bar:
+    batch = sharding.global_batch(mesh, next(batches))
+    params, opt_state, metrics = step_fn(params, opt_state, batch)
+    save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps
+    if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
+      metrics = sync(step, metrics)
+      history.append({"step": step, **metrics})
+      log.write(step, "train", metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", cos=f"{metrics['cosine']:.4f}")
+    if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
+      m = run_eval(step)
+      if is_main():
+        bar.write(f"step {step}: val Recall@10 {m['recall_at_10']:.3f} ({m['recall_at_10_retention']:.1%} of the "
+                  f"teacher's {teacher_metrics['recall_at_10']:.3f}), cosine to teacher {m['cosine_to_teacher']:.4f}")
+    if save:
+      ckpt.save(step, params, opt_state, batches.get_state())
+  ckpt.wait()
+  ckpt.close()
+  nnx.update(student, params)
+  return {"history": history, "evals": evals, "teacher": teacher_metrics if validate else None,
+          "student": student, "tokenizer": s_tok, "spec": spec}

@@ -1,0 +1,275 @@
+"""The HTTP retrieval service over a fake retriever: results equal a direct search, every input limit answers
+4xx naming the field, a failing search answers 500 and the service goes on, concurrent requests share encoder
+calls, and a real uvicorn server under 16 concurrent clients answers everything correctly (p50/p99/QPS printed)."""
+
+import concurrent.futures
+import hashlib
+import inspect
+import socket
+import sys
+import threading
+import time
+import types
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from starlette.testclient import TestClient
+
+from scalingnote_jax import cli
+from scalingnote_jax.serve import http
+
+NUM_DOCS, DIM = 50, 16
+
+
+class FakeRetriever:
+  """Exact inner product over NUM_DOCS random unit vectors; a query's vector is seeded by a hash of its text.
+
+  Each query is scored on its own, so results do not depend on which batch it was in. Records every call."""
+
+  def __init__(self, delay_s: float = 0.0):
+    rng = np.random.default_rng(0)
+    d_NxD = rng.normal(size=(NUM_DOCS, DIM))
+    self.d_NxD = (d_NxD / np.linalg.norm(d_NxD, axis=1, keepdims=True)).astype(np.float32)
+    self.ids = [f"doc{i}" for i in range(NUM_DOCS)]
+    self.num_docs = NUM_DOCS
+    self.delay_s = delay_s
+    self.calls = []  # (number of queries, k) per search call
+    self.fail_next = False
+    self.thread_ids = set()
+
+  def expected(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+    ids, scores = [], []
+    for q in queries:
+      seed = int.from_bytes(hashlib.sha256(q.encode()).digest()[:8], "little")
+      s_N = self.d_NxD @ np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+      top = np.argsort(-s_N, kind="stable")[:k]
+      ids.append([self.ids[j] for j in top])
+      scores.append(s_N[top])
+    return ids, np.asarray(scores, dtype=np.float32).reshape(len(queries), k)
+
+  def search(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+    self.calls.append((len(queries), k))
+    self.thread_ids.add(threading.get_ident())
+    time.sleep(self.delay_s)  # an encoder call takes time: concurrent requests pile up meanwhile
+    if self.fail_next:
+      self.fail_next = False
+      raise RuntimeError("encoder fell over")
+    return self.expected(queries, k)
+
+  @property
+  def batch_sizes(self) -> list[int]:
+    return [n for n, _ in self.calls]
+
+
+def results_of(fake: FakeRetriever, queries: list[str], k: int) -> list[list[dict]]:
+  """The /search "results" a direct call to the fake gives."""
+  ids, scores = fake.expected(queries, k)
+  return [[{"id": i, "score": float(s)} for i, s in zip(row_ids, row_scores)]
+          for row_ids, row_scores in zip(ids, scores)]
+
+
+def queries_for(i: int, n: int) -> list[str]:
+  return [f"query {i}.{j} about dense retrieval" for j in range(n)]
+
+
+@pytest.fixture
+def fake():
+  return FakeRetriever()
+
+
+LIMITS = http.Limits(max_queries=8, max_query_chars=100, max_k=100)  # max_k > NUM_DOCS: both k checks reachable
+
+
+@pytest.fixture
+def client(fake):
+  with TestClient(http.create_app(fake, LIMITS)) as c:  # `with` runs the lifespan: the batcher
+    yield c
+
+
+def test_results_equal_a_direct_search_in_order(client, fake):
+  queries = queries_for(0, 5)
+  r = client.post("/search", json={"queries": queries, "k": 7})
+  assert r.status_code == 200, r.text
+  assert r.json()["results"] == results_of(fake, queries, 7)  # scores exact: float32 -> JSON -> float
+  r = client.post("/search", json={"queries": queries[:1]})  # k defaults to 10
+  assert r.json()["results"] == results_of(fake, queries[:1], http.DEFAULT_K)
+  assert client.get("/healthz").json() == {"status": "ok", "num_docs": NUM_DOCS}
+
+
+def test_different_k_in_one_batch_are_truncated_per_request():
+  fake = FakeRetriever()
+  # The batch goes out as soon as it holds max_batch queries; the long window makes sure all four join it.
+  app = http.create_app(fake, http.Limits(max_batch=4, max_wait_ms=5000))
+  ks = [1, 3, 10, 5]
+  with TestClient(app) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
+    t0 = time.perf_counter()
+    responses = list(pool.map(lambda i: client.post("/search", json={"queries": [f"q{i}"], "k": ks[i]}), range(4)))
+    assert time.perf_counter() - t0 < 4  # a full batch does not wait for the window to close
+  assert fake.calls == [(4, 10)]  # one encoder call, with the largest k
+  for i, r in enumerate(responses):
+    assert r.json()["results"] == results_of(fake, [f"q{i}"], ks[i])
+
+
+def test_a_request_larger_than_max_batch_is_split():
+  fake = FakeRetriever()
+  with TestClient(http.create_app(fake, http.Limits(max_batch=4, max_wait_ms=0))) as client:
+    queries = queries_for(1, 10)
+    r = client.post("/search", json={"queries": queries, "k": 3})
+  assert r.json()["results"] == results_of(fake, queries, 3)
+  assert fake.batch_sizes == [4, 4, 2]
+
+
+BAD = [  # (body, status, words the error must contain)
+    (b"{not json", 400, ["body", "JSON"]),
+    (b"\xff\xfe", 400, ["body", "JSON"]),
+    (b"[" * 5000, 400, ["body", "JSON"]),  # nested past the recursion limit
+    (b"[" * 100_000, 413, ["body", "bytes"]),
+    (b'["a"]', 400, ["body", "object"]),
+    ({"k": 3}, 422, ["queries", "missing"]),
+    ({"queries": "what is dense retrieval"}, 422, ["queries", "list"]),
+    ({"queries": []}, 422, ["queries", "empty"]),
+    ({"queries": ["a", 3]}, 422, ["queries[1]", "string"]),
+    ({"queries": ["a", " "]}, 422, ["queries[1]", "empty"]),
+    ({"queries": ["a"] * 9}, 413, ["queries", "limit of 8"]),
+    ({"queries": ["a", "x" * 101]}, 413, ["queries[1]", "limit of 100"]),
+    ({"queries": ["a"], "k": 0}, 422, ["k", "positive integer"]),
+    ({"queries": ["a"], "k": -3}, 422, ["k", "positive integer"]),
+    ({"queries": ["a"], "k": "5"}, 422, ["k", "positive integer"]),
+    ({"queries": ["a"], "k": 2.5}, 422, ["k", "positive integer"]),
+    ({"queries": ["a"], "k": True}, 422, ["k", "positive integer"]),
+    ({"queries": ["a"], "k": 101}, 422, ["k", "limit of 100"]),
+    ({"queries": ["a"], "k": 51}, 422, ["k", "50 documents"]),
+    ({"queries": ["a"], "topk": 5}, 422, ["topk"]),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD, ids=[f"{s}-{i}" for i, (_, s, _) in enumerate(BAD)])
+def test_bad_input_answers_4xx_naming_the_field(client, fake, body, status, words):
+  r = client.post("/search", content=body) if isinstance(body, bytes) else client.post("/search", json=body)
+  assert r.status_code == status, r.text
+  error = r.json()["error"]
+  assert all(w in error for w in words), error
+  assert fake.calls == []  # refused before any search
+  r = client.post("/search", json={"queries": ["still there?"], "k": 2})  # the service still answers
+  assert r.json()["results"] == results_of(fake, ["still there?"], 2)
+  counts = client.get("/metrics").json()["requests"]
+  assert counts == {"total": 2, "by_status": {"200": 1, str(status): 1}}
+
+
+def test_unknown_routes_and_methods_answer_json(client):
+  r = client.get("/search")
+  assert r.status_code == 405 and "GET /search" in r.json()["error"]
+  r = client.get("/nope")
+  assert r.status_code == 404 and "/nope" in r.json()["error"]
+
+
+def test_a_failing_search_answers_500_and_the_service_goes_on(client, fake):
+  fake.fail_next = True
+  r = client.post("/search", json={"queries": ["boom"]})
+  assert r.status_code == 500
+  assert "encoder fell over" in r.json()["error"]
+  r = client.post("/search", json={"queries": ["after"], "k": 4})
+  assert r.status_code == 200 and r.json()["results"] == results_of(fake, ["after"], 4)
+  assert client.get("/metrics").json()["requests"]["by_status"] == {"200": 1, "500": 1}
+
+
+def test_concurrent_requests_share_encoder_calls():
+  fake = FakeRetriever(delay_s=0.02)
+  with TestClient(http.create_app(fake, http.Limits(max_wait_ms=2.0))) as client, \
+      concurrent.futures.ThreadPoolExecutor(16) as pool:
+    responses = list(pool.map(lambda i: client.post("/search", json={"queries": [f"q{i}"], "k": 5}), range(16)))
+    metrics = client.get("/metrics").json()
+  assert [r.json()["results"] for r in responses] == [results_of(fake, [f"q{i}"], 5) for i in range(16)]
+  assert sum(fake.batch_sizes) == 16
+  assert len(fake.batch_sizes) < 16 and max(fake.batch_sizes) > 1, fake.batch_sizes
+  assert len(fake.thread_ids) == 1  # one worker thread: search need not be thread-safe
+  assert metrics["batches"] == len(fake.batch_sizes)
+  assert metrics["mean_batch_size"] == pytest.approx(16 / len(fake.batch_sizes))
+  assert metrics["queries"] == 16 and metrics["requests"]["total"] == 16
+
+
+def test_load_on_a_real_server():
+  fake = FakeRetriever(delay_s=0.001)  # ~1 ms per encoder call on top of the search itself
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
+  port = sock.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(http.create_app(fake), log_level="warning"))
+  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  deadline = time.time() + 10
+  while not server.started:
+    assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+    time.sleep(0.01)
+
+  clients, per_client = 16, 25
+  def client_run(c: int) -> list[tuple[float, bool]]:
+    rng = np.random.default_rng(c)
+    out = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+      for i in range(per_client):
+        queries, k = queries_for(c * 1000 + i, int(rng.integers(1, 4))), int(rng.integers(1, 11))
+        t0 = time.perf_counter()
+        r = client.post("/search", json={"queries": queries, "k": k})
+        seconds = time.perf_counter() - t0
+        out.append((seconds, r.status_code == 200 and r.json()["results"] == results_of(fake, queries, k),
+                    len(queries)))
+    return out
+
+  try:
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+      runs = [row for rows in pool.map(client_run, range(clients)) for row in rows]
+    wall = time.perf_counter() - t0
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").json()
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+  n = clients * per_client
+  latency_ms = 1000 * np.array([s for s, _, _ in runs])
+  p50, p99 = np.percentile(latency_ms, [50, 99])
+  print(f"\nload: {n} requests from {clients} concurrent clients in {wall:.2f} s: {n / wall:.0f} QPS, "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (client side); {metrics['batches']} encoder calls, "
+        f"mean batch {metrics['mean_batch_size']:.1f} queries; server p50 {metrics['latency_ms']['p50']:.1f} ms, "
+        f"p99 {metrics['latency_ms']['p99']:.1f} ms")
+  assert len(runs) == n and all(ok for _, ok, _ in runs), "wrong or failed answers under load"
+  assert metrics["requests"] == {"total": n, "by_status": {"200": n}}
+  assert metrics["queries"] == sum(q for _, _, q in runs)
+  assert metrics["batches"] == len(fake.calls) < n  # concurrent requests shared encoder calls
+  assert metrics["latency_ms"]["window"] == n
+  assert not thread.is_alive()  # shut down cleanly
+
+
+def test_serve_binds_localhost_by_default(monkeypatch):
+  assert inspect.signature(http.serve).parameters["host"].default == "127.0.0.1"
+  args = cli.build_parser().parse_args(["serve", "some/bundle"])
+  assert (args.host, args.port) == ("127.0.0.1", 8000)
+
+  # The CLI loads the bundle's retriever and hands it to serve with the limits given, defaults otherwise.
+  seen = {}
+  fake = FakeRetriever()
+
+  class Retriever:
+    @staticmethod
+    def load(bundle, max_batch):
+      seen.update(bundle=bundle, max_batch=max_batch)
+      return fake
+
+  fake.warmup = lambda: 0  # the CLI compiles the query encoder before it serves
+
+  retriever_module = types.ModuleType("scalingnote_jax.serve.retriever")
+  retriever_module.Retriever = Retriever
+  monkeypatch.setitem(sys.modules, "scalingnote_jax.serve.retriever", retriever_module)
+  monkeypatch.setattr(http, "serve", lambda retriever, **kw: seen.update(retriever=retriever, **kw))
+  assert cli.main(["serve", "some/bundle", "--max-batch", "8", "--max-wait-ms", "5"]) == 0
+  assert seen == {"bundle": "some/bundle", "max_batch": 8, "retriever": fake, "host": "127.0.0.1", "port": 8000,
+                  "limits": http.Limits(max_batch=8, max_wait_ms=5.0)}
+
+
+def test_limits_refuse_nonsense():
+  with pytest.raises(ValueError, match="max_batch"):
+    http.Limits(max_batch=0)
+  with pytest.raises(ValueError, match="max_wait_ms"):
+    http.Limits(max_wait_ms=-1)

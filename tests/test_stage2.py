@@ -1,0 +1,158 @@
+"""Stage 2 end to end on the synthetic corpus: a MiniLM student distilled from the tiny Stage 1 teacher keeps
+>= 95% of its Recall@10; export writes a bundle that `Retriever` and the HTTP service answer from with the
+student's own results; a student and documents from different teachers are refused; resume == uninterrupted."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT, read_metrics, run_cli
+from scalingnote_jax import cli
+from scalingnote_jax.config import load_config
+from scalingnote_jax.data import synthetic
+from scalingnote_jax.data.beir import DataError
+from scalingnote_jax.eval.retrieval import ir_metrics
+from scalingnote_jax.serve import bundle
+from scalingnote_jax.serve.retriever import Retriever
+from scalingnote_jax.train import stage1, stage2
+
+DISTILL = f"{ROOT}/configs/distill_tiny.py"
+# Test size: one layer of MiniLM, short queries (the synthetic ones have <= 20 tokens), 150 steps.
+FAST = {"student.num_layers": 1, "batch_size": 32, "data.query_len": 24, "num_steps": 150, "optim.lr": 2e-3,
+        "eval.every": 150, "log_every": 50, "checkpoint.every": 150}
+
+
+def config(teacher, variant="", **overrides):
+  return load_config(f"{DISTILL}:{variant}", [f"--config.{k}={v}" for k, v in {"teacher": teacher, **overrides}.items()])
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_teacher, tmp_path_factory):
+  """A student distilled (`scalingnote distill`, one device) on the labelled queries plus an unlabelled query
+  log given as a JSONL file."""
+  tmp = tmp_path_factory.mktemp("stage2")
+  t_cfg = load_config(f"{ROOT}/configs/tiny.py")
+  _, held_out, _ = stage1.load_data(t_cfg)
+  log = synthetic.generate(t_cfg.data.num_docs, queries_per_doc=1, seed=t_cfg.data.seed, unlabelled_per_doc=4).unlabelled
+  leaked = next(iter(held_out.queries.values()))  # a held-out query in the log must not be trained on
+  with open(tmp / "log.jsonl", "w") as f:
+    for text in [*log, leaked, log[0]]:
+      f.write(json.dumps({"text": text}) + "\n")
+  workdir = str(tmp / "student")
+  overrides = {"teacher": tiny_teacher, **FAST, "data.unlabelled_per_doc": 0,
+               "data.query_files": f"('{tmp / 'log.jsonl'}',)"}
+  run_cli("distill", "--config", DISTILL, "--workdir", workdir, *(f"--config.{k}={v}" for k, v in overrides.items()))
+  return {"workdir": workdir, "teacher": read_metrics(workdir, "teacher")[0], "evals": read_metrics(workdir, "val"),
+          "held_out": held_out, "log": log}
+
+
+def test_student_keeps_95_percent_of_the_teachers_recall(distilled):
+  teacher, first, last = distilled["teacher"], distilled["evals"][0], distilled["evals"][-1]
+  assert teacher["recall_at_10"] >= 0.9, teacher
+  assert first["step"] == 0 and first["recall_at_10_retention"] < 0.3, first  # a random projection at first
+  assert last["recall_at_10_retention"] >= 0.95, last
+  assert last["cosine_to_teacher"] > 0.85 > first["cosine_to_teacher"]
+  with open(os.path.join(distilled["workdir"], "teacher", "queries", "ids.json")) as f:
+    trained_on = json.load(f)
+  labelled = [q for q in trained_on if not q.startswith("unlabelled:")]
+  examples, held_out, _ = stage1.load_data(load_config(f"{ROOT}/configs/tiny.py"))
+  assert sorted(labelled) == sorted(ex.query_id for ex in examples)
+  texts = {*(ex.query for ex in examples), *held_out.queries.values()}
+  assert len(trained_on) - len(labelled) == len(set(distilled["log"]) - texts)  # duplicates and held-out dropped
+
+
+def test_export_then_retriever_and_service_answer_like_the_student(distilled, tmp_path):
+  from starlette.testclient import TestClient
+
+  from scalingnote_jax.serve import http
+
+  out = tmp_path / "bundle"
+  assert cli.main(["export", distilled["workdir"], "--out", str(out)]) == 0
+  manifest = bundle.read_manifest(str(out))
+  spec = stage2.read_spec(distilled["workdir"])
+  assert manifest["num_docs"] == 1024 and manifest["dim"] == spec["teacher"]["dim"] == 64
+  assert manifest["documents"]["fingerprint"] == spec["teacher"]["doc_fingerprint"]
+  assert manifest["index"]["backend"] == "scann" and manifest["student"]["num_layers"] == 1
+  assert manifest["metrics"]["student"]["step"] == FAST["num_steps"]
+
+  retriever = Retriever.load(str(out))
+  held_out = distilled["held_out"]
+  qids = list(held_out.queries)
+  texts = [held_out.queries[q] for q in qids]
+  student, tokenizer, _ = stage2.load_student(distilled["workdir"])  # the training workdir's own student
+  from scalingnote_jax.encoder import Encoder
+
+  np.testing.assert_allclose(retriever.encode(texts), Encoder(student, tokenizer).encode_queries(texts), atol=1e-5)
+  ids, scores = retriever.search(texts, k=100)  # ScaNN scores 1024 documents exactly (brute force)
+  metrics = ir_metrics(held_out.qrels, {q: dict(zip(i, map(float, s))) for q, i, s in zip(qids, ids, scores)})
+  for key in ("recall_at_10", "ndcg_at_10"):
+    assert metrics[key] == pytest.approx(manifest["metrics"]["student"][key], abs=1e-6)
+
+  with TestClient(http.create_app(retriever)) as client:
+    reply = client.post("/search", json={"queries": texts[:3], "k": 5})
+  assert reply.status_code == 200
+  for row, want_ids, want_scores in zip(reply.json()["results"], ids, scores):
+    assert [r["id"] for r in row] == want_ids[:5]
+    np.testing.assert_allclose([r["score"] for r in row], want_scores[:5], atol=1e-6)
+
+
+def test_student_and_documents_from_different_teachers_are_refused(distilled, tmp_path):
+  other = str(tmp_path / "other_teacher")  # a different Stage 1 run: other document tower weights
+  stage1.train(load_config(f"{ROOT}/configs/tiny.py:smoke", ["--config.num_steps=1"]), other)
+  with pytest.raises(bundle.BundleError, match="different embedding spaces"):
+    bundle.export(distilled["workdir"], str(tmp_path / "a"), teacher=other)
+  assert not (tmp_path / "a").exists()
+
+  good = tmp_path / "good"
+  bundle.export(distilled["workdir"], str(good), backend="exact")
+  store = tmp_path / "other_docs"  # what `scalingnote encode --checkpoint OTHER` writes
+  assert cli.main(["encode", "--checkpoint", other, "--corpus", str(_beir_corpus(tmp_path)), "--out", str(store)]) == 0
+  with pytest.raises(bundle.BundleError, match="different embedding spaces"):
+    bundle.export(distilled["workdir"], str(tmp_path / "b"), embeddings=str(store))
+  shutil.rmtree(good / "documents")  # a bundle assembled by hand from mismatched parts
+  shutil.copytree(store, good / "documents")
+  with pytest.raises(bundle.BundleError, match="different embedding spaces"):
+    Retriever.load(str(good))
+
+
+def _beir_corpus(tmp_path):
+  d = tmp_path / "beir"
+  d.mkdir()
+  corpus = stage1.load_data(load_config(f"{ROOT}/configs/tiny.py"))[2]
+  with open(d / "corpus.jsonl", "w") as f:
+    for doc_id, doc in corpus.items():
+      f.write(json.dumps({"_id": doc_id, **doc}) + "\n")
+  return d
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
+  # a constant learning rate: the two runs differ in num_steps, and nothing else may differ
+  smoke = lambda steps: config(tiny_teacher, "smoke", num_steps=steps, log_every=1, batch_size=16,  # noqa: E731
+                               **{"checkpoint.every": 2, "optim.warmup_steps": 0, "optim.final_lr_fraction": 1.0})
+  whole = stage2.distill(smoke(4), str(tmp_path / "whole"))
+  stage2.distill(smoke(2), str(tmp_path / "split"))
+  with pytest.raises(FileExistsError, match="pass --resume"):
+    stage2.distill(smoke(4), str(tmp_path / "split"))
+  resumed = stage2.distill(smoke(4), str(tmp_path / "split"), resume=True)
+  assert [h["step"] for h in resumed["history"]] == [3, 4]
+  np.testing.assert_allclose([h["loss"] for h in resumed["history"]], [h["loss"] for h in whole["history"][2:]],
+                             rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(nnx.state(resumed["student"])), jax.tree.leaves(nnx.state(whole["student"]))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_query_files_errors_name_file_and_line(tmp_path):
+  good = tmp_path / "log.txt"
+  good.write_text("first query\n\n  second query  \n")
+  assert stage2.read_query_file(str(good)) == ["first query", "second query"]
+  bad = tmp_path / "log.jsonl"
+  bad.write_text('{"text": "fine"}\n{"query": 3.5}\n')
+  with pytest.raises(DataError, match=r"log.jsonl:2: field 'query' must be str"):
+    stage2.read_query_file(str(bad))
+  with pytest.raises(DataError, match="no such file"):
+    stage2.read_query_file(str(tmp_path / "missing.txt"))
