@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/scalingnote demo --config configs/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 # torch is a reference for benchmarks and fixtures only, never a runtime or CI dependency.
 $(VENV)/.torch-stamp: $(STAMP)

@@ -93,3 +93,14 @@ def tiny_teacher() -> str:
   """A Stage 1 workdir: configs/tiny.py trained to the end (~80 s), the teacher of the Stage 2 tests."""
   return shared_artefact("tiny_teacher", lambda path: run_cli("train", "--config", f"{ROOT}/configs/tiny.py",
                                                               "--workdir", path))
+
+
+# The slowest modules first: with `pytest -n 2 --dist loadfile` (make test) each worker then ends on short
+# modules, instead of one idling while the other starts a long one last.
+SLOW_FIRST = ("test_multiprocess", "test_stage2", "test_index_scifact", "test_stage1", "test_stage1_resume",
+              "test_corpus_encoding", "test_config_and_data", "test_mining")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

@@ -37,7 +37,7 @@ def test_synthetic_corpus_is_deterministic_and_labelled():
   assert len(set(topics)) == len(synthetic.TOPICS) and len(topics) > len(set(topics))  # same-topic distractors
 
 
-def test_demo_smoke_trains_then_reports_real_numbers(capsys, tmp_path):
+def test_demo_smoke_runs_both_stages_then_reports_real_numbers(capsys, tmp_path):
   import json
 
   from scalingnote_jax.cli import main
@@ -47,4 +47,8 @@ def test_demo_smoke_trains_then_reports_real_numbers(capsys, tmp_path):
   assert report["train"]["steps"] == 4 and report["train"]["tokens_per_s_median"] > 0
   assert report["held_out"]["before"] != report["held_out"]["after"]  # evaluated before and after training
   assert report["documents"]["n"] == 32 and report["documents"]["per_s"] > 0 and report["queries"]["per_s"] > 0
-  assert (tmp_path / "checkpoints" / "4").is_dir() and (tmp_path / "metrics.jsonl").is_file()
+  assert (tmp_path / "teacher" / "checkpoints" / "4").is_dir() and (tmp_path / "teacher" / "metrics.jsonl").is_file()
+  # then Stage 2, export, and the held-out queries answered through the bundle
+  s2 = report["stage2"]
+  assert s2["steps"] == 4 and (tmp_path / "student" / "checkpoints" / "4").is_dir()
+  assert (tmp_path / "bundle" / "manifest.json").is_file() and 0 <= s2["online_recall_at_10"] <= 1

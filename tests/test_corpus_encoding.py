@@ -1,5 +1,6 @@
 """Corpus encoding into a resumable zarr store: SIGKILL mid-run and rerun equals one clean run; an
-unfinished store is never read as complete; data-parallel encoding over 8 devices equals one device."""
+unfinished store is never read as complete; data-parallel encoding over 8 devices equals one device; a
+store another tower wrote is not resumed."""
 
 import os
 import signal
@@ -20,11 +21,11 @@ from scalingnote_jax.index.corpus import encode_corpus, load_embeddings
 
 def encode_cmd(corpus_dir, out):
   return [sys.executable, "-m", "scalingnote_jax.cli", "encode", "--checkpoint", "all-MiniLM-L6-v2", "--corpus",
-          str(corpus_dir), "--out", str(out), "--chunk-size", "32", "--batch-size", "16"]
+          str(corpus_dir), "--out", str(out), "--chunk-size", "16", "--batch-size", "16"]
 
 
 def test_sigkill_then_rerun_equals_a_clean_run(tmp_path):
-  corpus_dir = write_beir(synthetic.generate(400, seed=5), str(tmp_path / "beir"), "test")
+  corpus_dir = write_beir(synthetic.generate(200, seed=5), str(tmp_path / "beir"), "test")
   clean, killed = tmp_path / "clean", tmp_path / "killed"
   env = {**os.environ, "XLA_FLAGS": ""}
   subprocess.run(encode_cmd(corpus_dir, clean), check=True, capture_output=True, env=env, timeout=300)
@@ -46,7 +47,7 @@ def test_sigkill_then_rerun_equals_a_clean_run(tmp_path):
   subprocess.run(encode_cmd(corpus_dir, killed), check=True, capture_output=True, env=env, timeout=300)
   ids_a, emb_a = load_embeddings(str(clean))
   ids_b, emb_b = load_embeddings(str(killed))
-  assert ids_a == ids_b and emb_a.shape == (400, 384)
+  assert ids_a == ids_b and emb_a.shape == (200, 384)
   np.testing.assert_allclose(emb_b, emb_a, atol=1e-6)
 
 
@@ -55,10 +56,12 @@ def test_data_parallel_encoding_equals_single_device(tmp_path):
   mesh = sharding.make_mesh((8, 1, 1))
   single = Encoder.from_pretrained("all-MiniLM-L6-v2")
   parallel = Encoder.from_pretrained("all-MiniLM-L6-v2", mesh=mesh)
-  encode_corpus(parallel, data.corpus, str(tmp_path / "p"), chunk_size=32, batch_size=12)
+  encode_corpus(parallel, data.corpus, str(tmp_path / "p"), chunk_size=32, batch_size=12, fingerprint="tower-a")
   ids, emb = load_embeddings(str(tmp_path / "p"))
   assert ids == list(data.corpus) and jax.device_count() == 8
   np.testing.assert_allclose(emb, single.encode_documents(list(data.corpus.values())), atol=1e-5)
+  with pytest.raises(ValueError, match="fingerprint 'tower-a', not this tower's 'tower-b'"):  # another tower's store
+    encode_corpus(parallel, data.corpus, str(tmp_path / "p"), fingerprint="tower-b")
   with pytest.raises(ValueError, match="different corpus"):
     shrunk = dict(list(data.corpus.items())[:50])
     (tmp_path / "p" / "COMPLETE").unlink()

@@ -22,9 +22,6 @@ from scalingnote_jax.serve.retriever import Retriever
 from scalingnote_jax.train import stage1, stage2
 
 DISTILL = f"{ROOT}/configs/distill_tiny.py"
-# Test size: one layer of MiniLM, short queries (the synthetic ones have <= 20 tokens), 150 steps.
-FAST = {"student.num_layers": 1, "batch_size": 32, "data.query_len": 24, "num_steps": 150, "optim.lr": 2e-3,
-        "eval.every": 150, "log_every": 50, "checkpoint.every": 150}
 
 
 def config(teacher, variant="", **overrides):
@@ -44,7 +41,7 @@ def distilled(tiny_teacher, tmp_path_factory):
     for text in [*log, leaked, log[0]]:
       f.write(json.dumps({"text": text}) + "\n")
   workdir = str(tmp / "student")
-  overrides = {"teacher": tiny_teacher, **FAST, "data.unlabelled_per_doc": 0,
+  overrides = {"teacher": tiny_teacher, "data.unlabelled_per_doc": 0,
                "data.query_files": f"('{tmp / 'log.jsonl'}',)"}
   run_cli("distill", "--config", DISTILL, "--workdir", workdir, *(f"--config.{k}={v}" for k, v in overrides.items()))
   return {"workdir": workdir, "teacher": read_metrics(workdir, "teacher")[0], "evals": read_metrics(workdir, "val"),
@@ -78,7 +75,7 @@ def test_export_then_retriever_and_service_answer_like_the_student(distilled, tm
   assert manifest["num_docs"] == 1024 and manifest["dim"] == spec["teacher"]["dim"] == 64
   assert manifest["documents"]["fingerprint"] == spec["teacher"]["doc_fingerprint"]
   assert manifest["index"]["backend"] == "scann" and manifest["student"]["num_layers"] == 1
-  assert manifest["metrics"]["student"]["step"] == FAST["num_steps"]
+  assert manifest["metrics"]["student"]["step"] == load_config(DISTILL).num_steps
 
   retriever = Retriever.load(str(out))
   held_out = distilled["held_out"]
@@ -109,7 +106,8 @@ def test_student_and_documents_from_different_teachers_are_refused(distilled, tm
   assert not (tmp_path / "a").exists()
 
   good = tmp_path / "good"
-  bundle.export(distilled["workdir"], str(good), backend="exact")
+  bundle.export(distilled["workdir"], str(good), backend="exact",  # the teacher's own store: accepted
+                embeddings=os.path.join(distilled["workdir"], "teacher", "documents"))
   store = tmp_path / "other_docs"  # what `scalingnote encode --checkpoint OTHER` writes
   assert cli.main(["encode", "--checkpoint", other, "--corpus", str(_beir_corpus(tmp_path)), "--out", str(store)]) == 0
   with pytest.raises(bundle.BundleError, match="different embedding spaces"):

@@ -103,7 +103,9 @@ def encode_corpus(encoder: Encoder, corpus: dict[str, dict | str], out_dir: str,
     multihost_utils.sync_global_devices("encode_corpus")
   if is_main():
     write_atomic(os.path.join(out_dir, COMPLETE),
-                  json.dumps({"num_docs": len(ids), "dim": encoder.dim, **encoder_info}))
+                 json.dumps({"num_docs": len(ids), "dim": encoder.dim, **encoder_info}))
+  if jax.process_count() > 1:  # and no process reads the store before it is
+    multihost_utils.sync_global_devices("encode_corpus_complete")
   return out_dir
 
 
