@@ -19,10 +19,10 @@ def get_config(variant: str = ""):
   c = tiny()
   c.student.num_layers = 2
   c.tower.max_length = 64
-  c.data.update(dict(unlabelled_per_doc=0, query_len=64))
+  c.data.update(dict(unlabelled_per_doc=0, query_len=48))  # SciFact claims: median 21 tokens, 99% <= 48
   c.num_steps = 1000
   c.batch_size = 64
-  c.optim.update(dict(lr=2e-4, warmup_steps=50))
+  c.optim.update(dict(lr=1e-3, warmup_steps=50))
   c.eval.update(dict(every=500, batch_size=64))
   c.checkpoint.every = 500
   if variant == "smoke":
