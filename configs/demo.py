@@ -1,6 +1,6 @@
 """The embedded default (`make demo`): Stage 1 on the built-in synthetic corpus with a small random decoder
 and SmolLM2's tokenizer (shipped as a pip package), then Stage 2 into MiniLM's first layer (also packaged),
-export and search: no download, ~4 minutes on a 2-core CPU. Model, data and distillation settings are the
+export and search: no download, ~2.5 minutes on a 2-core CPU. Model, data and distillation settings are the
 tests' (configs/tiny.py, tests/test_stage2.py), so what the demo shows is what the tests prove.
 
   scalingnote demo --config configs/demo.py                       # train, then encode and report
