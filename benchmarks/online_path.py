@@ -1,8 +1,8 @@
 """The online path against the teacher path on a BEIR dataset: the distilled student encodes queries into the
 index of LLM document embeddings, versus the LLM query tower into the same index.
 
-    .venv/bin/python benchmarks/online_path.py --student runs/scifact_student --data ../shared/data/beir/scifact \
-        [--split test] [--bundle runs/scifact_bundle] [--single 200] [--batch 64]
+    .venv/bin/python benchmarks/online_path.py --student runs/scifact_student \
+        --data ../shared/data/beir/scifact [--split test] [--bundle runs/scifact_bundle] [--single 200] [--batch 64]
 
 The bundle is exported first unless --bundle names one that exists (its documents must come from the
 student's teacher; `scalingnote export` refuses otherwise). Both paths then answer the split's queries with

@@ -106,8 +106,8 @@ def test_distillation_loss_matches_numpy(normalized_mse):
   cosine = np.mean(np.sum(s_unit * t, axis=1))
   mse = np.mean(np.sum(((s_unit if normalized_mse else s) - t) ** 2, axis=1))
   loss, (got_mse, got_cos) = distillation_loss(s, t, mse_weight=0.5, cosine_weight=3.0, normalized_mse=normalized_mse)
-  np.testing.assert_allclose([float(loss), float(got_mse), float(got_cos)], [0.5 * mse + 3.0 * (1 - cosine), mse, cosine],
-                             rtol=1e-5)
+  np.testing.assert_allclose([float(loss), float(got_mse), float(got_cos)],
+                             [0.5 * mse + 3.0 * (1 - cosine), mse, cosine], rtol=1e-5)
   at_teacher, _ = distillation_loss(t, t, normalized_mse=normalized_mse)
   assert abs(float(at_teacher)) < 1e-6
   # a student twice as long as the teacher: no cosine loss, but raw MSE still pulls its norm to the teacher's

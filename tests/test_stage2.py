@@ -25,7 +25,8 @@ DISTILL = f"{ROOT}/configs/distill_tiny.py"
 
 
 def config(teacher, variant="", **overrides):
-  return load_config(f"{DISTILL}:{variant}", [f"--config.{k}={v}" for k, v in {"teacher": teacher, **overrides}.items()])
+  fields = {"teacher": teacher, **overrides}
+  return load_config(f"{DISTILL}:{variant}", [f"--config.{k}={v}" for k, v in fields.items()])
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def distilled(tiny_teacher, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("stage2")
   t_cfg = load_config(f"{ROOT}/configs/tiny.py")
   _, held_out, _ = stage1.load_data(t_cfg)
-  log = synthetic.generate(t_cfg.data.num_docs, queries_per_doc=1, seed=t_cfg.data.seed, unlabelled_per_doc=4).unlabelled
+  log = synthetic.generate(t_cfg.data.num_docs, queries_per_doc=1, seed=t_cfg.data.seed,
+                           unlabelled_per_doc=4).unlabelled
   leaked = next(iter(held_out.queries.values()))  # a held-out query in the log must not be trained on
   with open(tmp / "log.jsonl", "w") as f:
     for text in [*log, leaked, log[0]]:

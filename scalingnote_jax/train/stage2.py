@@ -239,8 +239,8 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     val_qids = list(held_out.queries)
     store.encode_corpus(t_q_enc, held_out.queries, os.path.join(workdir, "teacher", "val_queries"), queries=True,
                         fingerprint=identity["query_fingerprint"], **kw)
-    store.encode_corpus(t_d_enc, {d: held_out.corpus[d] for d in doc_ids}, os.path.join(workdir, "teacher", "documents"),
-                        fingerprint=identity["doc_fingerprint"], **kw)
+    store.encode_corpus(t_d_enc, {d: held_out.corpus[d] for d in doc_ids},
+                        os.path.join(workdir, "teacher", "documents"), fingerprint=identity["doc_fingerprint"], **kw)
     _, t_val_QxD = store.load_embeddings(os.path.join(workdir, "teacher", "val_queries"))
     _, d_NxD = store.load_embeddings(os.path.join(workdir, "teacher", "documents"))
     teacher_metrics = search_metrics(val_qids, t_val_QxD, doc_ids, d_NxD, held_out.qrels)
