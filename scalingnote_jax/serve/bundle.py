@@ -29,6 +29,7 @@ from scalingnote_jax.data.beir import load_corpus
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.index import corpus as store
 from scalingnote_jax.index.index import Index, fsync_tree, replace_dir
+from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.train import stage1, stage2
 from scalingnote_jax.train.checkpoint import abstract_like, fingerprint
 
@@ -168,8 +169,6 @@ def load_parts(bundle: str, device: jax.Device | None = None):
   params = ocp.StandardCheckpointer().restore(os.path.join(student_dir, "params"),
                                               abstract_like(abstract, jax.tree.map(lambda _: place, abstract)))
   index = Index.load(os.path.join(bundle, "index"), expect_dim=manifest["dim"], expect_size=manifest["num_docs"])
-  from scalingnote_jax.models.tokenizer import Tokenizer
-
   tokenizer = Tokenizer.from_pretrained(os.path.join(student_dir, "tokenizer"))
   student = nnx.merge(graphdef, params)
   if student.dim != manifest["dim"]:
