@@ -33,6 +33,11 @@ def pad(ids: list[int], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarra
   return out, (np.arange(length) < len(ids)).astype(np.int32)
 
 
+# A few batches ahead is enough to hide the host work behind a step. grain's default (16 threads, 500
+# batches ahead) spends minutes of CPU on batches a short run never uses, and the records are Python (GIL).
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
 def _batches(n: int, batch_size: int, seed: int, process_index: int, process_count: int, record=None):
   """Endless, reshuffled-per-epoch batches of this process's share of each global batch of `n` items.
   Items (or `record(index, rng)` of them) are drawn before the split by process, so a global batch holds
@@ -77,7 +82,7 @@ class TrainData:
   def iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
     """An endless iterator over this process's share of each global batch (state: get_state/set_state)."""
     ds = _batches(len(self.examples), self.spec.batch_size, seed, process_index, process_count, self.record)
-    return iter(ds.to_iter_dataset())
+    return iter(ds.to_iter_dataset(READ_OPTIONS))
 
 
 class DistillData:
@@ -99,4 +104,4 @@ class DistillData:
 
   def iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
     ds = _batches(len(self.query_tokens), self.batch_size, seed, process_index, process_count).map(self.batch)
-    return iter(ds.to_iter_dataset())
+    return iter(ds.to_iter_dataset(READ_OPTIONS))
