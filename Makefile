@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/scalingnote demo --config configs/demo.py
+	$(BIN)/scalingnote pipeline --config configs/demo.py --workdir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20

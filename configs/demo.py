@@ -1,27 +1,62 @@
-"""The embedded default (`make demo`): Stage 1 on the built-in synthetic corpus with a small random decoder
-and SmolLM2's tokenizer (shipped as a pip package), then Stage 2 into MiniLM's first layer (also packaged),
-export and search: no download, ~2.5 minutes on a 2-core CPU. Model, data and distillation settings are the
-tests' (configs/tiny.py, tests/test_stage2.py), so what the demo shows is what the tests prove.
+"""The embedded default (`make demo`): the whole pipeline on the built-in synthetic corpus, no download, a few
+minutes on a 2-core CPU. The "LLM" is a small random decoder with SmolLM2's tokenizer (configs/tiny.py, the
+tests' Stage 1 model); the baseline and the students are small BERT encoders (random, same tokenizer) whose
+query side is ~6x cheaper. Every package it needs (the tokenizer included) is a pip dependency.
 
-  scalingnote demo --config configs/demo.py                       # train, then encode and report
-  scalingnote demo --config configs/demo.py:smoke                 # seconds
-  scalingnote train --config configs/demo.py --workdir runs/demo  # the training alone
+  scalingnote pipeline --config configs/demo.py --workdir runs/demo          # then: scalingnote serve runs/demo/bundles/L1
+  scalingnote pipeline --config configs/demo.py:smoke --workdir /tmp/smoke   # seconds: every stage, tiny sizes
 """
 
 import os
 import sys
 
+from ml_collections import ConfigDict
+
 sys.path.insert(0, os.path.dirname(__file__))
 from distill_tiny import get_config as distill_config  # noqa: E402
+from stage1_common import base  # noqa: E402
 from tiny import get_config as tiny_config  # noqa: E402
+
+TOKENIZER = "SmolLM2-135M-Instruct-Q4_1"
+SMALL_BERT = dict(kind="bert", vocab_size=49152, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
 
 
 def get_config(variant: str = ""):
-  c = tiny_config(variant)
-  c.stage2 = distill_config()  # its teacher is the Stage 1 run above
+  c = ConfigDict()
+  # The synthetic corpus, written as a BEIR directory: train / test qrels and an unlabelled query log.
+  c.data = ConfigDict(dict(source="synthetic", path="", split="test", query_log="", num_docs=1024,
+                           queries_per_doc=1, test_fraction=0.125, noise=0.3, unlabelled_per_doc=4, seed=0))
+  c.teacher = tiny_config()
+  c.teacher.data.n_neg = 0  # the first round has no mined negatives yet
+  # One mining round: negatives from the teacher's ranks [range_min, range_max), then num_steps more steps.
+  c.mining = ConfigDict(dict(range_min=3, range_max=30, num_negatives=8, sampling="top", seed=0, n_neg=1,
+                             num_steps=100))
+
+  # The small dual tower trained directly: the students' architecture, as many steps as the teacher's rounds.
+  c.baseline = base()
+  c.baseline.model.update(dict(tokenizer=TOKENIZER, backbone=dict(SMALL_BERT)))
+  c.baseline.tower.update(dict(pooling="mean", append_eos=False, max_length=64))
+  c.baseline.optim.lr = 3e-3
+  c.baseline.num_steps = c.teacher.num_steps + c.mining.num_steps
+  c.baseline.batch_size = c.teacher.batch_size
+  c.baseline.eval.every = 100
+
+  c.student = distill_config()
+  c.student.student.update(dict(init="random", tokenizer=TOKENIZER, backbone=dict(SMALL_BERT)))
+  c.student.tower.pooling = "mean"
+  c.student_layers = (1, 2)
+
+  c.export = ConfigDict(dict(backend="scann"))
+  c.eval = ConfigDict(dict(num_negatives=255, temperature=0.05, batch_size=64, zero_shot=()))
   if variant == "smoke":
-    c.eval.every = c.num_steps  # before and after, even in the smoke run
-    c.stage2.update(dict(num_steps=4, log_every=2))
-    c.stage2.data.unlabelled_per_doc = 0
-    c.stage2.eval.every = c.stage2.checkpoint.every = 4
+    c.data.num_docs, c.data.unlabelled_per_doc = 64, 1
+    for stage in (c.teacher, c.baseline, c.student):  # validated once, at the end; checkpoints every 2 steps
+      stage.update(dict(num_steps=4, log_every=2))
+      stage.eval.update(dict(every=4, at_start=False))
+      stage.checkpoint.every = 2
+    c.mining.update(dict(num_steps=2, range_min=1, range_max=10, num_negatives=2))
+    c.student_layers = (1,)
+    c.eval.num_negatives = 15
+  elif variant:
+    raise ValueError(f"configs/demo.py: unknown variant {variant!r} (known: smoke)")
   return c

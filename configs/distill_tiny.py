@@ -32,6 +32,7 @@ def get_config(variant: str = ""):
   # Training queries = the teacher's labelled ones + query_files (.txt, or .jsonl with "text"/"query") +,
   # for a synthetic-corpus teacher, unlabelled_per_doc generated queries per document.
   c.data = ConfigDict(dict(query_files=(), unlabelled_per_doc=4, query_len=24, seed=0))  # its queries: <= 20 tokens
+  c.teacher_cache = ""  # where the teacher's embeddings are cached ("" = WORKDIR/teacher)
   c.teacher_encode = ConfigDict(dict(batch_size=64, chunk_size=4096))
   c.checkpoint = ConfigDict(dict(every=150, keep=2))
   c.eval = ConfigDict(dict(every=150, at_start=True, max_docs=0, seed=0, batch_size=64))

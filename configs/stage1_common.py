@@ -14,8 +14,10 @@ def base() -> ConfigDict:
   c.chunks = 1  # GradCache chunks per step (activation memory of batch_size / chunks)
   c.tied = False  # one set of parameters for both towers
   c.log_every = 10
-  c.model = ConfigDict(dict(init="random", tokenizer="", seed=0, dtype="float32", param_dtype="float32",
-                            remat=False, backbone=ConfigDict()))
+  # init: "random" (with backbone), a HF dir / GGUF / packaged name (its first num_layers layers; 0 = all), or
+  # a Stage 1 workdir (a further round from the towers it trained).
+  c.model = ConfigDict(dict(init="random", num_layers=0, tokenizer="", seed=0, dtype="float32",
+                            param_dtype="float32", remat=False, backbone=ConfigDict()))
   c.tower = ConfigDict(dict(pooling="last", append_eos=True, projection_dim=None, normalize=True, max_length=128,
                             query_prompt="{text}", document_prompt="{title}\n{text}"))
   c.loss = ConfigDict(dict(temperature=0.05, learn_temperature=False, symmetric=False))

@@ -6,17 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="scalingnote", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("demo", help="the main job on the embedded default: Stage 1 on the synthetic corpus, then "
-                                   "encoding; reports retrieval before/after and throughput")
-  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
-  p.add_argument("--workdir", default=None, help="where to train (default: a new temporary directory)")
+  p = sub.add_parser("pipeline", help="the main job: Stage 1 teacher (with a mining round), a directly-trained "
+                                       "small dual tower, corpus encoding, Stage 2 students, serving bundles, "
+                                       "evaluation and report; rerun to resume")
+  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant (e.g. configs/demo.py)")
+  p.add_argument("--workdir", required=True, help="every stage's output, report.md and report.json go here")
 
   p = sub.add_parser("train", help="Stage 1: train dual LLM towers with the cross-device contrastive loss")
   p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
@@ -41,6 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: the one the student was distilled from)")
   p.add_argument("--backend", choices=("scann", "exact"), default="scann")
   p.add_argument("--batch-size", type=int, default=64)
+
+  p = sub.add_parser("eval", help="one system on a BEIR split: nDCG@10, Recall@10/100, MRR@10, MAP (pytrec_eval), "
+                                   "AUC, contrastive entropy, throughput; one JSON object")
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--bundle", help="a serving bundle (`scalingnote export`): the online path")
+  which.add_argument("--checkpoint", help="a Stage 1 workdir, or a HF dir / .gguf / packaged encoder (zero-shot)")
+  which.add_argument("--bm25", action="store_true", help="BM25 (bm25s) over the corpus")
+  p.add_argument("--data", required=True, help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
+  p.add_argument("--split", default="test")
+  p.add_argument("--embeddings", default=None, help="with --checkpoint: the corpus embedding store (resumable, "
+                                                   "reused; default: a temporary one)")
+  p.add_argument("--backend", choices=("scann", "exact"), default="exact", help="with --checkpoint: the index")
+  p.add_argument("--keep-self", action="store_true", help="keep a document whose id equals the query's")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--num-negatives", type=int, default=255, help="sampled documents per query for AUC and "
+                                                                 "contrastive entropy")
+  p.add_argument("--temperature", type=float, default=0.05, help="of the contrastive entropy")
 
   p = sub.add_parser("compile", help="compile the Stage 1 step ahead of time for a fake topology (TPU pod, GPU "
                                       "hosts) and print per-device memory; no such hardware needed")
@@ -134,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
                       "negatives_per_query": sum(len(m.negative_ids) for m in mined) / max(1, len(mined))}))
     return 0
 
+  if args.command == "eval":
+    from scalingnote_jax.eval import evaluate
+
+    report = evaluate.run(data_dir=args.data, split=args.split, bundle=args.bundle, checkpoint=args.checkpoint,
+                          bm25=args.bm25, embeddings=args.embeddings, backend=args.backend,
+                          drop_self=not args.keep_self, batch_size=args.batch_size,
+                          num_negatives=args.num_negatives, temperature=args.temperature)
+    print(json.dumps(report))
+    return 0
+
   if args.command == "serve":
     from scalingnote_jax.serve import http
     from scalingnote_jax.serve.retriever import Retriever
@@ -176,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
   from scalingnote_jax.config import load_config
 
   cfg = load_config(args.config, rest)
-  if args.command == "demo":
-    from scalingnote_jax import demo
+  if args.command == "pipeline":
+    from scalingnote_jax import pipeline
 
-    demo.run(cfg, args.workdir or tempfile.mkdtemp(prefix="scalingnote-demo-"))
+    out = pipeline.run(cfg, args.workdir)
+    if distributed.is_main():
+      print(json.dumps(out))
   elif args.command == "train":
     from scalingnote_jax.train import stage1
 

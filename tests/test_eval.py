@@ -34,3 +34,102 @@ def test_exact_search_and_self_removal():
   np.testing.assert_allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :10], rtol=1e-6)
   run = to_run(["a"], ["a", "b", "c"], np.array([[3.0, 2.0, 1.0]]), np.array([[0, 1, 2]]))
   assert list(run["a"]) == ["b", "c"]  # the query's own id never counts as a result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `scalingnote eval`: pairwise metrics, BEIR conventions through the whole command, BM25 against its
+# published SciFact score, and pytrec_eval against a second implementation (ranx).
+
+def test_pair_metrics_auc_and_contrastive_entropy():
+  from scalingnote_jax.eval.retrieval import pair_metrics
+
+  doc_ids = [f"d{i}" for i in range(6)]
+  qrels = {"q": {"d0": 1, "d1": 2, "d5": 0}}  # two relevant documents; d5 judged non-relevant
+  score = np.array([0.9, 0.7, 0.1, 0.2, 0.3, 0.8])
+  m = pair_metrics(lambda row, cols: score[cols], ["q"], qrels, doc_ids, num_negatives=4, scale=10.0,
+                   rng=np.random.default_rng(0))
+  # negatives = all four others (d2..d5); d0 beats every one, d1 loses to d5 only: (4 + 3) / 8
+  assert m["auc"] == pytest.approx(7 / 8)
+  logits = 10 * np.array([0.9, 0.1, 0.2, 0.3, 0.8])
+  assert m["contrastive_entropy"] == pytest.approx(np.logaddexp.reduce(logits) - logits[0])
+  ties = pair_metrics(lambda row, cols: np.zeros(len(cols)), ["q"], qrels, doc_ids, num_negatives=4, scale=None,
+                      rng=np.random.default_rng(0))
+  assert ties == {"auc": 0.5, "contrastive_entropy": None}
+
+
+def write_tiny_beir(root, corpus, queries, qrels_rows):
+  import json
+
+  (root / "qrels").mkdir(parents=True)
+  (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n"
+                                             for i, t in corpus.items()))
+  (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries.items()))
+  (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n"
+                                                                                    for q, d, g in qrels_rows))
+  return str(root)
+
+
+def test_eval_command_follows_beir_conventions(tmp_path, capsys):
+  """ArguAna-style: every query is also a document (same id) and would retrieve itself first; a qrels line
+  naming a document outside the corpus is reported, not crashed on; unjudged results count as non-relevant."""
+  import json
+
+  from scalingnote_jax.cli import main
+
+  corpus = {"a1": "solar panels cut household energy bills", "a2": "panels on roofs reduce the energy bills",
+            "a3": "wind turbines kill migrating birds", "a4": "birds avoid modern wind turbines",
+            "a5": "an unrelated text about cheese"}
+  queries = {"a1": "solar panels cut household energy bills", "a3": "wind turbines kill migrating birds"}
+  data = write_tiny_beir(tmp_path / "argu", corpus, queries,
+                         [("a1", "a2", 1), ("a3", "a4", 1), ("a3", "missing-doc", 1)])
+  assert main(["eval", "--bm25", "--data", data]) == 0
+  out = capsys.readouterr()
+  m = json.loads(out.out)
+  assert m["qrels_skipped"] == 1 and "missing-doc" in out.err and "qrels/test.tsv:4" in out.err
+  assert m["num_queries"] == 2 and m["num_docs"] == 5
+  # each query's own document is dropped, so its counter-argument ranks first
+  assert m["mrr_at_10"] == 1.0 and m["ndcg_at_10"] == 1.0
+  assert main(["eval", "--bm25", "--data", data, "--keep-self"]) == 0
+  kept = json.loads(capsys.readouterr().out)
+  assert kept["mrr_at_10"] == 0.5  # the query's own id ranks first and is an unjudged (non-relevant) result
+
+
+@pytest.fixture(scope="module")
+def scifact_bm25_run():
+  import os
+
+  from conftest import BEIR
+  from scalingnote_jax.eval.evaluate import Lexical, load_split
+
+  data, _ = load_split(os.path.join(BEIR, "scifact"), "test")
+  system = Lexical(data.corpus)
+  ids, scores = system.search([data.queries[q] for q in data.qrels], 100)
+  return data, {q: dict(zip(i, map(float, s))) for q, i, s in zip(data.qrels, ids, scores)}, system
+
+
+def test_bm25_on_scifact_matches_the_published_bm25s_score(scifact_bm25_run):
+  import os
+
+  from conftest import BEIR
+  from scalingnote_jax.eval.evaluate import evaluate
+
+  data, _, system = scifact_bm25_run
+  m = evaluate(system, data, measure_speed=False)
+  with open(os.path.join(BEIR, "reference_scores.tsv")) as f:
+    row = next(line.split("\t") for line in f if line.startswith("scifact\tBM25 via bm25s"))
+  assert m["num_queries"] == 300 and m["num_docs"] == 5183
+  assert m["ndcg_at_10"] == pytest.approx(float(row[2]), abs=0.003)  # MTEB's bm25s baseline, 0.6874
+  assert m["recall_at_100"] == pytest.approx(float(row[3]), abs=0.003)
+  assert 0.9 < m["auc"] <= 1.0 and m["contrastive_entropy"] is None
+
+
+def test_metrics_match_a_second_implementation(scifact_bm25_run):
+  """pytrec_eval (trec_eval) against ranx on a real run: 300 SciFact queries, 100 BM25 results each."""
+  from ranx import Qrels, Run, evaluate
+
+  data, run, _ = scifact_bm25_run
+  ours = ir_metrics(data.qrels, run)
+  theirs = evaluate(Qrels(data.qrels), Run(run), ["ndcg@10", "recall@10", "recall@100", "mrr@10", "map"])
+  for key, name in (("ndcg_at_10", "ndcg@10"), ("recall_at_10", "recall@10"), ("recall_at_100", "recall@100"),
+                    ("mrr_at_10", "mrr@10"), ("map", "map")):
+    assert ours[key] == pytest.approx(theirs[name], abs=1e-9), key

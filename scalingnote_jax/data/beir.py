@@ -77,9 +77,11 @@ def load_queries(path: str) -> dict[str, str]:
   return _by_id(path, "query", lambda obj, where: field(obj, "text", where))
 
 
-def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error") -> dict[str, dict[str, int]]:
+def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error",
+               skipped: list | None = None) -> dict[str, dict[str, int]]:
   """qrels TSV (header `query-id corpus-id score`). Pairs naming ids outside `query_ids` / `doc_ids` raise
-  (`unknown="error"`) or are dropped (`unknown="skip"`, for evaluation where BEIR reports them)."""
+  (`unknown="error"`) or are dropped (`unknown="skip"`, for evaluation where BEIR reports them; each dropped
+  pair is appended to `skipped` as "file:line: unknown document id 'x'")."""
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file")
   qrels: dict[str, dict[str, int]] = {}
@@ -100,17 +102,19 @@ def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error
       if bad and unknown == "error":
         raise DataError(f"{where}: unknown {bad[0]} id {bad[1]!r}")
       if bad:
+        if skipped is not None:
+          skipped.append(f"{where}: unknown {bad[0]} id {bad[1]!r}")
         continue
       qrels.setdefault(qid, {})[doc_id] = grade
   return qrels
 
 
-def load_beir(directory: str, split: str, *, unknown: str = "error") -> Dataset:
+def load_beir(directory: str, split: str, *, unknown: str = "error", skipped: list | None = None) -> Dataset:
   """The split's queries (those its qrels name), the whole corpus and the split's qrels."""
   corpus = load_corpus(os.path.join(directory, "corpus.jsonl"))
   queries = load_queries(os.path.join(directory, "queries.jsonl"))
   qrels = load_qrels(os.path.join(directory, "qrels", f"{split}.tsv"), query_ids=queries, doc_ids=corpus,
-                     unknown=unknown)
+                     unknown=unknown, skipped=skipped)
   return Dataset(corpus, {q: queries[q] for q in qrels}, qrels)
 
 

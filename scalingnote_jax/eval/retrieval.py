@@ -1,4 +1,5 @@
-"""Exact search and IR metrics (nDCG@10, Recall@10/100, MRR@10, MAP) computed by pytrec_eval.
+"""IR metrics (nDCG@10, Recall@10/100, MRR@10, MAP) computed by pytrec_eval, and the pairwise ones (AUC,
+contrastive entropy) over judged-relevant vs sampled documents.
 
 BEIR conventions: unjudged documents are non-relevant; a document whose id equals the query's id is removed
 from that query's results (ArguAna-style corpora); qrels naming documents outside the corpus are reported by
@@ -35,3 +36,26 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
   return {"ndcg_at_10": mean("ndcg_cut_10", per_query), "recall_at_10": mean("recall_10", per_query),
           "recall_at_100": mean("recall_100", per_query), "map": mean("map", per_query),
           "mrr_at_10": mean("recip_rank", rr), "num_queries": len(judged)}
+
+
+def pair_metrics(score_fn, qids: list[str], qrels: dict[str, dict[str, int]], doc_ids: list[str], *,
+                 num_negatives: int, scale: float | None, rng: np.random.Generator) -> dict[str, float]:
+  """For each judged query, its relevant documents against `num_negatives` documents sampled from the rest
+  (unjudged = non-relevant): AUC = P(relevant scores above sampled), ties count half; contrastive entropy =
+  cross-entropy of the first relevant document among those negatives at logits `scale * score` (None: not
+  computed, for scores that are not similarities). `score_fn(row, doc_rows)` scores query `qids[row]`."""
+  index = {d: i for i, d in enumerate(doc_ids)}
+  auc, entropy = [], []
+  for row, qid in enumerate(qids):
+    relevant = [index[d] for d, g in qrels.get(qid, {}).items() if g > 0 and d in index]
+    if not relevant:
+      continue
+    pool = np.setdiff1d(np.arange(len(doc_ids)), relevant)
+    negs = rng.choice(pool, size=min(num_negatives, len(pool)), replace=False)
+    s = np.asarray(score_fn(row, np.array(relevant + negs.tolist())), np.float64)
+    pos_P, neg_N = s[:len(relevant)], s[len(relevant):]
+    auc.append(float(np.mean((pos_P[:, None] > neg_N[None]) + 0.5 * (pos_P[:, None] == neg_N[None]))))
+    if scale is not None:
+      logits = scale * s[[0, *range(len(relevant), len(s))]]
+      entropy.append(float(np.logaddexp.reduce(logits) - logits[0]))
+  return {"auc": float(np.mean(auc)), "contrastive_entropy": float(np.mean(entropy)) if entropy else None}

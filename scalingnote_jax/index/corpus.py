@@ -47,14 +47,20 @@ def open_array(out_dir: str, shape=None, chunk_rows=None, *, create: bool):
   return ts.open(spec, create=create, open=True).result()
 
 
-def document_encoder(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> Encoder:
-  """The document tower of a Stage 1 workdir (latest checkpoint), or of a HF dir / GGUF / packaged model."""
+def towers(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> tuple[Encoder, Encoder]:
+  """(query, document) encoders: a Stage 1 workdir's towers (latest checkpoint), or one HF dir / GGUF /
+  packaged model for both sides."""
   from scalingnote_jax.train import stage1
 
   if stage1.is_stage1_workdir(checkpoint):
     model, tokenizer, _ = stage1.load_trained(checkpoint, mesh)
-    return Encoder(model.doc, tokenizer, mesh)
-  return Encoder.from_pretrained(checkpoint, mesh=mesh)
+    return Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
+  encoder = Encoder.from_pretrained(checkpoint, mesh=mesh)
+  return encoder, encoder
+
+
+def document_encoder(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> Encoder:
+  return towers(checkpoint, mesh)[1]
 
 
 def encode_corpus(encoder: Encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk_size: int = 1024,

@@ -71,17 +71,11 @@ def dense_rankings(q_QxD: np.ndarray, index, positive_emb: list[np.ndarray], k: 
 
 
 def bm25_rankings(corpus: dict[str, dict], queries: list[str], k: int):
-  """(rankings, None scores) by BM25 (bm25s) over title + text; margins do not apply to BM25 scores."""
-  import bm25s
+  """(rankings, None scores) by BM25; margins do not apply to BM25 scores."""
+  from scalingnote_jax.index.bm25 import BM25
 
-  doc_ids = list(corpus)
-  retriever = bm25s.BM25()
-  retriever.index(bm25s.tokenize([f"{d.get('title', '')} {d['text']}" for d in corpus.values()],
-                                 stopwords="en", show_progress=False), show_progress=False)
-  idx, scores = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
-                                   k=min(k, len(doc_ids)), show_progress=False)
-  rankings = [([doc_ids[i] for i in row], [float(s) for s in srow]) for row, srow in zip(idx, scores)]
-  return rankings, [None] * len(queries)
+  ids, scores = BM25(corpus).search(queries, k)
+  return [(row, [float(s) for s in srow]) for row, srow in zip(ids, scores)], [None] * len(queries)
 
 
 def mine_from_checkpoint(checkpoint: str, data_dir: str, split: str, out: str, cfg: MiningConfig, *,
@@ -92,10 +86,8 @@ def mine_from_checkpoint(checkpoint: str, data_dir: str, split: str, out: str, c
 
   from scalingnote_jax import sharding
   from scalingnote_jax.data.beir import examples_from_qrels, load_beir, write_train_jsonl
-  from scalingnote_jax.encoder import Encoder
   from scalingnote_jax.index import Index
-  from scalingnote_jax.index.corpus import document_encoder, encode_corpus, load_embeddings
-  from scalingnote_jax.train import stage1
+  from scalingnote_jax.index.corpus import encode_corpus, load_embeddings, towers
 
   data = load_beir(data_dir, split)
   examples = examples_from_qrels(data)
@@ -104,11 +96,7 @@ def mine_from_checkpoint(checkpoint: str, data_dir: str, split: str, out: str, c
     rankings, positive_scores = bm25_rankings(data.corpus, queries, cfg.range_max + max(map(len, data.qrels.values())))
   elif method == "dense":
     mesh = sharding.make_mesh()
-    if stage1.is_stage1_workdir(checkpoint):
-      model, tokenizer, _ = stage1.load_trained(checkpoint, mesh)
-      q_enc, d_enc = Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
-    else:
-      q_enc = d_enc = document_encoder(checkpoint, mesh)
+    q_enc, d_enc = towers(checkpoint, mesh)
     embeddings_dir = embeddings_dir or f"{os.path.splitext(out)[0]}.embeddings"
     encode_corpus(d_enc, data.corpus, embeddings_dir, batch_size=batch_size)  # resumable, reused if complete
     doc_ids, d_NxD = load_embeddings(embeddings_dir)

@@ -24,7 +24,7 @@ from scalingnote_jax.distributed import is_main
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 from scalingnote_jax.encoder import Encoder
-from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, to_run
+from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, pair_metrics, to_run
 from scalingnote_jax.models import bert, llm, load_backbone
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
@@ -86,6 +86,12 @@ def backbone_config(m: ConfigDict):
   return cls(**fields, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
 
 
+def checkpoint_overrides(m: ConfigDict) -> dict:
+  """Backbone fields a config sets over a checkpoint's: dtypes, remat, and `num_layers` (> 0: keep the first
+  layers only, e.g. a small dual tower from a larger encoder)."""
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **({"num_layers": m.num_layers} if m.get("num_layers") else {}))
+
+
 def is_stage1_workdir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints"))
 
@@ -109,8 +115,7 @@ def abstract_model(cfg: ConfigDict) -> DualEncoder:
   m = cfg.model
   if is_stage1_workdir(m.init):
     return abstract_model(_previous_round(cfg))
-  bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(
-      m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+  bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(m.init, **checkpoint_overrides(m))
   tower_cfg = TowerConfig(**cfg.tower)
 
   def create():
@@ -140,8 +145,8 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
     tokenizer = Tokenizer.from_pretrained(m.tokenizer)
   else:
     place = sharding.param_sharding_fn(mesh, rules)
-    load = lambda: Tower(load_backbone(m.init, sharding=place, dtype=m.dtype, param_dtype=m.param_dtype,  # noqa: E731
-                                       remat=m.remat)[0], tower_cfg, rngs=nnx.Rngs(m.seed))
+    load = lambda: Tower(load_backbone(m.init, sharding=place, **checkpoint_overrides(m))[0], tower_cfg,  # noqa: E731
+                         rngs=nnx.Rngs(m.seed))
     query = load()
     doc = query if cfg.tied else load()
     tokenizer = Tokenizer.from_pretrained(m.tokenizer or m.init)
@@ -266,8 +271,8 @@ def eval_doc_ids(data: synthetic.Dataset, max_docs: int, rng: np.random.Generato
 def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic.Dataset, *, num_negatives: int,
              max_docs: int, seed: int, batch_size: int) -> dict[str, float]:
   """IR metrics of the current towers on held-out queries (over at most `max_docs` documents: the judged
-  ones plus a fixed random sample; 0 = the whole corpus) and contrastive entropy: the cross-entropy of the
-  positive against `num_negatives` sampled non-relevant documents at the model's temperature."""
+  ones plus a fixed random sample; 0 = the whole corpus), AUC and contrastive entropy against
+  `num_negatives` sampled documents at the model's temperature."""
   q_enc.update(model.query)
   d_enc.update(model.doc)
   rng = np.random.default_rng(seed)
@@ -276,17 +281,9 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
   d_NxD = d_enc.encode_documents([data.corpus[d] for d in doc_ids], batch_size=batch_size, show_progress=False)
   q_QxD = q_enc.encode_queries([data.queries[q] for q in qids], batch_size=batch_size, show_progress=False)
   metrics = ir_metrics(data.qrels, to_run(qids, doc_ids, *exact_search(q_QxD, d_NxD, k=100)))
-  index = {d: i for i, d in enumerate(doc_ids)}
-  scale, entropy = float(model.scale()), []
-  for row, qid in enumerate(qids):
-    relevant = [index[d] for d, g in data.qrels[qid].items() if g > 0 and d in index]
-    if not relevant:
-      continue
-    pool = np.setdiff1d(np.arange(len(doc_ids)), relevant)
-    negs = rng.choice(pool, size=min(num_negatives, len(pool)), replace=False)
-    logits = scale * (d_NxD[[relevant[0], *negs]] @ q_QxD[row])
-    entropy.append(float(np.logaddexp.reduce(logits) - logits[0]))
-  return {**metrics, "contrastive_entropy": float(np.mean(entropy)), "num_docs": len(doc_ids)}
+  pairs = pair_metrics(lambda row, cols: d_NxD[cols] @ q_QxD[row], qids, data.qrels, doc_ids,
+                       num_negatives=num_negatives, scale=float(model.scale()), rng=rng)
+  return {**metrics, **pairs, "num_docs": len(doc_ids)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ embeddings -> student (created sharded) -> train step -> evaluation -> loop.
 
 The workdir holds config.json, student.json (what rebuilds the student: backbone and tower configs, its
 tokenizer, the teacher's fingerprints), teacher/{queries,val_queries,documents}/ (cached teacher embeddings,
-`index.corpus` stores), checkpoints/, metrics.jsonl and tensorboard/.
+`index.corpus` stores; elsewhere with `teacher_cache`), checkpoints/, metrics.jsonl and tensorboard/.
 """
 
 from __future__ import annotations
@@ -226,23 +226,24 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   # Teacher embeddings: training queries, held-out queries and the documents validation searches. Each
   # store is resumable and reused; its fingerprint ties it to this teacher.
   teacher, t_tok, t_cfg, identity = load_teacher(cfg.teacher, mesh)
+  cache = cfg.get("teacher_cache") or os.path.join(workdir, "teacher")  # students of one teacher may share it
   if last is not None and read_spec(workdir)["teacher"]["query_fingerprint"] != identity["query_fingerprint"]:
     raise ValueError(f"{workdir} was distilled from another teacher than {cfg.teacher} (fingerprints differ)")
   queries, held_out = training_queries(cfg, t_cfg)
   t_q_enc, t_d_enc = Encoder(teacher.query, t_tok, mesh), Encoder(teacher.doc, t_tok, mesh)
   kw = dict(batch_size=cfg.teacher_encode.batch_size, chunk_size=cfg.teacher_encode.chunk_size)
-  train_store = store.encode_corpus(t_q_enc, queries, os.path.join(workdir, "teacher", "queries"), queries=True,
+  train_store = store.encode_corpus(t_q_enc, queries, os.path.join(cache, "queries"), queries=True,
                                     fingerprint=identity["query_fingerprint"], **kw)
   validate = held_out is not None and cfg.eval.every > 0
   if validate:
     doc_ids = stage1.eval_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed))
     val_qids = list(held_out.queries)
-    store.encode_corpus(t_q_enc, held_out.queries, os.path.join(workdir, "teacher", "val_queries"), queries=True,
+    store.encode_corpus(t_q_enc, held_out.queries, os.path.join(cache, "val_queries"), queries=True,
                         fingerprint=identity["query_fingerprint"], **kw)
     store.encode_corpus(t_d_enc, {d: held_out.corpus[d] for d in doc_ids},
-                        os.path.join(workdir, "teacher", "documents"), fingerprint=identity["doc_fingerprint"], **kw)
-    _, t_val_QxD = store.load_embeddings(os.path.join(workdir, "teacher", "val_queries"))
-    _, d_NxD = store.load_embeddings(os.path.join(workdir, "teacher", "documents"))
+                        os.path.join(cache, "documents"), fingerprint=identity["doc_fingerprint"], **kw)
+    _, t_val_QxD = store.load_embeddings(os.path.join(cache, "val_queries"))
+    _, d_NxD = store.load_embeddings(os.path.join(cache, "documents"))
     teacher_metrics = search_metrics(val_qids, t_val_QxD, doc_ids, d_NxD, held_out.qrels)
   del teacher, t_q_enc, t_d_enc  # the LLM is not needed from here on
 

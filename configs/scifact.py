@@ -1,0 +1,40 @@
+"""The whole pipeline on BEIR SciFact: SmolLM2-135M towers as the teacher (Stage 1 + a mining round), MiniLM's
+first layers as the directly-trained small dual tower and as the students, all-MiniLM-L6-v2 zero-shot and
+BM25 as references. SciFact's 5,183 titles (claims, like its queries) are the students' unlabelled query log.
+The teacher needs a GPU (~6 min of H200 for Stage 1, BENCHMARKS.md); on a 2-core CPU, hours.
+
+  scalingnote pipeline --config configs/scifact.py --workdir runs/scifact --config.data.path=BEIR/scifact
+  scalingnote pipeline --config configs/scifact.py:minilm --workdir runs/scifact_minilm   # CPU-sized teacher
+"""
+
+import os
+import sys
+
+from ml_collections import ConfigDict
+
+sys.path.insert(0, os.path.dirname(__file__))
+from distill_scifact import get_config as distill_config  # noqa: E402
+from scifact_minilm import get_config as minilm_config  # noqa: E402
+from scifact_smollm2 import get_config as smollm2_config  # noqa: E402
+
+
+def get_config(variant: str = "", *, name: str = "scifact"):
+  c = ConfigDict()
+  c.data = ConfigDict(dict(source="beir", path=f"../shared/data/beir/{name}", split="test", query_log="titles"))
+  # variant "minilm": all-MiniLM-L6-v2 as the teacher, a stand-in that trains on a CPU
+  c.teacher = minilm_config() if variant == "minilm" else smollm2_config()
+  c.teacher.eval.every = c.teacher.num_steps
+  c.mining = ConfigDict(dict(range_min=10, range_max=100, num_negatives=8, sampling="top", seed=0, n_neg=1,
+                             num_steps=150))
+  c.baseline = minilm_config()
+  c.baseline.model.num_layers = 2  # the students' size, trained end to end on the same examples
+  c.baseline.num_steps = c.teacher.num_steps + c.mining.num_steps
+  c.baseline.optim.lr = 1e-4
+  c.baseline.eval.every = c.baseline.num_steps
+  c.student = distill_config()
+  c.student_layers = (1, 2, 3)
+  c.export = ConfigDict(dict(backend="scann"))
+  c.eval = ConfigDict(dict(num_negatives=255, temperature=0.05, batch_size=64, zero_shot=("all-MiniLM-L6-v2",)))
+  if variant not in ("", "minilm"):
+    raise ValueError(f"configs/{name}.py: unknown variant {variant!r} (known: minilm)")
+  return c

@@ -1,0 +1,167 @@
+"""`scalingnote eval`: one retrieval system on a BEIR split, printed as one JSON object.
+
+  scalingnote eval --bundle DIR --data BEIR_DIR --split test      # the online path: student + LLM documents
+  scalingnote eval --checkpoint DIR --data BEIR_DIR               # a Stage 1 workdir's towers, or a HF / GGUF
+                                                                  # encoder used for both sides (zero-shot)
+  scalingnote eval --bm25 --data BEIR_DIR                         # BM25 (bm25s), the lexical baseline
+
+Metrics: nDCG@10, Recall@10/100, MRR@10 and MAP by pytrec_eval; AUC of judged-relevant against sampled
+documents; contrastive entropy (dense systems: cosine / temperature); throughput of the whole search
+(encode + index) batched and one query at a time. BEIR conventions: unjudged documents are non-relevant, a
+document with the query's own id is removed from its results (ArguAna-style corpora), and qrels naming
+documents that are not in the corpus are dropped and reported (`qrels_skipped`), not crashed on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from scalingnote_jax.data import beir
+from scalingnote_jax.eval.retrieval import ir_metrics, pair_metrics
+from scalingnote_jax.index import corpus as store
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Systems: `search(queries, k) -> (ids [Q][k], scores [Q, k])` and `scorer(queries)` for the pairwise metrics.
+
+class Dense:
+  """A query encoder over document embeddings and their index (`serve.retriever.Retriever`)."""
+  cosine = True
+
+  def __init__(self, retriever, doc_ids: list[str], d_NxD: np.ndarray):
+    self.retriever, self.doc_ids, self.d_NxD = retriever, doc_ids, d_NxD
+
+  def search(self, queries: Sequence[str], k: int):
+    return self.retriever.search(queries, k)
+
+  def scorer(self, queries: Sequence[str]):
+    q_QxD = self.retriever.encode(queries)
+    return lambda row, cols: self.d_NxD[cols] @ q_QxD[row]
+
+
+class Lexical:
+  """BM25 (`index.bm25`)."""
+  cosine = False
+
+  def __init__(self, corpus: dict[str, dict]):
+    from scalingnote_jax.index.bm25 import BM25
+
+    self.bm25 = BM25(corpus)
+    self.doc_ids = self.bm25.doc_ids
+
+  def search(self, queries: Sequence[str], k: int):
+    return self.bm25.search(queries, k)
+
+  def scorer(self, queries: Sequence[str]):
+    return lambda row, cols: self.bm25.scores(queries[row])[cols]
+
+
+def bundle_system(bundle: str) -> Dense:
+  """The online path of a serving bundle (`scalingnote export`)."""
+  from scalingnote_jax.serve.retriever import Retriever
+
+  retriever = Retriever.load(bundle)
+  return Dense(retriever, *store.load_embeddings(os.path.join(bundle, "documents")))
+
+
+def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str, *, backend: str = "exact",
+                 batch_size: int = 64) -> Dense:
+  """A Stage 1 workdir's query and document towers, or one HF / GGUF / packaged encoder for both sides.
+  The corpus is encoded into the store `embeddings` (resumable; reused when complete and of this tower)."""
+  import jax
+  from flax import nnx
+
+  from scalingnote_jax import sharding
+  from scalingnote_jax.index.index import Index
+  from scalingnote_jax.serve.retriever import Retriever
+  from scalingnote_jax.train.checkpoint import fingerprint
+
+  q_enc, d_enc = store.towers(checkpoint, sharding.make_mesh(devices=jax.local_devices()))
+  store.encode_corpus(d_enc, corpus, embeddings, batch_size=batch_size, fingerprint=fingerprint(nnx.state(d_enc.tower)))
+  doc_ids, d_NxD = store.load_embeddings(embeddings)
+  return Dense(Retriever(q_enc, Index.build(d_NxD, doc_ids, backend=backend), max_batch=batch_size),
+               doc_ids, d_NxD)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+def throughput(system, queries: list[str], *, batch_size: int, k: int = 100, singles: int = 32) -> dict:
+  """Queries per second of the whole search (encode + index), batched, after a warm-up pass (compilation),
+  and the median latency of one query on its own."""
+  def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+  batches = [queries[i:i + batch_size] for i in range(0, len(queries), batch_size)]
+  for b in batches:  # warm-up: every batch shape compiled
+    system.search(b, k)
+  seconds = timed(lambda: [system.search(b, k) for b in batches])
+  one = [queries[i % len(queries)] for i in range(singles + 1)]
+  system.search(one[:1], k)
+  latency = sorted(timed(lambda q=q: system.search([q], k)) for q in one[1:])
+  return {"qps": len(queries) / seconds, "batch_size": batch_size, "latency_ms_p50": 1000 * latency[len(latency) // 2]}
+
+
+def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100, num_negatives: int = 255,
+             temperature: float = 0.05, seed: int = 0, batch_size: int = 64, measure_speed: bool = True) -> dict:
+  """The system's metrics on `data` (queries and qrels of one split; corpus = what the system searches)."""
+  qids = [q for q, judged in data.qrels.items() if any(g > 0 for g in judged.values())]
+  texts = [data.queries[q] for q in qids]
+  ids, scores = [], []
+  for i in range(0, len(texts), batch_size):  # one more than k: the query's own id may be among them
+    b_ids, b_scores = system.search(texts[i:i + batch_size], k + int(drop_self))
+    ids += b_ids
+    scores += list(b_scores)
+  run = {}
+  for qid, row_ids, row_scores in zip(qids, ids, scores):
+    kept = [(d, float(s)) for d, s in zip(row_ids, row_scores) if d is not None and not (drop_self and d == qid)]
+    run[qid] = dict(kept[:k])
+  metrics = ir_metrics(data.qrels, run)
+  metrics.update(pair_metrics(system.scorer(texts), qids, data.qrels, system.doc_ids, num_negatives=num_negatives,
+                              scale=1.0 / temperature if system.cosine else None, rng=np.random.default_rng(seed)))
+  metrics["num_docs"] = len(system.doc_ids)
+  if measure_speed:
+    metrics.update(throughput(system, texts, batch_size=batch_size, k=k))
+  return metrics
+
+
+def load_split(data_dir: str, split: str) -> tuple[beir.Dataset, list[str]]:
+  """The split, with qrels naming unknown queries or documents dropped; returns (data, what was dropped)."""
+  skipped: list[str] = []
+  data = beir.load_beir(data_dir, split, unknown="skip", skipped=skipped)
+  for line in skipped[:5]:
+    print(f"warning: {line} (dropped: BEIR counts it as not retrievable)", file=sys.stderr)
+  if len(skipped) > 5:
+    print(f"warning: ... {len(skipped) - 5} more qrels naming unknown ids dropped", file=sys.stderr)
+  return data, skipped
+
+
+def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str | None = None, bm25: bool = False,
+        embeddings: str | None = None, backend: str = "exact", **kw) -> dict:
+  """`scalingnote eval`: exactly one of bundle / checkpoint / bm25."""
+  if sum([bool(bundle), bool(checkpoint), bm25]) != 1:
+    raise ValueError("eval: give exactly one of --bundle, --checkpoint, --bm25")
+  data, skipped = load_split(data_dir, split)
+  with tempfile.TemporaryDirectory(prefix="scalingnote-eval-") as tmp:
+    if bundle:
+      system, name = bundle_system(bundle), os.path.abspath(bundle)
+    elif checkpoint:
+      system = tower_system(checkpoint, data.corpus, embeddings or os.path.join(tmp, "documents"), backend=backend,
+                            batch_size=kw.get("batch_size", 64))
+      name = checkpoint
+    else:
+      system, name = Lexical(data.corpus), "bm25"
+    missing = len(set(data.corpus) - set(system.doc_ids))
+    if missing:
+      print(f"warning: {missing} documents of {data_dir}/corpus.jsonl are not in the system's index", file=sys.stderr)
+    metrics = evaluate(system, data, **kw)
+  return {"system": name, "data": os.path.abspath(data_dir), "split": split, **metrics,
+          "qrels_skipped": len(skipped), "corpus_docs_not_indexed": missing}

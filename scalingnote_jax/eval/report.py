@@ -1,0 +1,120 @@
+"""The pipeline's report: report.json (every stage's result and timing, every system's metrics), report.md
+(tables and plots) and the plots themselves: quality against query throughput for each system (the paper's
+Figure 1 on the user's data) and the training curves of both stages."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from scalingnote_jax.index import corpus as store  # noqa: E402
+
+COLUMNS = [("ndcg_at_10", "nDCG@10"), ("recall_at_10", "R@10"), ("recall_at_100", "R@100"), ("mrr_at_10", "MRR@10"),
+           ("map", "MAP"), ("auc", "AUC"), ("contrastive_entropy", "CE"), ("qps", "queries/s"),
+           ("latency_ms_p50", "1 query (ms)")]
+
+
+def read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def curve(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+  pts = [(r["step"], r[key]) for r in rows if key in r]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_quality_vs_speed(systems: dict[str, dict], out: str) -> None:
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, (key, label) in zip(axes, (("ndcg_at_10", "nDCG@10"), ("recall_at_100", "Recall@100"))):
+    for name, m in systems.items():
+      marker = "s" if name == "teacher" else ("^" if name == "baseline" else ("o" if name.startswith("student") else "x"))
+      ax.scatter(m["qps"], m[key], marker=marker, s=60)
+      ax.annotate(name, (m["qps"], m[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("queries / s (encode + search, batched; log scale)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  fig.suptitle("Quality against query throughput")
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def plot_training(workdir: str, students: list[str], out: str) -> None:
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  offset = 0
+  for name in ("teacher", "teacher_mined", "baseline"):
+    rows = read_metrics(os.path.join(workdir, name, "metrics.jsonl"))
+    steps, loss = curve(rows, "train/loss")
+    start = offset if name == "teacher_mined" else 0  # the mining round continues the teacher's steps
+    axes[0].plot([s + start for s in steps], loss, label=name)
+    steps, ndcg = curve(rows, "val/ndcg_at_10")
+    axes[1].plot([s + start for s in steps], ndcg, marker="o", label=name)
+    if name == "teacher" and steps:
+      offset = max(curve(rows, "train/loss")[0] + steps)
+  for name in students:
+    steps, cos = curve(read_metrics(os.path.join(workdir, "students", name, "metrics.jsonl")), "val/cosine_to_teacher")
+    axes[2].plot(steps, cos, marker="o", label=f"student {name}")
+  for ax, title in zip(axes, ("Stage 1 training loss", "Stage 1 validation nDCG@10",
+                              "Stage 2: held-out cosine to the teacher")):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def fmt(value) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
+  return str(value)
+
+
+def write(workdir: str, cfg, evals: dict, timings: dict[str, float]) -> dict:
+  """Writes report.json, report.md, quality_vs_speed.png and training.png into `workdir`; returns the report."""
+  systems = evals["systems"]
+  teacher = systems["teacher"]
+  students = [name.split(" ", 1)[1] for name in systems if name.startswith("student ")]
+  retention = {name: {key: systems[f"student {name}"][key] / max(teacher[key], 1e-12)
+                      for key in ("ndcg_at_10", "recall_at_10", "recall_at_100")} for name in students}
+  report = {"systems": systems, "student_retention": retention,
+            "teacher_minus_baseline": {k: teacher[k] - systems["baseline"][k] for k in ("ndcg_at_10", "recall_at_100")},
+            "stage_seconds": timings, "qrels_skipped": evals["qrels_skipped"],
+            "figures": ["quality_vs_speed.png", "training.png"], "config": cfg.to_dict()}
+  plot_quality_vs_speed(systems, os.path.join(workdir, "quality_vs_speed.png"))
+  plot_training(workdir, students, os.path.join(workdir, "training.png"))
+
+  first = next(iter(systems.values()))
+  lines = [f"# ScalingNote pipeline report: {workdir}", "",
+           f"{first['num_queries']} test queries over {first['num_docs']} documents "
+           f"(split `{cfg.data.split}`; qrels naming unknown ids dropped: {evals['qrels_skipped']}).", "",
+           "| system | " + " | ".join(label for _, label in COLUMNS) + " |",
+           "|---|" + "---|" * len(COLUMNS)]
+  lines += [f"| {name} | " + " | ".join(fmt(m.get(key)) for key, _ in COLUMNS) + " |" for name, m in systems.items()]
+  lines += ["", "Students against the teacher (online path: student query encoder + the teacher's document "
+            "embeddings):", "", "| student | nDCG@10 kept | R@10 kept | R@100 kept | speed-up (queries/s) |",
+            "|---|---|---|---|---|"]
+  lines += [f"| {name} | {r['ndcg_at_10']:.1%} | {r['recall_at_10']:.1%} | {r['recall_at_100']:.1%} | "
+            f"{systems[f'student {name}']['qps'] / teacher['qps']:.1f}x |" for name, r in retention.items()]
+  lines += ["", f"Teacher minus the directly-trained small dual tower: nDCG@10 "
+            f"{report['teacher_minus_baseline']['ndcg_at_10']:+.4f}, Recall@100 "
+            f"{report['teacher_minus_baseline']['recall_at_100']:+.4f}.", "",
+            "![quality against throughput](quality_vs_speed.png)", "", "![training curves](training.png)", "",
+            "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
+            "CE = contrastive entropy (cosine / temperature; not defined for BM25). Throughput: encode + search of "
+            "the test queries in batches, one process, this machine."]
+  store.write_atomic(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
+  store.write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=1))
+  return {k: report[k] for k in ("student_retention", "teacher_minus_baseline")}

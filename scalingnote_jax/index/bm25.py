@@ -1,0 +1,35 @@
+"""BM25 over a BEIR corpus (bm25s): the lexical baseline of `scalingnote eval` and a negative miner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import bm25s
+import numpy as np
+import Stemmer
+
+
+class BM25:
+  """Title + text of every document; lower-cased, English stopwords removed and Snowball-stemmed (as the
+  Elasticsearch English analyzer behind BEIR's BM25 numbers); bm25s's default k1, b."""
+
+  def __init__(self, corpus: dict[str, dict]):
+    self.doc_ids = list(corpus)
+    self.stemmer = Stemmer.Stemmer("english")
+    self.retriever = bm25s.BM25()
+    self.retriever.index(self._tokenize([f"{d.get('title', '')} {d['text']}" for d in corpus.values()]),
+                         show_progress=False)
+
+  def _tokenize(self, texts: Sequence[str]) -> list[list[str]]:
+    return bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer, return_ids=False, show_progress=False)
+
+  def search(self, queries: Sequence[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+    """(document ids [Q][k], scores [Q, k]), best first."""
+    idx_QxK, scores_QxK = self.retriever.retrieve(self._tokenize(queries), k=min(k, len(self.doc_ids)),
+                                                  show_progress=False)
+    return [[self.doc_ids[i] for i in row] for row in idx_QxK], scores_QxK.astype(np.float32)
+
+  def scores(self, query: str) -> np.ndarray:
+    """The query's score against every document [N] (zeros when none of its words is in the corpus)."""
+    tokens = [t for t in self._tokenize([query])[0] if t in self.retriever.vocab_dict]
+    return self.retriever.get_scores(tokens) if tokens else np.zeros(len(self.doc_ids), np.float32)

@@ -1,0 +1,221 @@
+"""`scalingnote pipeline`: the whole recipe in one command, resumable stage by stage.
+
+  scalingnote pipeline --config configs/demo.py --workdir runs/demo
+  scalingnote pipeline --config configs/scifact.py --workdir runs/scifact --config.data.path=BEIR_DIR
+
+Stages, in order (each writes WORKDIR/stages/NAME.json when it completes; a rerun skips completed stages and
+resumes the interrupted one from its checkpoints or finished chunks):
+
+  data            the BEIR directory (the built-in synthetic corpus is written as one, with its query log)
+  teacher         Stage 1: LLM query and document towers, contrastive loss             -> teacher/
+  mine            hard negatives from the teacher's own ranking                           -> mined/train.jsonl
+  teacher_mined   Stage 1 again from those towers, with the mined negatives (the teacher) -> teacher_mined/
+  baseline        the small dual tower trained directly on the same examples              -> baseline/
+  encode          the corpus by the teacher's document tower                              -> embeddings/documents
+  student_L<n>    Stage 2: the teacher's query tower distilled into an n-layer encoder    -> students/L<n>/
+  export_L<n>     serving bundles (student + the teacher's document embeddings + index)   -> bundles/L<n>/
+  eval            every system on the test split (`eval.evaluate`)                        -> eval/<system>.json
+  report          report.json, report.md, plots                                           -> report.*
+
+A stage records a hash of the configuration it ran with: rerunning with a changed configuration stops with
+the name of the stage that differs instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+from ml_collections import ConfigDict
+
+from scalingnote_jax.data import beir, synthetic
+from scalingnote_jax.distributed import is_main
+from scalingnote_jax.index import corpus as store
+
+STAGES_DIR = "stages"
+
+
+class Stages:
+  """Runs each stage once: a stage whose marker exists (with the same config hash) is skipped."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.dir = workdir, os.path.join(workdir, STAGES_DIR)
+    os.makedirs(self.dir, exist_ok=True)
+    self.timings: dict[str, float] = {}
+
+  def __call__(self, name: str, config, fn) -> dict:
+    marker = os.path.join(self.dir, f"{name}.json")
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if os.path.exists(marker):
+      with open(marker) as f:
+        done = json.load(f)
+      if done["config_hash"] != digest:
+        raise ValueError(f"{marker}: stage {name!r} completed with another configuration than this one; use a new "
+                         f"--workdir, or delete that file and the stage's output to redo it")
+      print(f"[pipeline] {name}: done ({done['seconds']:.0f} s), skipped", flush=True)
+      self.timings[name] = done["seconds"]
+      return done["result"]
+    print(f"[pipeline] {name}: running", flush=True)
+    t0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t0
+    if is_main():
+      store.write_atomic(marker, json.dumps({"config_hash": digest, "seconds": seconds, "result": result}, indent=1))
+    self.timings[name] = seconds
+    print(f"[pipeline] {name}: done in {seconds:.0f} s", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: a BEIR directory for every later stage.
+
+def prepare_data(d: ConfigDict, out: str) -> dict:
+  """The synthetic corpus as a BEIR directory (train / test qrels and an unlabelled query log), or a given
+  BEIR directory checked for its train and test splits, with `query_log` = a text file of unlabelled queries,
+  "titles" (the corpus's titles, written to `out`) or ""."""
+  if d.source == "beir":
+    for split in ("train", d.split):
+      train = beir.load_beir(d.path, split, unknown="skip")  # bad input fails here, naming file:line
+    query_log = d.query_log
+    if query_log == "titles":  # e.g. SciFact: its titles are claims much like its queries
+      query_log = os.path.join(out, "query_log.txt")
+      if is_main():
+        os.makedirs(out, exist_ok=True)
+        store.write_atomic(query_log, "\n".join(t for doc in train.corpus.values() if (t := doc["title"].strip())) + "\n")
+    return {"path": os.path.abspath(d.path), "query_log": os.path.abspath(query_log) if query_log else ""}
+  if d.source != "synthetic":
+    raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
+  import numpy as np
+
+  data = synthetic.generate(d.num_docs, queries_per_doc=d.queries_per_doc, seed=d.seed, noise=d.noise,
+                            unlabelled_per_doc=d.unlabelled_per_doc)
+  qids = list(data.queries)
+  test = set(np.random.default_rng(d.seed).choice(qids, size=int(len(qids) * d.test_fraction), replace=False).tolist())
+  split = lambda keep: synthetic.Dataset(data.corpus, data.queries, {q: r for q, r in data.qrels.items() if keep(q)})  # noqa: E731
+  if is_main():
+    beir.write_beir(split(lambda q: q not in test), out, "train")
+    beir.write_beir(split(lambda q: q in test), out, d.split)
+    store.write_atomic(os.path.join(out, "query_log.txt"), "\n".join(data.unlabelled) + "\n")
+  return {"path": os.path.abspath(out), "query_log": os.path.abspath(os.path.join(out, "query_log.txt"))}
+
+
+def stage1_config(base: ConfigDict, data: dict, split: str, **fields) -> ConfigDict:
+  c = ConfigDict(base.to_dict())
+  c.data.update(dict(source="beir", path=data["path"], train_split="train", val_split=split))
+  for key, value in fields.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for part in parents:
+      target = target[part]
+    target[leaf] = value
+  return c
+
+
+def student_config(cfg: ConfigDict, layers: int, teacher: str, cache: str, query_log: str) -> ConfigDict:
+  c = ConfigDict(cfg.student.to_dict())
+  c.teacher, c.teacher_cache = teacher, cache
+  if c.student.init == "random":
+    c.student.backbone.num_layers = layers
+  else:
+    c.student.num_layers = layers
+  c.data.query_files = tuple(c.data.query_files) + ((query_log,) if query_log else ())
+  c.data.unlabelled_per_doc = 0  # the query log is a file of the data directory
+  c.eval.max_docs = 0  # validation searches the whole corpus: the `encode` store is reused
+  return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def run(cfg: ConfigDict, workdir: str) -> dict:
+  from scalingnote_jax.eval import evaluate, report
+  from scalingnote_jax.index import mining
+  from scalingnote_jax.serve import bundle
+  from scalingnote_jax.train import stage1, stage2
+
+  os.makedirs(workdir, exist_ok=True)
+  path = lambda *parts: os.path.join(workdir, *parts)  # noqa: E731
+  stages = Stages(workdir)
+  split = cfg.data.split
+
+  data = stages("data", cfg.data.to_dict(), lambda: prepare_data(cfg.data, path("data")))
+
+  def train(name, c):
+    out = stage1.train(c, path(name), resume=True)
+    return {"final": out["evals"][-1] if out["evals"] else None}
+
+  t_cfg = stage1_config(cfg.teacher, data, split)
+  stages("teacher", t_cfg.to_dict(), lambda: train("teacher", t_cfg))
+
+  m = cfg.mining
+  mined = path("mined", "train.jsonl")
+
+  def mine():
+    os.makedirs(path("mined"), exist_ok=True)
+    mc = mining.MiningConfig(range_min=m.range_min, range_max=m.range_max, num_negatives=m.num_negatives,
+                             sampling=m.sampling, seed=m.seed)
+    examples = mining.mine_from_checkpoint(path("teacher"), data["path"], "train", mined, mc,
+                                           embeddings_dir=path("mined", "documents"), backend="exact")
+    return {"queries": len(examples), "negatives": sum(len(e.negative_ids) for e in examples)}
+  stages("mine", m.to_dict(), mine)
+
+  final_cfg = stage1_config(cfg.teacher, data, split, **{"model.init": path("teacher"), "data.train_jsonl": mined,
+                                                         "data.n_neg": m.n_neg, "num_steps": m.num_steps})
+  stages("teacher_mined", final_cfg.to_dict(), lambda: train("teacher_mined", final_cfg))
+  teacher = path("teacher_mined")
+
+  b_cfg = stage1_config(cfg.baseline, data, split, **{"data.train_jsonl": mined, "data.n_neg": m.n_neg})
+  stages("baseline", b_cfg.to_dict(), lambda: train("baseline", b_cfg))
+
+  def encode():
+    documents = beir.load_corpus(os.path.join(data["path"], "corpus.jsonl"))
+    system = evaluate.tower_system(teacher, documents, path("embeddings", "documents"),
+                                   batch_size=cfg.eval.batch_size)
+    return {"num_docs": len(system.doc_ids), "dim": int(system.d_NxD.shape[1])}
+  stages("encode", {"teacher": teacher}, encode)
+
+  students = {}
+  for layers in cfg.student_layers:
+    s_cfg = student_config(cfg, layers, teacher, path("embeddings"), data["query_log"])
+    name = f"L{layers}"
+    students[name] = path("bundles", name)
+
+    def distill(s_cfg=s_cfg, name=name):
+      out = stage2.distill(s_cfg, path("students", name), resume=True)
+      return {"final": out["evals"][-1] if out["evals"] else None, "teacher": out["teacher"]}
+    stages(f"student_{name}", s_cfg.to_dict(), distill)
+
+  for name, out in students.items():
+    stages(f"export_{name}", cfg.export.to_dict(), lambda name=name, out=out: bundle.export(
+        path("students", name), out, embeddings=path("embeddings", "documents"), backend=cfg.export.backend)["metrics"])
+
+  def evaluate_all():
+    test, skipped = evaluate.load_split(data["path"], split)
+    kw = dict(num_negatives=cfg.eval.num_negatives, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
+    systems = {"bm25": lambda: evaluate.Lexical(test.corpus)}
+    for model in cfg.eval.zero_shot:
+      systems[f"zero-shot {model}"] = lambda model=model: evaluate.tower_system(
+          model, test.corpus, path("eval", "embeddings", os.path.basename(model)), backend=cfg.export.backend)
+    for name in ("baseline", "teacher"):
+      workdir_, cache = (path("baseline"), path("eval", "embeddings", "baseline")) if name == "baseline" else (
+          teacher, path("embeddings", "documents"))
+      systems[name] = lambda w=workdir_, c=cache: evaluate.tower_system(w, test.corpus, c, backend=cfg.export.backend)
+    for name, out in students.items():
+      systems[f"student {name}"] = lambda out=out: evaluate.bundle_system(out)
+    results = {}
+    os.makedirs(path("eval"), exist_ok=True)
+    for name, make in systems.items():  # each system's result is kept: a rerun evaluates only what is missing
+      result_file = path("eval", f"{name.replace(' ', '_').replace('/', '_')}.json")
+      if os.path.exists(result_file):
+        with open(result_file) as f:
+          results[name] = json.load(f)
+        continue
+      print(f"[pipeline] eval: {name}", flush=True)
+      results[name] = evaluate.evaluate(make(), test, **kw)
+      if is_main():
+        store.write_atomic(result_file, json.dumps(results[name], indent=1))
+    return {"systems": results, "qrels_skipped": len(skipped)}
+  evals = stages("eval", cfg.eval.to_dict(), evaluate_all)
+
+  return stages("report", {}, lambda: report.write(workdir, cfg, evals, stages.timings))
