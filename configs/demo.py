@@ -1,10 +1,11 @@
 """The embedded default (`make demo`): the whole pipeline on the built-in synthetic corpus, no download, a few
 minutes on a 2-core CPU. The "LLM" is a small random decoder with SmolLM2's tokenizer (configs/tiny.py, the
-tests' Stage 1 model); the baseline and the students are small BERT encoders (random, same tokenizer) whose
-query side is ~6x cheaper. Every package it needs (the tokenizer included) is a pip dependency.
+tests' Stage 1 model); the baseline and the students are small BERT encoders (random, same tokenizer, 1 or 2
+layers). Every package it needs (the tokenizer included) is a pip dependency.
 
-  scalingnote pipeline --config configs/demo.py --workdir runs/demo          # then: scalingnote serve runs/demo/bundles/L1
-  scalingnote pipeline --config configs/demo.py:smoke --workdir /tmp/smoke   # seconds: every stage, tiny sizes
+  scalingnote pipeline --config configs/demo.py --workdir runs/demo          # ~3.5 min
+  scalingnote serve runs/demo/bundles/L1                                     # its online path
+  scalingnote pipeline --config configs/demo.py:smoke --workdir /tmp/smoke   # ~1.5 min: every stage, tiny sizes
 """
 
 import os

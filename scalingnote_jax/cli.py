@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "contrastive entropy")
   p.add_argument("--temperature", type=float, default=0.05, help="of the contrastive entropy")
 
+  p = sub.add_parser("fit-scaling", help="fit a scaling law to sweep results (JSONL, one run per line) and "
+                                          "forecast the largest run from the others")
+  p.add_argument("results", help="JSONL: one run per line with N and/or D and the metric fields")
+  p.add_argument("--law", choices=("n", "d", "nd", "power"), required=True,
+                 help="n: (A/N)^alpha + delta; d: (B/D)^beta + delta; nd: a + b N^c + d D^e; power: a + b x^c")
+  p.add_argument("--y", required=True, help="the fitted field, e.g. contrastive_entropy or ndcg_at_10")
+  p.add_argument("--x", default=None, help="for n / d / power: the size field (default N, or D for d)")
+  p.add_argument("--no-holdout", action="store_true", help="fit every run; no forecast check")
+  p.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95%% intervals")
+  p.add_argument("--plot", default=None, help="write the data, fit and forecast as a PNG here")
+
   p = sub.add_parser("compile", help="compile the Stage 1 step ahead of time for a fake topology (TPU pod, GPU "
                                       "hosts) and print per-device memory; no such hardware needed")
   p.add_argument("--config", help="configs/<name>.py, optionally :variant")
@@ -159,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                           drop_self=not args.keep_self, batch_size=args.batch_size,
                           num_negatives=args.num_negatives, temperature=args.temperature)
     print(json.dumps(report))
+    return 0
+
+  if args.command == "fit-scaling":
+    from scalingnote_jax.scaling import fit
+
+    print(json.dumps(fit.run(args.results, law=args.law, y=args.y, x=args.x, holdout_largest=not args.no_holdout,
+                             bootstrap=args.bootstrap, plot_path=args.plot)))
     return 0
 
   if args.command == "serve":

@@ -83,7 +83,8 @@ def prepare_data(d: ConfigDict, out: str) -> dict:
       query_log = os.path.join(out, "query_log.txt")
       if is_main():
         os.makedirs(out, exist_ok=True)
-        store.write_atomic(query_log, "\n".join(t for doc in train.corpus.values() if (t := doc["title"].strip())) + "\n")
+        titles = [t for doc in train.corpus.values() if (t := doc["title"].strip())]
+        store.write_atomic(query_log, "\n".join(titles) + "\n")
     return {"path": os.path.abspath(d.path), "query_log": os.path.abspath(query_log) if query_log else ""}
   if d.source != "synthetic":
     raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
@@ -93,10 +94,10 @@ def prepare_data(d: ConfigDict, out: str) -> dict:
                             unlabelled_per_doc=d.unlabelled_per_doc)
   qids = list(data.queries)
   test = set(np.random.default_rng(d.seed).choice(qids, size=int(len(qids) * d.test_fraction), replace=False).tolist())
-  split = lambda keep: synthetic.Dataset(data.corpus, data.queries, {q: r for q, r in data.qrels.items() if keep(q)})  # noqa: E731
   if is_main():
-    beir.write_beir(split(lambda q: q not in test), out, "train")
-    beir.write_beir(split(lambda q: q in test), out, d.split)
+    for name, keep in (("train", lambda q: q not in test), (d.split, lambda q: q in test)):
+      qrels = {q: r for q, r in data.qrels.items() if keep(q)}
+      beir.write_beir(synthetic.Dataset(data.corpus, data.queries, qrels), out, name)
     store.write_atomic(os.path.join(out, "query_log.txt"), "\n".join(data.unlabelled) + "\n")
   return {"path": os.path.abspath(out), "query_log": os.path.abspath(os.path.join(out, "query_log.txt"))}
 
@@ -193,14 +194,15 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
   def evaluate_all():
     test, skipped = evaluate.load_split(data["path"], split)
     kw = dict(num_negatives=cfg.eval.num_negatives, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
+    # Dense systems search with the serving index (the same backend as the bundles), encode + search timed.
+    towers = lambda model, store_dir: evaluate.tower_system(model, test.corpus, store_dir,  # noqa: E731
+                                                            backend=cfg.export.backend)
     systems = {"bm25": lambda: evaluate.Lexical(test.corpus)}
     for model in cfg.eval.zero_shot:
-      systems[f"zero-shot {model}"] = lambda model=model: evaluate.tower_system(
-          model, test.corpus, path("eval", "embeddings", os.path.basename(model)), backend=cfg.export.backend)
-    for name in ("baseline", "teacher"):
-      workdir_, cache = (path("baseline"), path("eval", "embeddings", "baseline")) if name == "baseline" else (
-          teacher, path("embeddings", "documents"))
-      systems[name] = lambda w=workdir_, c=cache: evaluate.tower_system(w, test.corpus, c, backend=cfg.export.backend)
+      store_dir = path("eval", "embeddings", os.path.basename(model))
+      systems[f"zero-shot {model}"] = lambda model=model, store_dir=store_dir: towers(model, store_dir)
+    systems["baseline"] = lambda: towers(path("baseline"), path("eval", "embeddings", "baseline"))
+    systems["teacher"] = lambda: towers(teacher, path("embeddings", "documents"))  # the `encode` store
     for name, out in students.items():
       systems[f"student {name}"] = lambda out=out: evaluate.bundle_system(out)
     results = {}

@@ -35,7 +35,7 @@ def plot_quality_vs_speed(systems: dict[str, dict], out: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for ax, (key, label) in zip(axes, (("ndcg_at_10", "nDCG@10"), ("recall_at_100", "Recall@100"))):
     for name, m in systems.items():
-      marker = "s" if name == "teacher" else ("^" if name == "baseline" else ("o" if name.startswith("student") else "x"))
+      marker = {"teacher": "s", "baseline": "^"}.get(name, "o" if name.startswith("student") else "x")
       ax.scatter(m["qps"], m[key], marker=marker, s=60)
       ax.annotate(name, (m["qps"], m[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")

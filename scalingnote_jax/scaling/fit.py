@@ -1,0 +1,232 @@
+"""`scalingnote fit-scaling RESULTS.jsonl`: power laws fitted to sweep results, with bootstrap confidence
+intervals, R², and a forecast check (fit without the largest run, predict it).
+
+Laws (x = N, non-embedding parameters, or D, training pairs or tokens):
+  n      L(N)    = (A / N)^alpha + delta            ScalingNote's model-size law (contrastive entropy)
+  d      L(D)    = (B / D)^beta + delta             its data-size law
+  nd     L(N, D) = a + b * N^c + d * D^e            the joint law
+  power  y       = a + b * x^c                      downstream metrics (nDCG@10, Recall@k) against N or D
+
+Fits use scipy's `curve_fit` (trust-region, bounded) from several starting points and keep the best; scale
+parameters are fitted in log space (A, B span orders of magnitude).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+from scipy.optimize import curve_fit
+
+
+@dataclasses.dataclass(frozen=True)
+class Law:
+  name: str
+  params: tuple[str, ...]  # as reported
+  fn: object  # fn(x_KxN, *fit_params) -> y_N, with fit_params in the fitting parameterisation
+  starts: object  # starts(x_KxN, y_N) -> list of initial fit_params
+  bounds: object  # bounds(x_KxN, y_N) -> (lower, upper)
+  report: object  # report(fit_params) -> reported params
+
+
+def _saturating(x, log_a, alpha, delta):
+  return np.exp(alpha * (log_a - np.log(x[0]))) + delta
+
+
+def _sat_starts(x, y):
+  """For a fixed delta the law is a line in log space, log(y - delta) = alpha log A - alpha log N: the best
+  line over a grid of delta starts the fit (one cheap start instead of many curve_fit runs)."""
+  lx, lo, best, best_sse = np.log(x[0]), float(np.min(y)), None, np.inf
+  for delta in lo * np.linspace(0.0, 0.98, 50):
+    slope, intercept = np.polyfit(lx, np.log(y - delta), 1)
+    if slope >= 0:
+      continue
+    p = (intercept / -slope, -slope, delta)
+    sse = float(np.sum((_saturating(x, *p) - y) ** 2))
+    if sse < best_sse:
+      best, best_sse = p, sse
+  return ([best] if best else []) + [(float(np.log(np.median(x[0]))), 0.5, 0.5 * lo)]
+
+
+def _sat_bounds(x, y):
+  return ([-50.0, 1e-3, 0.0], [100.0, 5.0, float(np.min(y))])
+
+
+def _joint(x, a, b, c, d, e):
+  return a + b * x[0] ** c + d * x[1] ** e
+
+
+def _joint_starts(x, y):
+  lo, span = float(np.min(y)), float(np.ptp(y)) or 1.0
+  return [(lo * f, span * x[0].mean() ** -c, -c, span * x[1].mean() ** -e, -e) for f in (0.0, 0.9)
+          for c in (0.1, 0.3, 0.6) for e in (0.1, 0.3, 0.6)]
+
+
+def _power(x, a, b, c):
+  return a + b * x[0] ** c
+
+
+def _power_starts(x, y):
+  hi, lo, span = float(np.max(y)), float(np.min(y)), float(np.ptp(y)) or 1.0
+  # rising and saturating (b < 0, c < 0) or falling (b > 0, c < 0), or growing without a ceiling (c > 0)
+  return [(a, sign * span * x[0].mean() ** -c, c) for a in (hi, lo) for sign in (-1.0, 1.0)
+          for c in (-0.6, -0.3, -0.1, 0.1, 0.3)]
+
+
+LAWS = {
+    "n": Law("n", ("A", "alpha", "delta"), _saturating, _sat_starts, _sat_bounds,
+             lambda p: (math.exp(p[0]), p[1], p[2])),
+    "d": Law("d", ("B", "beta", "delta"), _saturating, _sat_starts, _sat_bounds,
+             lambda p: (math.exp(p[0]), p[1], p[2])),
+    "nd": Law("nd", ("a", "b", "c", "d", "e"), _joint, _joint_starts,
+              lambda x, y: ([-np.inf, 0.0, -3.0, 0.0, -3.0], [np.inf, np.inf, 0.0, np.inf, 0.0]), tuple),
+    "power": Law("power", ("a", "b", "c"), _power, _power_starts, lambda x, y: (-np.inf, np.inf), tuple),
+}
+
+
+def fit_law(law: Law, x_KxN: np.ndarray, y_N: np.ndarray) -> np.ndarray:
+  """Best least-squares fit parameters (fitting parameterisation) over the law's starting points."""
+  best, best_sse = None, np.inf
+  lower, upper = law.bounds(x_KxN, y_N)
+  for p0 in law.starts(x_KxN, y_N):
+    p0 = np.clip(p0, np.asarray(lower, float) + 1e-9, np.asarray(upper, float) - 1e-9) if np.ndim(lower) else p0
+    try:
+      p, _ = curve_fit(law.fn, x_KxN, y_N, p0=p0, bounds=(lower, upper), maxfev=20000)
+    except (RuntimeError, ValueError, FloatingPointError):  # this start did not converge: try the next
+      continue
+    sse = float(np.sum((law.fn(x_KxN, *p) - y_N) ** 2))
+    if np.isfinite(sse) and sse < best_sse:
+      best, best_sse = p, sse
+  if best is None:
+    raise RuntimeError(f"law {law.name!r}: no starting point converged on {len(y_N)} points")
+  return best
+
+
+def r_squared(y_N: np.ndarray, pred_N: np.ndarray) -> float:
+  return 1.0 - float(np.sum((y_N - pred_N) ** 2) / max(np.sum((y_N - y_N.mean()) ** 2), 1e-300))
+
+
+def fit(law_name: str, x_KxN: np.ndarray, y_N: np.ndarray, *, bootstrap: int = 200, seed: int = 0,
+        holdout: np.ndarray | None = None) -> dict:
+  """Fits `law_name` to (x, y); `bootstrap` resamples the points for 95% intervals of the parameters. With
+  `holdout` (a boolean mask), fits on the other points and forecasts the held-out ones, with intervals."""
+  law = LAWS[law_name]
+  x_KxN, y_N = np.asarray(x_KxN, np.float64).reshape(len(x_KxN), -1), np.asarray(y_N, np.float64)
+  train = ~holdout if holdout is not None else np.ones(len(y_N), bool)
+  p = fit_law(law, x_KxN[:, train], y_N[train])
+  out = {"law": law_name, "params": dict(zip(law.params, map(float, law.report(p)))), "num_points": int(train.sum()),
+         "r2": r_squared(y_N[train], law.fn(x_KxN[:, train], *p))}
+  rng = np.random.default_rng(seed)
+  idx = np.flatnonzero(train)
+  boot, boot_pred = [], []
+  for _ in range(bootstrap):
+    pick = rng.choice(idx, size=len(idx), replace=True)
+    if len(np.unique(x_KxN[:, pick], axis=1).T) < len(law.params):  # too few distinct points to fit
+      continue
+    try:
+      bp = fit_law(law, x_KxN[:, pick], y_N[pick])
+    except RuntimeError:
+      continue
+    boot.append(law.report(bp))
+    if holdout is not None:
+      boot_pred.append(law.fn(x_KxN[:, holdout], *bp))
+  if boot:
+    lo, hi = np.percentile(np.asarray(boot, np.float64), [2.5, 97.5], axis=0)
+    out["params_ci95"] = {k: [float(a), float(b)] for k, a, b in zip(law.params, lo, hi)}
+    out["bootstrap_fits"] = len(boot)
+  if holdout is not None:
+    pred = law.fn(x_KxN[:, holdout], *p)
+    out["forecast"] = [{"x": x_KxN[:, i].tolist(), "measured": float(y_N[i]), "predicted": float(v),
+                        "abs_error": float(abs(v - y_N[i])), "rel_error": float(abs(v - y_N[i]) / abs(y_N[i]))}
+                       for i, v in zip(np.flatnonzero(holdout), pred)]
+    if boot_pred:
+      lo, hi = np.percentile(np.asarray(boot_pred), [2.5, 97.5], axis=0)
+      for row, a, b in zip(out["forecast"], lo, hi):
+        row["predicted_ci95"] = [float(a), float(b)]
+  out["_fit"] = p  # fitting parameterisation, for plots (dropped from JSON)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results files and the command.
+
+def read_results(path: str, fields: list[str]) -> dict[str, np.ndarray]:
+  """Rows of a JSONL results file (one run per line); errors name file:line and field."""
+  cols: dict[str, list[float]] = {f: [] for f in fields}
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+      for field in fields:
+        value = row.get(field) if isinstance(row, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+          raise ValueError(f"{where}: field {field!r} must be a finite number, got {value!r}")
+        cols[field].append(float(value))
+  if not cols[fields[0]]:
+    raise ValueError(f"{path}: no runs")
+  return {k: np.asarray(v) for k, v in cols.items()}
+
+
+def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str, ylabel: str, out: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  law, p = LAWS[result["law"]], result["_fit"]
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  train = ~holdout if holdout is not None else np.ones(len(y_N), bool)
+  if x_KxN.shape[0] == 1:
+    grid = np.geomspace(x_KxN[0].min(), x_KxN[0].max() * 2, 200)[None]
+    ax.plot(grid[0], law.fn(grid, *p), label=f"fit (R² {result['r2']:.3f})")
+    ax.scatter(x_KxN[0, train], y_N[train], label="fitted runs")
+  else:  # one curve per distinct D
+    for d in np.unique(x_KxN[1]):
+      sel = x_KxN[1] == d
+      grid = np.geomspace(x_KxN[0].min(), x_KxN[0].max() * 2, 200)
+      ax.plot(grid, law.fn(np.stack([grid, np.full_like(grid, d)]), *p), alpha=0.6)
+      ax.scatter(x_KxN[0, sel & train], y_N[sel & train], label=f"D={d:.3g}")
+  for row in result.get("forecast", []):
+    ci = row.get("predicted_ci95", [row["predicted"]] * 2)
+    ax.errorbar(row["x"][0], row["predicted"], yerr=[[row["predicted"] - ci[0]], [ci[1] - row["predicted"]]],
+                fmt="s", color="red", capsize=4, label="forecast (95% CI)")
+    ax.scatter(row["x"][0], row["measured"], marker="*", s=120, color="black", label="held-out run")
+  ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def run(path: str, *, law: str, y: str, x: str | None = None, holdout_largest: bool = True, bootstrap: int = 200,
+        plot_path: str | None = None) -> dict:
+  """`scalingnote fit-scaling`: the fit of `law` to field `y` against `x` (default N for n / power, D for d,
+  both for nd), forecasting the run(s) with the largest N (or D for the d law) when `holdout_largest`."""
+  if law not in LAWS:
+    raise ValueError(f"law {law!r}: expected one of {', '.join(LAWS)}")
+  xs = ["N", "D"] if law == "nd" else [x or ("D" if law == "d" else "N")]
+  cols = read_results(path, xs + [y])
+  for name in xs:
+    if np.any(cols[name] <= 0):
+      raise ValueError(f"{path}: field {name!r} must be > 0 in every run")
+  x_KxN = np.stack([cols[name] for name in xs])
+  holdout = (x_KxN[0] == x_KxN[0].max()) if holdout_largest else None
+  if holdout is not None and (~holdout).sum() <= len(LAWS[law].params):
+    raise ValueError(f"{path}: {int((~holdout).sum())} runs besides the largest; the {law} law needs more than "
+                     f"{len(LAWS[law].params)} to fit")
+  result = fit(law, x_KxN, cols[y], bootstrap=bootstrap, holdout=holdout)
+  if plot_path:
+    plot(result, x_KxN, cols[y], holdout, xs[0], y, plot_path)
+    result["plot"] = plot_path
+  result.pop("_fit")
+  return {"results": path, "x": xs, "y": y, **result}

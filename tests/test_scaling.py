@@ -1,0 +1,73 @@
+"""Scaling-law fits on data whose true law is known: the fit recovers the exponents, the forecast of the
+held-out largest run lands near it (inside its bootstrap interval), and bad results files are named."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scalingnote_jax.scaling import fit
+
+
+def noisy(y, rng, rel=0.005):
+  return y * (1 + rel * rng.standard_normal(len(y)))
+
+
+@pytest.mark.parametrize("law", ["n", "d"])
+def test_single_variable_law_is_recovered_and_forecasts_the_largest_run(law):
+  rng = np.random.default_rng(0)
+  x = np.geomspace(1e5, 3e8, 8)
+  a, alpha, delta = 4e4, 0.35, 0.8  # L = (A / x)^alpha + delta
+  y = noisy((a / x) ** alpha + delta, rng)
+  holdout = x == x.max()
+  r = fit.fit(law, x[None], y, holdout=holdout, bootstrap=100)
+  names = ("A", "alpha", "delta") if law == "n" else ("B", "beta", "delta")
+  got = dict(zip(("A", "alpha", "delta"), (r["params"][k] for k in names)))
+  assert got["alpha"] == pytest.approx(alpha, abs=0.05)
+  assert got["delta"] == pytest.approx(delta, abs=0.05)
+  assert r["r2"] > 0.99 and r["num_points"] == 7
+  lo, hi = r["params_ci95"][names[1]]
+  assert lo <= alpha <= hi
+  (forecast,) = r["forecast"]
+  true = (a / x.max()) ** alpha + delta
+  assert forecast["rel_error"] < 0.02 and abs(forecast["predicted"] - true) < 0.02
+  lo, hi = forecast["predicted_ci95"]
+  assert lo <= forecast["measured"] + 0.01 and forecast["measured"] - 0.01 <= hi
+
+
+def test_joint_law_recovers_both_exponents():
+  rng = np.random.default_rng(1)
+  n, d = np.meshgrid(np.geomspace(1e5, 1e8, 5), np.geomspace(1e3, 1e6, 4))
+  n, d = n.ravel(), d.ravel()
+  y = noisy(0.5 + 30 * n ** -0.3 + 8 * d ** -0.4, rng, rel=0.002)
+  r = fit.fit("nd", np.stack([n, d]), y, bootstrap=0)
+  assert r["params"]["c"] == pytest.approx(-0.3, abs=0.05)
+  assert r["params"]["e"] == pytest.approx(-0.4, abs=0.05)
+  assert r["params"]["a"] == pytest.approx(0.5, abs=0.05) and r["r2"] > 0.99
+
+
+def test_power_law_for_a_saturating_metric():
+  x = np.geomspace(1e5, 1e8, 7)
+  y = 0.75 - 5.0 * x ** -0.25  # nDCG@10 rising towards 0.75
+  r = fit.fit("power", x[None], y, bootstrap=0)
+  assert r["params"]["c"] == pytest.approx(-0.25, abs=0.02) and r["params"]["a"] == pytest.approx(0.75, abs=0.01)
+
+
+def test_command_reads_a_results_file_writes_a_plot_and_names_bad_lines(tmp_path, capsys):
+  from scalingnote_jax.cli import main
+
+  rng = np.random.default_rng(2)
+  ns = np.geomspace(1e5, 1e8, 6)
+  rows = [{"N": float(n), "D": 1000, "contrastive_entropy": float(v)}
+          for n, v in zip(ns, noisy((2e4 / ns) ** 0.3 + 0.6, rng))]
+  results = tmp_path / "results.jsonl"
+  results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  plot = tmp_path / "fit.png"
+  assert main(["fit-scaling", str(results), "--law", "n", "--y", "contrastive_entropy", "--plot", str(plot),
+               "--bootstrap", "20"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["params"]["alpha"] == pytest.approx(0.3, abs=0.08) and len(out["forecast"]) == 1
+  assert plot.read_bytes()[:4] == b"\x89PNG"
+  results.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"N": 5, "contrastive_entropy": "high"}) + "\n")
+  with pytest.raises(ValueError, match=r"results\.jsonl:2: field 'contrastive_entropy' must be a finite number"):
+    main(["fit-scaling", str(results), "--law", "n", "--y", "contrastive_entropy"])
