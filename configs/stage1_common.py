@@ -25,7 +25,7 @@ def base() -> ConfigDict:
                             clip_norm=1.0, b1=0.9, b2=0.999))
   c.data = ConfigDict(dict(source="synthetic", path="", train_split="train", val_split="", train_jsonl="",
                            num_docs=256, queries_per_doc=2, val_fraction=0.25, n_neg_candidates=8, seed=0,
-                           n_neg=1, query_len=32, doc_len=64))
+                           n_neg=1, query_len=32, doc_len=64, train_fraction=1.0))
   c.checkpoint = ConfigDict(dict(every=50, keep=3))
   # at_start: also evaluate the initial towers (step 0); off when that number is already known.
   c.eval = ConfigDict(dict(every=50, at_start=True, num_negatives=31, max_docs=0, seed=0, batch_size=64))

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "contrastive entropy")
   p.add_argument("--temperature", type=float, default=0.05, help="of the contrastive entropy")
 
+  p = sub.add_parser("sweep", help="Stage 1 over a ladder of model sizes x data sizes, resumable run by run; "
+                                    "writes WORKDIR/results.jsonl for fit-scaling")
+  p.add_argument("--config", required=True, help="configs/sweep_<name>.py, optionally :variant")
+  p.add_argument("--workdir", required=True, help="runs/<run>/ and results.jsonl go here")
+
   p = sub.add_parser("fit-scaling", help="fit a scaling law to sweep results (JSONL, one run per line) and "
                                           "forecast the largest run from the others")
   p.add_argument("results", help="JSONL: one run per line with N and/or D and the metric fields")
@@ -233,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     out = stage1.train(cfg, args.workdir, resume=args.resume)
     if out["evals"] and distributed.is_main():
       print(json.dumps({"final": out["evals"][-1]}))
+  elif args.command == "sweep":
+    from scalingnote_jax.scaling import sweep
+
+    rows = sweep.run(cfg, args.workdir)
+    if distributed.is_main():
+      print(json.dumps({"results": f"{args.workdir}/results.jsonl", "runs": len(rows)}))
   elif args.command == "distill":
     from scalingnote_jax.train import stage2
 

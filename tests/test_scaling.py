@@ -71,3 +71,47 @@ def test_command_reads_a_results_file_writes_a_plot_and_names_bad_lines(tmp_path
   results.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"N": 5, "contrastive_entropy": "high"}) + "\n")
   with pytest.raises(ValueError, match=r"results\.jsonl:2: field 'contrastive_entropy' must be a finite number"):
     main(["fit-scaling", str(results), "--law", "n", "--y", "contrastive_entropy"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sweep: N counted without embeddings, nested data fractions, results a fit reads, resumable.
+
+def test_non_embedding_parameters_are_counted_by_hand():
+  from scalingnote_jax.config import load_config
+  from scalingnote_jax.scaling.sweep import non_embedding_params
+
+  cfg = load_config("configs/tiny.py")  # 2 layers, width 64, 4 heads of 16, 2 KV heads, MLP 128
+  e, kv, f = 64, 2 * 16, 128
+  per_layer = e * e + 2 * e * kv + e * e + 3 * e * f + 2 * e  # q, k, v, o, gate/up/down, two norms
+  assert non_embedding_params(cfg) == 2 * per_layer + e  # + the final norm; the 49152 x 64 table is not N
+
+
+def test_data_fractions_are_nested():
+  from scalingnote_jax.train.stage1 import subsample
+
+  items = list(range(100))
+  quarter, half = subsample(items, 0.25, seed=3), subsample(items, 0.5, seed=3)
+  assert len(quarter) == 25 and len(half) == 50 and set(quarter) < set(half)
+  with pytest.raises(ValueError, match="train_fraction=0"):
+    subsample(items, 0, seed=3)
+
+
+def test_sweep_writes_results_that_fit_reads_and_resumes(tmp_path):
+  from conftest import ROOT, run_cli
+
+  config = f"{ROOT}/configs/sweep_tiny.py:smoke"
+  workdir = tmp_path / "sweep"
+  first = run_cli("sweep", "--config", config, "--workdir", str(workdir)).stdout
+  rows = [json.loads(line) for line in (workdir / "results.jsonl").open()]
+  assert [r["run"] for r in rows] == ["h8_D0.5", "h8_D1", "h16_D0.5", "h16_D1"]
+  by = {r["run"]: r for r in rows}
+  assert by["h16_D1"]["N"] > by["h8_D1"]["N"] and by["h8_D1"]["N"] == by["h8_D0.5"]["N"]
+  assert by["h8_D1"]["D"] == 2 * by["h8_D0.5"]["D"]
+  assert by["h8_D1"]["compute"] == 6 * by["h8_D1"]["N"] * by["h8_D1"]["tokens"]
+  assert all(np.isfinite(r["contrastive_entropy"]) and 0 <= r["ndcg_at_10"] <= 1 for r in rows)
+  assert first.count(": running") == 4
+  again = run_cli("sweep", "--config", config, "--workdir", str(workdir)).stdout
+  assert again.count("skipped") == 4 and ": running" not in again
+  assert [json.loads(line) for line in (workdir / "results.jsonl").open()] == rows
+  cols = fit.read_results(str(workdir / "results.jsonl"), ["N", "D", "compute", "contrastive_entropy", "ndcg_at_10"])
+  assert len(cols["N"]) == 4  # what `scalingnote fit-scaling` reads

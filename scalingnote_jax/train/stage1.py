@@ -51,6 +51,7 @@ def load_data(cfg: ConfigDict) -> tuple[list[beir.TrainExample], synthetic.Datas
                               {q: r for q, r in data.qrels.items() if q not in val})
     examples = synthetic.with_topic_negatives(beir.examples_from_qrels(train), data.corpus, d.n_neg_candidates,
                                               d.seed)
+    examples = subsample(examples, d.get("train_fraction", 1.0), d.seed)
     held_out = synthetic.Dataset(data.corpus, {q: data.queries[q] for q in val}, {q: data.qrels[q] for q in val})
     return examples, held_out, data.corpus
   if d.source == "beir":
@@ -58,8 +59,19 @@ def load_data(cfg: ConfigDict) -> tuple[list[beir.TrainExample], synthetic.Datas
     examples = (beir.load_train_jsonl(d.train_jsonl, train.corpus) if d.train_jsonl
                 else beir.examples_from_qrels(train))
     held_out = beir.load_beir(d.path, d.val_split, unknown="skip") if d.val_split else None
-    return examples, held_out, train.corpus
+    return subsample(examples, d.get("train_fraction", 1.0), d.seed), held_out, train.corpus
   raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
+
+
+def subsample(examples: list, fraction: float, seed: int) -> list:
+  """A fixed random `fraction` of the training examples (data-size sweeps); nested: a smaller fraction's
+  examples are a subset of a larger one's."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"data.train_fraction={fraction}: expected 0 < fraction <= 1")
+  if fraction == 1:
+    return examples
+  order = np.random.default_rng(seed).permutation(len(examples))
+  return [examples[i] for i in sorted(order[:max(1, round(fraction * len(examples)))])]
 
 
 # ----------------------------------------------------------------------------------------------------------
