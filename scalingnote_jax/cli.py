@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-holdout", action="store_true", help="fit every run; no forecast check")
   p.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95%% intervals")
   p.add_argument("--plot", default=None, help="write the data, fit and forecast as a PNG here")
+  p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                 help="only the runs whose FIELD equals VALUE (e.g. D=896 for a model-size law at one data size)")
 
   p = sub.add_parser("compile", help="compile the Stage 1 step ahead of time for a fake topology (TPU pod, GPU "
                                       "hosts) and print per-device memory; no such hardware needed")
@@ -180,8 +182,15 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "fit-scaling":
     from scalingnote_jax.scaling import fit
 
+    where = {}
+    for item in args.where:
+      field, sep, value = item.partition("=")
+      try:
+        where[field] = float(value)
+      except ValueError:
+        parser.error(f"--where {item!r}: expected FIELD=NUMBER")
     print(json.dumps(fit.run(args.results, law=args.law, y=args.y, x=args.x, holdout_largest=not args.no_holdout,
-                             bootstrap=args.bootstrap, plot_path=args.plot)))
+                             bootstrap=args.bootstrap, plot_path=args.plot, where=where)))
     return 0
 
   if args.command == "serve":

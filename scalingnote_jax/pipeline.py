@@ -40,8 +40,8 @@ STAGES_DIR = "stages"
 class Stages:
   """Runs each stage once: a stage whose marker exists (with the same config hash) is skipped."""
 
-  def __init__(self, workdir: str):
-    self.workdir, self.dir = workdir, os.path.join(workdir, STAGES_DIR)
+  def __init__(self, workdir: str, label: str = "pipeline"):
+    self.workdir, self.dir, self.label = workdir, os.path.join(workdir, STAGES_DIR), label
     os.makedirs(self.dir, exist_ok=True)
     self.timings: dict[str, float] = {}
 
@@ -54,17 +54,17 @@ class Stages:
       if done["config_hash"] != digest:
         raise ValueError(f"{marker}: stage {name!r} completed with another configuration than this one; use a new "
                          f"--workdir, or delete that file and the stage's output to redo it")
-      print(f"[pipeline] {name}: done ({done['seconds']:.0f} s), skipped", flush=True)
+      print(f"[{self.label}] {name}: done ({done['seconds']:.0f} s), skipped", flush=True)
       self.timings[name] = done["seconds"]
       return done["result"]
-    print(f"[pipeline] {name}: running", flush=True)
+    print(f"[{self.label}] {name}: running", flush=True)
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
     if is_main():
       store.write_atomic(marker, json.dumps({"config_hash": digest, "seconds": seconds, "result": result}, indent=1))
     self.timings[name] = seconds
-    print(f"[pipeline] {name}: done in {seconds:.0f} s", flush=True)
+    print(f"[{self.label}] {name}: done in {seconds:.0f} s", flush=True)
     return result
 
 

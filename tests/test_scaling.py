@@ -68,6 +68,10 @@ def test_command_reads_a_results_file_writes_a_plot_and_names_bad_lines(tmp_path
   out = json.loads(capsys.readouterr().out)
   assert out["params"]["alpha"] == pytest.approx(0.3, abs=0.08) and len(out["forecast"]) == 1
   assert plot.read_bytes()[:4] == b"\x89PNG"
+  results.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"N": 1e9, "D": 10, "contrastive_entropy": 9.0}]))
+  assert main(["fit-scaling", str(results), "--law", "n", "--y", "contrastive_entropy", "--where", "D=1000",
+               "--bootstrap", "0"]) == 0  # the D=10 run is not fitted: without --where it would be the held-out one
+  assert json.loads(capsys.readouterr().out)["forecast"][0]["x"] == [ns[-1]]
   results.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"N": 5, "contrastive_entropy": "high"}) + "\n")
   with pytest.raises(ValueError, match=r"results\.jsonl:2: field 'contrastive_entropy' must be a finite number"):
     main(["fit-scaling", str(results), "--law", "n", "--y", "contrastive_entropy"])

@@ -152,8 +152,9 @@ def fit(law_name: str, x_KxN: np.ndarray, y_N: np.ndarray, *, bootstrap: int = 2
 # ----------------------------------------------------------------------------------------------------------
 # Results files and the command.
 
-def read_results(path: str, fields: list[str]) -> dict[str, np.ndarray]:
-  """Rows of a JSONL results file (one run per line); errors name file:line and field."""
+def read_results(path: str, fields: list[str], select: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+  """Rows of a JSONL results file (one run per line), those whose fields equal `select`'s values; errors name
+  file:line and field."""
   cols: dict[str, list[float]] = {f: [] for f in fields}
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
@@ -164,13 +165,15 @@ def read_results(path: str, fields: list[str]) -> dict[str, np.ndarray]:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+      if select and isinstance(row, dict) and any(row.get(k) != v for k, v in select.items()):
+        continue
       for field in fields:
         value = row.get(field) if isinstance(row, dict) else None
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
           raise ValueError(f"{where}: field {field!r} must be a finite number, got {value!r}")
         cols[field].append(float(value))
   if not cols[fields[0]]:
-    raise ValueError(f"{path}: no runs")
+    raise ValueError(f"{path}: no runs" + (f" with {select}" if select else ""))
   return {k: np.asarray(v) for k, v in cols.items()}
 
 
@@ -209,13 +212,13 @@ def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str,
 
 
 def run(path: str, *, law: str, y: str, x: str | None = None, holdout_largest: bool = True, bootstrap: int = 200,
-        plot_path: str | None = None) -> dict:
+        plot_path: str | None = None, where: dict[str, float] | None = None) -> dict:
   """`scalingnote fit-scaling`: the fit of `law` to field `y` against `x` (default N for n / power, D for d,
   both for nd), forecasting the run(s) with the largest N (or D for the d law) when `holdout_largest`."""
   if law not in LAWS:
     raise ValueError(f"law {law!r}: expected one of {', '.join(LAWS)}")
   xs = ["N", "D"] if law == "nd" else [x or ("D" if law == "d" else "N")]
-  cols = read_results(path, xs + [y])
+  cols = read_results(path, xs + [y], where)
   for name in xs:
     if np.any(cols[name] <= 0):
       raise ValueError(f"{path}: field {name!r} must be > 0 in every run")
@@ -229,4 +232,4 @@ def run(path: str, *, law: str, y: str, x: str | None = None, holdout_largest: b
     plot(result, x_KxN, cols[y], holdout, xs[0], y, plot_path)
     result["plot"] = plot_path
   result.pop("_fit")
-  return {"results": path, "x": xs, "y": y, **result}
+  return {"results": path, "x": xs, "y": y, "where": where or {}, **result}

@@ -55,7 +55,7 @@ def train_one(c: ConfigDict, workdir: str) -> dict:
 
 
 def run(cfg: ConfigDict, workdir: str) -> list[dict]:
-  stages = Stages(workdir)
+  stages = Stages(workdir, label="sweep")
   rows = []
   sizes = sorted(cfg.sizes.items(), key=lambda kv: non_embedding_params(run_config(cfg, dict(kv[1]), 1.0)))
   for size, backbone in sizes:  # smallest model first
