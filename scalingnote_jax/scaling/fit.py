@@ -7,7 +7,9 @@ Laws (x = N, non-embedding parameters, or D, training pairs or tokens):
   nd     L(N, D) = a + b * N^c + d * D^e            the joint law
   power  y       = a + b * x^c                      downstream metrics (nDCG@10, Recall@k) against N or D
 
-Fits use scipy's `curve_fit` (trust-region, bounded) from several starting points and keep the best; scale
+Losses (n, d, nd) are fitted on log(y), as they span orders of magnitude; downstream metrics (power) on y.
+Fits use scipy's `curve_fit` (trust-region, bounded) started where the law is easy: for fixed exponents (or
+a fixed delta) each law is linear, so the best of a grid of linear least-squares fits is the start. Scale
 parameters are fitted in log space (A, B span orders of magnitude).
 """
 
@@ -29,6 +31,7 @@ class Law:
   starts: object  # starts(x_KxN, y_N) -> list of initial fit_params
   bounds: object  # bounds(x_KxN, y_N) -> (lower, upper)
   report: object  # report(fit_params) -> reported params
+  log: bool  # least squares on log(y): a loss spans orders of magnitude and is positive
 
 
 def _saturating(x, log_a, alpha, delta):
@@ -58,10 +61,24 @@ def _joint(x, a, b, c, d, e):
   return a + b * x[0] ** c + d * x[1] ** e
 
 
+def _linear_start(columns, y):
+  """(coefficients, SSE) of the least-squares fit of y on `columns` (the parameters a law is linear in)."""
+  coef, *_ = np.linalg.lstsq(np.stack(columns, axis=1), y, rcond=None)
+  return coef, float(np.sum((np.stack(columns, axis=1) @ coef - y) ** 2))
+
+
+EXPONENTS = np.concatenate([-np.geomspace(2.0, 0.02, 40), np.geomspace(0.02, 2.0, 40)])
+
+
 def _joint_starts(x, y):
-  lo, span = float(np.min(y)), float(np.ptp(y)) or 1.0
-  return [(lo * f, span * x[0].mean() ** -c, -c, span * x[1].mean() ** -e, -e) for f in (0.0, 0.9)
-          for c in (0.1, 0.3, 0.6) for e in (0.1, 0.3, 0.6)]
+  """For fixed exponents (c, e) the joint law is linear in (a, b, d): the best pair of a grid starts the fit."""
+  best, best_sse = None, np.inf
+  for c in EXPONENTS[EXPONENTS < 0][::2]:
+    for e in EXPONENTS[EXPONENTS < 0][::2]:
+      (a, b, d), sse = _linear_start([np.ones_like(y), x[0] ** c, x[1] ** e], y)
+      if 0 <= a <= np.min(y) and b >= 0 and d >= 0 and sse < best_sse:
+        best, best_sse = (a, b, c, d, e), sse
+  return [best] if best else [(float(np.min(y)), 1.0, -0.3, 1.0, -0.3)]
 
 
 def _power(x, a, b, c):
@@ -69,20 +86,21 @@ def _power(x, a, b, c):
 
 
 def _power_starts(x, y):
-  hi, lo, span = float(np.max(y)), float(np.min(y)), float(np.ptp(y)) or 1.0
-  # rising and saturating (b < 0, c < 0) or falling (b > 0, c < 0), or growing without a ceiling (c > 0)
-  return [(a, sign * span * x[0].mean() ** -c, c) for a in (hi, lo) for sign in (-1.0, 1.0)
-          for c in (-0.6, -0.3, -0.1, 0.1, 0.3)]
+  """For a fixed exponent c the law is linear in (a, b): the best c of a grid (either sign) starts the fit."""
+  fits = [(_linear_start([np.ones_like(y), x[0] ** c], y), c) for c in EXPONENTS]
+  ((a, b), _), c = min(fits, key=lambda f: f[0][1])
+  return [(a, b, c)]
 
 
 LAWS = {
     "n": Law("n", ("A", "alpha", "delta"), _saturating, _sat_starts, _sat_bounds,
-             lambda p: (math.exp(p[0]), p[1], p[2])),
+             lambda p: (math.exp(p[0]), p[1], p[2]), log=True),
     "d": Law("d", ("B", "beta", "delta"), _saturating, _sat_starts, _sat_bounds,
-             lambda p: (math.exp(p[0]), p[1], p[2])),
-    "nd": Law("nd", ("a", "b", "c", "d", "e"), _joint, _joint_starts,
-              lambda x, y: ([-np.inf, 0.0, -3.0, 0.0, -3.0], [np.inf, np.inf, 0.0, np.inf, 0.0]), tuple),
-    "power": Law("power", ("a", "b", "c"), _power, _power_starts, lambda x, y: (-np.inf, np.inf), tuple),
+             lambda p: (math.exp(p[0]), p[1], p[2]), log=True),
+    "nd": Law("nd", ("a", "b", "c", "d", "e"), _joint, _joint_starts,  # a loss: a >= 0, falling in N and D
+              lambda x, y: ([0.0, 0.0, -3.0, 0.0, -3.0], [float(np.min(y)), np.inf, 0.0, np.inf, 0.0]), tuple,
+              log=True),
+    "power": Law("power", ("a", "b", "c"), _power, _power_starts, lambda x, y: (-np.inf, np.inf), tuple, log=False),
 }
 
 
@@ -92,11 +110,12 @@ def fit_law(law: Law, x_KxN: np.ndarray, y_N: np.ndarray) -> np.ndarray:
   lower, upper = law.bounds(x_KxN, y_N)
   for p0 in law.starts(x_KxN, y_N):
     p0 = np.clip(p0, np.asarray(lower, float) + 1e-9, np.asarray(upper, float) - 1e-9) if np.ndim(lower) else p0
+    fn, target = (lambda x, *q: np.log(np.maximum(law.fn(x, *q), 1e-30)), np.log(y_N)) if law.log else (law.fn, y_N)
     try:
-      p, _ = curve_fit(law.fn, x_KxN, y_N, p0=p0, bounds=(lower, upper), maxfev=20000)
+      p, _ = curve_fit(fn, x_KxN, target, p0=p0, bounds=(lower, upper), maxfev=5000)
     except (RuntimeError, ValueError, FloatingPointError):  # this start did not converge: try the next
       continue
-    sse = float(np.sum((law.fn(x_KxN, *p) - y_N) ** 2))
+    sse = float(np.sum((fn(x_KxN, *p) - target) ** 2))
     if np.isfinite(sse) and sse < best_sse:
       best, best_sse = p, sse
   if best is None:
