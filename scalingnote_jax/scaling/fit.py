@@ -215,12 +215,14 @@ def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str,
       grid = np.geomspace(x_KxN[0].min(), x_KxN[0].max() * 2, 200)
       ax.plot(grid, law.fn(np.stack([grid, np.full_like(grid, d)]), *p), alpha=0.6)
       ax.scatter(x_KxN[0, sel & train], y_N[sel & train], label=f"D={d:.3g}")
-  for row in result.get("forecast", []):
+  for i, row in enumerate(result.get("forecast", [])):
     ci = row.get("predicted_ci95", [row["predicted"]] * 2)
     ax.errorbar(row["x"][0], row["predicted"], yerr=[[row["predicted"] - ci[0]], [ci[1] - row["predicted"]]],
-                fmt="s", color="red", capsize=4, label="forecast (95% CI)")
-    ax.scatter(row["x"][0], row["measured"], marker="*", s=120, color="black", label="held-out run")
+                fmt="s", color="red", capsize=4, label="forecast (95% CI)" if i == 0 else None)
+    ax.scatter(row["x"][0], row["measured"], marker="*", s=120, color="black", label="held-out run" if i == 0 else None)
   ax.set_xscale("log")
+  if law.log:  # losses: the scale they are fitted on
+    ax.set_yscale("log")
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
