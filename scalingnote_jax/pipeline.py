@@ -207,9 +207,12 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
       systems[f"student {name}"] = lambda out=out: evaluate.bundle_system(out)
     results = {}
     os.makedirs(path("eval"), exist_ok=True)
-    for name, make in systems.items():  # each system's result is kept: a rerun evaluates only what is missing
+    # Each system's result is kept, so an interrupted evaluation redoes only what is missing; a result older
+    # than any stage marker (a stage redone since) is evaluated again.
+    upstream = max(os.path.getmtime(os.path.join(stages.dir, f)) for f in os.listdir(stages.dir))
+    for name, make in systems.items():
       result_file = path("eval", f"{name.replace(' ', '_').replace('/', '_')}.json")
-      if os.path.exists(result_file):
+      if os.path.exists(result_file) and os.path.getmtime(result_file) > upstream:
         with open(result_file) as f:
           results[name] = json.load(f)
         continue
