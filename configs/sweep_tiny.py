@@ -15,7 +15,8 @@ from tiny import get_config as tiny_config  # noqa: E402
 
 
 def width(h: int) -> dict:
-  return dict(hidden_size=h, num_heads=4, num_kv_heads=2, head_dim=h // 4, intermediate_size=2 * h)
+  """A size of the ladder: `model` fields over the base config's."""
+  return dict(backbone=dict(hidden_size=h, num_heads=4, num_kv_heads=2, head_dim=h // 4, intermediate_size=2 * h))
 
 
 def get_config(variant: str = ""):

@@ -90,6 +90,17 @@ def test_non_embedding_parameters_are_counted_by_hand():
   assert non_embedding_params(cfg) == 2 * per_layer + e  # + the final norm; the 49152 x 64 table is not N
 
 
+def test_a_ladder_of_truncated_checkpoints_counts_only_the_layers_it_keeps():
+  from scalingnote_jax.config import load_config
+  from scalingnote_jax.scaling.sweep import non_embedding_params, run_config
+
+  cfg = load_config("configs/sweep_scifact.py")  # all-MiniLM-L6-v2's first 1..6 layers, configs only (no weights)
+  n = {name: non_embedding_params(run_config(cfg, size.to_dict(), 1.0)) for name, size in cfg.sizes.items()}
+  e, f = 384, 1536
+  per_layer = 4 * (e * e + e) + (e * f + f) + (f * e + e) + 2 * 2 * e  # q, k, v, o; MLP in and out; two LayerNorms
+  assert n["L2"] - n["L1"] == per_layer and n["L6"] - n["L4"] == 2 * per_layer
+
+
 def test_data_fractions_are_nested():
   from scalingnote_jax.train.stage1 import subsample
 

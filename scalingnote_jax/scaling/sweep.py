@@ -34,9 +34,10 @@ def non_embedding_params(cfg: ConfigDict) -> int:
              if not any(getattr(k, "key", getattr(k, "name", None)) in EMBEDDINGS for k in path))
 
 
-def run_config(cfg: ConfigDict, backbone: dict, fraction: float) -> ConfigDict:
+def run_config(cfg: ConfigDict, model: dict, fraction: float) -> ConfigDict:
+  """One run: `base` with a size's `model` fields (nested, e.g. {"backbone": {...}} or {"num_layers": 2})."""
   c = ConfigDict(cfg.base.to_dict())
-  c.model.backbone.update(backbone)
+  c.model.update(model)
   c.data.train_fraction = fraction
   return c
 
@@ -57,11 +58,11 @@ def train_one(c: ConfigDict, workdir: str) -> dict:
 def run(cfg: ConfigDict, workdir: str) -> list[dict]:
   stages = Stages(workdir, label="sweep")
   rows = []
-  sizes = sorted(cfg.sizes.items(), key=lambda kv: non_embedding_params(run_config(cfg, dict(kv[1]), 1.0)))
-  for size, backbone in sizes:  # smallest model first
+  sizes = sorted(cfg.sizes.items(), key=lambda kv: non_embedding_params(run_config(cfg, kv[1].to_dict(), 1.0)))
+  for size, model in sizes:  # smallest model first
     for fraction in sorted(cfg.data_fractions):
       name = f"{size}_D{fraction:g}"
-      c = run_config(cfg, dict(backbone), fraction)
+      c = run_config(cfg, model.to_dict(), fraction)
       rows.append({"run": name, **stages(name, c.to_dict(), lambda c=c, name=name: train_one(
           c, os.path.join(workdir, "runs", name)))})
   if is_main():
