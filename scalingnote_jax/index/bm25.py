@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import bm25s
 import numpy as np
 import Stemmer
+
+# bm25s sets its logger to DEBUG: once anything (absl, orbax) gives the root logger a handler, every index
+# build prints "Building index from tokens".
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 class BM25:
