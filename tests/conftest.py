@@ -97,7 +97,7 @@ def tiny_teacher() -> str:
 
 # The slowest modules first: with `pytest -n 2 --dist loadfile` (make test) each worker then ends on short
 # modules, instead of one idling while the other starts a long one last.
-SLOW_FIRST = ("test_multiprocess", "test_stage2", "test_index_scifact", "test_stage1", "test_stage1_resume",
+SLOW_FIRST = ("test_rerank", "test_multiprocess", "test_stage2", "test_index_scifact", "test_stage1", "test_stage1_resume",
               "test_corpus_encoding", "test_config_and_data", "test_mining")
 
 

@@ -67,11 +67,10 @@ def test_sharded_step_equals_single_device():
 
 
 def test_gradcache_chunks_and_remat_equal_the_full_batch():
-  """GradCache chunking, alone and with rematerialisation (the combination large runs use), changes memory,
-  not results."""
+  """GradCache chunking with rematerialisation (the combination large runs use; each alone is a subset of
+  its code path) changes memory, not results."""
   full = run_steps(BASE, (4, 2, 1), None, steps=2)
-  assert_same(run_steps({**BASE, "chunks": 4}, (4, 2, 1), None, steps=2), full, atol=1e-5)
-  assert_same(run_steps({**BASE, "chunks": 2, "model.remat": True}, (4, 2, 1), None, steps=2), full, atol=1e-5)
+  assert_same(run_steps({**BASE, "chunks": 4, "model.remat": True}, (4, 2, 1), None, steps=2), full, atol=1e-5)
 
 
 def test_tiny_teacher_learns_on_synthetic_corpus(tiny_teacher):
