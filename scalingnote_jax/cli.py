@@ -29,6 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="checkpoints, cached teacher embeddings and metrics go here")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
 
+  p = sub.add_parser("train-reranker", help="a cross-encoder reranker over first-stage candidates, with a "
+                                             "pointwise (BCE), pairwise (RankNet) or listwise (ListNet) loss")
+  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant (e.g. configs/rerank_tiny.py)")
+  p.add_argument("--workdir", required=True, help="checkpoints, reranker.json and metrics.jsonl go here")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+
+  p = sub.add_parser("rerank", help="rerank a TREC run file with a trained reranker; score the output with "
+                                     "`scalingnote eval --run`")
+  p.add_argument("--model", required=True, help="a `scalingnote train-reranker` workdir")
+  p.add_argument("--data", required=True, help="the BEIR directory with the run's queries and documents")
+  p.add_argument("--run", required=True, help="the first stage's TREC run file")
+  p.add_argument("--out", required=True, help="the reranked TREC run file")
+  p.add_argument("--top-k", type=int, default=100, help="documents per query reranked (the rest are dropped)")
+  p.add_argument("--batch-size", type=int, default=64)
+
   p = sub.add_parser("export", help="write a serving bundle: the distilled student, the LLM document tower's "
                                      "embeddings and their index, a manifest")
   p.add_argument("student", help="a Stage 2 workdir (`scalingnote distill`)")
@@ -48,12 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
   which.add_argument("--bundle", help="a serving bundle (`scalingnote export`): the online path")
   which.add_argument("--checkpoint", help="a Stage 1 workdir, or a HF dir / .gguf / packaged encoder (zero-shot)")
   which.add_argument("--bm25", action="store_true", help="BM25 (bm25s) over the corpus")
+  which.add_argument("--run", dest="run_file", help="a TREC run file (e.g. from `scalingnote rerank`): its IR "
+                                                    "metrics only")
   p.add_argument("--data", required=True, help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
   p.add_argument("--split", default="test")
   p.add_argument("--embeddings", default=None, help="with --checkpoint: the corpus embedding store (resumable, "
                                                    "reused; default: a temporary one)")
   p.add_argument("--backend", choices=("scann", "exact"), default="exact", help="with --checkpoint: the index")
   p.add_argument("--keep-self", action="store_true", help="keep a document whose id equals the query's")
+  p.add_argument("--save-run", default=None, help="also write the system's top 100 per query as a TREC run file "
+                                                  "(the input of `scalingnote rerank`)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--num-negatives", type=int, default=255, help="sampled documents per query for AUC and "
                                                                  "contrastive entropy")
@@ -173,10 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     from scalingnote_jax.eval import evaluate
 
     report = evaluate.run(data_dir=args.data, split=args.split, bundle=args.bundle, checkpoint=args.checkpoint,
-                          bm25=args.bm25, embeddings=args.embeddings, backend=args.backend,
+                          bm25=args.bm25, run_file=args.run_file, embeddings=args.embeddings, backend=args.backend,
                           drop_self=not args.keep_self, batch_size=args.batch_size,
-                          num_negatives=args.num_negatives, temperature=args.temperature)
+                          num_negatives=args.num_negatives, temperature=args.temperature, save_run=args.save_run)
     print(json.dumps(report))
+    return 0
+
+  if args.command == "rerank":
+    from scalingnote_jax.train import rerank
+
+    print(json.dumps(rerank.rerank_file(args.model, args.data, args.run, args.out, top_k=args.top_k,
+                                        batch_size=args.batch_size)))
     return 0
 
   if args.command == "fit-scaling":
@@ -253,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = sweep.run(cfg, args.workdir)
     if distributed.is_main():
       print(json.dumps({"results": f"{args.workdir}/results.jsonl", "runs": len(rows)}))
+  elif args.command == "train-reranker":
+    from scalingnote_jax.train import rerank
+
+    out = rerank.train(cfg, args.workdir, resume=args.resume)
+    if out["evals"] and distributed.is_main():
+      print(json.dumps({"final": out["evals"][-1], "first_stage": out["first_stage"]}))
   elif args.command == "distill":
     from scalingnote_jax.train import stage2
 

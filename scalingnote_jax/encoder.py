@@ -4,6 +4,9 @@
     q_NxD = enc.encode_queries(["what is ...?"])
     d_NxD = enc.encode_documents([{"title": "...", "text": "..."}])
 
+    reranker = CrossEncoder.from_workdir("runs/reranker")          # `scalingnote train-reranker`
+    s_N = reranker.predict(["what is ...?"] * 2, [doc_a, doc_b])   # one score per (query, document) pair
+
 Inputs are sorted by length and padded to a few bucketed shapes so jit compiles a handful of programs; the
 caller's order is restored.
 """
@@ -101,9 +104,12 @@ class Encoder:
              show_progress: bool | None = None) -> np.ndarray:
     """Already-prompted texts -> [N, D]. The progress bar shows by default beyond 10 batches."""
     _check_items(texts, "texts", allow_dict=False)
+    return self.encode_ids(self.tokenize(list(texts), truncate), batch_size, show_progress=show_progress)
+
+  def encode_ids(self, ids: list[list[int]], batch_size: int = 32, *, show_progress: bool | None = None) -> np.ndarray:
+    """Token id sequences -> [N, D], batched by length."""
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ids = self.tokenize(list(texts), truncate)
     order = np.argsort([-len(x) for x in ids], kind="stable")
     starts = range(0, len(ids), batch_size)
     show = len(starts) > 10 if show_progress is None else show_progress
@@ -159,3 +165,50 @@ def _check_items(items, what: str, *, allow_dict: bool):
       continue
     raise TypeError(f"{what}[{i}]: expected {'a string or dict' if allow_dict else 'a string'}, "
                     f"got {type(x).__name__}")
+
+
+class CrossEncoder(Encoder):
+  """A reranker: a tower whose input is a query-document pair and whose output is one score (projection to
+  1, no normalisation). Prompts, lengths and batching are the encoder's."""
+
+  @classmethod
+  def from_workdir(cls, workdir: str, mesh: jax.sharding.Mesh | None = None) -> CrossEncoder:
+    """The latest checkpoint of a `scalingnote train-reranker` workdir."""
+    from scalingnote_jax.train import rerank
+
+    tower, tokenizer, _ = rerank.load(workdir, mesh)
+    return cls(tower, tokenizer, mesh)
+
+  def predict(self, queries: Sequence[str], docs: Sequence[str | dict], batch_size: int = 32, *,
+              show_progress: bool | None = None) -> np.ndarray:
+    """Scores [N] (float32) of the pairs (queries[i], docs[i]); documents as strings or {"title", "text"}."""
+    if len(queries) != len(docs):
+      raise ValueError(f"predict: {len(queries)} queries but {len(docs)} documents")
+    ids = self.tokenize_pairs(self.query_texts(queries), self.document_texts(docs))
+    return self.encode_ids(ids, batch_size, show_progress=show_progress)[:, 0]
+
+  def tokenize_pairs(self, query_texts: list[str], doc_texts: list[str]) -> list[list[int]]:
+    """Token ids of prompted pairs as the reranker sees them (training batches use this too)."""
+    return self.tokenizer.encode_pairs(query_texts, doc_texts, max_length=self.cfg.max_length,
+                                       append_eos=self.cfg.append_eos)
+
+  def rerank(self, run: dict[str, dict[str, float]], queries: dict[str, str], corpus: dict[str, dict], *,
+             top_k: int = 100, batch_size: int = 32, show_progress: bool | None = None) -> dict[str, dict[str, float]]:
+    """A run ({qid: {doc_id: score}}) whose top_k documents per query are rescored by the reranker (the rest
+    are dropped). Queries missing from `queries`, or documents from `corpus`, raise with their ids."""
+    pairs = []
+    for qid, docs in run.items():
+      if qid not in queries:
+        raise KeyError(f"run query {qid!r} is not among the {len(queries)} queries given")
+      for doc_id, _ in sorted(docs.items(), key=lambda kv: -kv[1])[:top_k]:
+        if doc_id not in corpus:
+          raise KeyError(f"run document {doc_id!r} (query {qid!r}) is not in the corpus")
+        pairs.append((qid, doc_id))
+    if not pairs:
+      return {qid: {} for qid in run}
+    scores = self.predict([queries[q] for q, _ in pairs], [corpus[d] for _, d in pairs], batch_size,
+                          show_progress=show_progress)
+    out: dict[str, dict[str, float]] = {qid: {} for qid in run}
+    for (qid, doc_id), score in zip(pairs, scores):
+      out[qid][doc_id] = float(score)
+    return out

@@ -4,7 +4,8 @@ A batch row is one query with G = 1 + n_neg documents: slot 0 a positive (sample
 positives), then up to n_neg hard negatives (slots without one hold id -1 and are masked by the loss).
 Corpus and queries are tokenized once up front; the per-step work is sampling and padding. The iterator's
 state (`get_state` / `set_state`) is saved with checkpoints so a resumed run sees the same batches.
-Stage 2 (`DistillData`): queries with their cached teacher embeddings, batched the same way.
+Stage 2 (`DistillData`): queries with their cached teacher embeddings, batched the same way. Rerankers
+(`RerankData`): groups of query-document pairs with relevance labels.
 """
 
 from __future__ import annotations
@@ -104,4 +105,45 @@ class DistillData:
 
   def iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
     ds = _batches(len(self.query_tokens), self.batch_size, seed, process_index, process_count).map(self.batch)
+    return iter(ds.to_iter_dataset(READ_OPTIONS))
+
+
+@dataclasses.dataclass
+class RerankGroup:
+  """One training query for a reranker: prompted texts, its judged-relevant documents with their grades, and
+  the first stage's other candidates (not judged relevant) to draw the rest of its group from."""
+  query: str
+  positives: list[tuple[str, float]]
+  candidates: list[str]
+
+
+class RerankData:
+  """Reranker batches: per query a group of `group_size` pairs, slot 0 a relevant document (sampled among
+  the judged ones), then first-stage candidates sampled without replacement; pairs are tokenized on the fly
+  by `tokenize_pairs` (the reranker's own) and padded to `seq_len`. Labels are relevance grades (0 for
+  candidates); slots without a candidate are masked (`where`)."""
+
+  def __init__(self, groups: list[RerankGroup], tokenize_pairs, pad_id: int, group_size: int, seq_len: int,
+               batch_size: int):
+    if not groups:
+      raise ValueError("no training queries with a judged-relevant document")
+    self.groups, self.tokenize_pairs, self.pad_id = groups, tokenize_pairs, pad_id
+    self.group_size, self.seq_len, self.batch_size = group_size, seq_len, batch_size
+
+  def record(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    g, size = self.groups[index], self.group_size
+    doc, grade = g.positives[rng.integers(len(g.positives))]
+    others = [g.candidates[i] for i in rng.choice(len(g.candidates), min(size - 1, len(g.candidates)), replace=False)]
+    pairs = self.tokenize_pairs([g.query] * (1 + len(others)), [doc] + others)
+    ids = np.full((size, self.seq_len), self.pad_id, np.int32)
+    mask = np.zeros((size, self.seq_len), np.int32)
+    mask[len(pairs):, 0] = 1  # empty slots get one token (no fully masked attention row)
+    for slot, row in enumerate(pairs):
+      ids[slot], mask[slot] = pad(row, self.seq_len, self.pad_id)
+    labels = np.zeros(size, np.float32)
+    labels[0] = grade
+    return dict(ids=ids, mask=mask, labels=labels, where=np.arange(size) < len(pairs))
+
+  def iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
+    ds = _batches(len(self.groups), self.batch_size, seed, process_index, process_count, self.record)
     return iter(ds.to_iter_dataset(READ_OPTIONS))

@@ -4,6 +4,9 @@
   scalingnote eval --checkpoint DIR --data BEIR_DIR               # a Stage 1 workdir's towers, or a HF / GGUF
                                                                   # encoder used for both sides (zero-shot)
   scalingnote eval --bm25 --data BEIR_DIR                         # BM25 (bm25s), the lexical baseline
+  scalingnote eval --run RUN_FILE --data BEIR_DIR                 # a TREC run file (e.g. `scalingnote rerank`)
+
+Any system's ranking can be written as a run file with --save-run FILE.
 
 Metrics: nDCG@10, Recall@10/100, MRR@10 and MAP by pytrec_eval; AUC of judged-relevant against sampled
 documents; contrastive entropy (dense systems: cosine / temperature); throughput of the whole search
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from scalingnote_jax.data import beir
+from scalingnote_jax.data.runs import read_run, write_run
 from scalingnote_jax.eval.retrieval import ir_metrics, pair_metrics
 from scalingnote_jax.index import corpus as store
 
@@ -110,9 +114,20 @@ def throughput(system, queries: list[str], *, batch_size: int, k: int = 100, sin
   return {"qps": len(queries) / seconds, "batch_size": batch_size, "latency_ms_p50": 1000 * latency[len(latency) // 2]}
 
 
+def beir_run(run: dict[str, dict[str, float]], *, drop_self: bool = True, k: int = 100) -> dict:
+  """Each query's top k documents by score, after dropping a document with the query's own id."""
+  out = {}
+  for qid, docs in run.items():
+    kept = sorted(((d, s) for d, s in docs.items() if not (drop_self and d == qid)), key=lambda kv: -kv[1])
+    out[qid] = dict(kept[:k])
+  return out
+
+
 def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100, num_negatives: int = 255,
-             temperature: float = 0.05, seed: int = 0, batch_size: int = 64, measure_speed: bool = True) -> dict:
-  """The system's metrics on `data` (queries and qrels of one split; corpus = what the system searches)."""
+             temperature: float = 0.05, seed: int = 0, batch_size: int = 64, measure_speed: bool = True,
+             save_run: str | None = None) -> dict:
+  """The system's metrics on `data` (queries and qrels of one split; corpus = what the system searches);
+  `save_run`: also write its run (TREC format, what `scalingnote rerank` takes)."""
   qids = [q for q, judged in data.qrels.items() if any(g > 0 for g in judged.values())]
   texts = [data.queries[q] for q in qids]
   ids, scores = [], []
@@ -120,10 +135,11 @@ def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100
     b_ids, b_scores = system.search(texts[i:i + batch_size], k + int(drop_self))
     ids += b_ids
     scores += list(b_scores)
-  run = {}
-  for qid, row_ids, row_scores in zip(qids, ids, scores):
-    kept = [(d, float(s)) for d, s in zip(row_ids, row_scores) if d is not None and not (drop_self and d == qid)]
-    run[qid] = dict(kept[:k])
+  run = {qid: {d: float(s) for d, s in zip(row_ids, row_scores) if d is not None}
+         for qid, row_ids, row_scores in zip(qids, ids, scores)}
+  run = beir_run(run, drop_self=drop_self, k=k)
+  if save_run:
+    write_run(save_run, run)
   metrics = ir_metrics(data.qrels, run)
   metrics.update(pair_metrics(system.scorer(texts), qids, data.qrels, system.doc_ids, num_negatives=num_negatives,
                               scale=1.0 / temperature if system.cosine else None, rng=np.random.default_rng(seed)))
@@ -144,12 +160,27 @@ def load_split(data_dir: str, split: str) -> tuple[beir.Dataset, list[str]]:
   return data, skipped
 
 
+def evaluate_run_file(path: str, data: beir.Dataset, *, drop_self: bool = True, k: int = 100) -> dict:
+  """The IR metrics of a run file (a reranker's output, another toolkit's run); judged queries it lacks
+  score 0 and are counted."""
+  run = read_run(path)
+  judged = [q for q, r in data.qrels.items() if any(g > 0 for g in r.values())]
+  metrics = ir_metrics(data.qrels, beir_run(run, drop_self=drop_self, k=k))
+  return {**metrics, "queries_not_in_run": sum(q not in run for q in judged)}
+
+
 def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str | None = None, bm25: bool = False,
-        embeddings: str | None = None, backend: str = "exact", **kw) -> dict:
-  """`scalingnote eval`: exactly one of bundle / checkpoint / bm25."""
-  if sum([bool(bundle), bool(checkpoint), bm25]) != 1:
-    raise ValueError("eval: give exactly one of --bundle, --checkpoint, --bm25")
+        run_file: str | None = None, embeddings: str | None = None, backend: str = "exact", **kw) -> dict:
+  """`scalingnote eval`: exactly one of bundle / checkpoint / bm25 / run_file."""
+  if sum([bool(bundle), bool(checkpoint), bm25, bool(run_file)]) != 1:
+    raise ValueError("eval: give exactly one of --bundle, --checkpoint, --bm25, --run")
   data, skipped = load_split(data_dir, split)
+  if run_file:
+    if kw.get("save_run"):
+      raise ValueError("eval: --save-run with --run would only copy the run file")
+    metrics = evaluate_run_file(run_file, data, drop_self=kw.get("drop_self", True), k=kw.get("k", 100))
+    return {"system": os.path.abspath(run_file), "data": os.path.abspath(data_dir), "split": split, **metrics,
+            "qrels_skipped": len(skipped)}
   with tempfile.TemporaryDirectory(prefix="scalingnote-eval-") as tmp:
     if bundle:
       system, name = bundle_system(bundle), os.path.abspath(bundle)

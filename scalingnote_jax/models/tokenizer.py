@@ -1,5 +1,6 @@
 """Tokenizers from a HF model directory or a GGUF file, behind one small interface: batch encode with
-truncation (or a clear error), optional EOS appended; padding is the encoder's job (it buckets lengths)."""
+truncation (or a clear error), optional EOS appended, and query-document pairs for cross-encoders; padding is
+the encoder's job (it buckets lengths)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class Tokenizer:
     tok.no_padding()
     tok.no_truncation()
     self.tok, self.pad_id, self.eos_id, self.source = tok, pad_id, eos_id, source
+    self._pair_toks: dict[int, tokenizers.Tokenizer] = {}  # max_length -> a copy that always truncates
 
   @classmethod
   def from_pretrained(cls, path: str) -> Tokenizer:
@@ -71,4 +73,24 @@ class Tokenizer:
       for i, e in zip(too_long, self.tok.encode_batch([texts[i] for i in too_long])):
         out[i] = e.ids
       self.tok.no_truncation()
+    return [ids + [self.eos_id] for ids in out] if append_eos else out
+
+  def encode_pairs(self, firsts: list[str], seconds: list[str], *, max_length: int,
+                   append_eos: bool = False) -> list[list[int]]:
+    """Token ids of each (first, second) pair as one sequence, in the tokenizer's own pair template
+    ([CLS] a [SEP] b [SEP] for BERT; a newline between them where it has none, as GGUF decoders), cut
+    longest-first to `max_length` (EOS included when appended), as sentence-transformers' CrossEncoder does."""
+    if len(firsts) != len(seconds):
+      raise ValueError(f"encode_pairs: {len(firsts)} first texts but {len(seconds)} second texts")
+    if append_eos and self.eos_id is None:
+      raise ValueError(f"{self.source}: append_eos is set but the tokenizer has no EOS token")
+    budget = max_length - int(append_eos)
+    tok = self._pair_toks.get(budget)
+    if tok is None:  # a copy: data-loading threads encode pairs while `encode` toggles truncation on self.tok
+      tok = tokenizers.Tokenizer.from_str(self.tok.to_str())
+      tok.enable_truncation(budget, strategy="longest_first")
+      self._pair_toks[budget] = tok
+    if tok.post_processor is None:  # before the second text: truncation cuts from the end and keeps it
+      seconds = ["\n" + b for b in seconds]
+    out = [e.ids for e in tok.encode_batch(list(zip(firsts, seconds)))]
     return [ids + [self.eos_id] for ids in out] if append_eos else out

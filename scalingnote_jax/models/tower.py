@@ -1,5 +1,6 @@
 """A tower = backbone + pooling + optional projection + L2 normalisation. Prompt templates and lengths are
-configuration (`TowerConfig`), applied by the encoder before tokenisation."""
+configuration (`TowerConfig`), applied by the encoder before tokenisation. A cross-encoder reranker is the
+same tower over a query-document pair with a projection to one output (with bias) and no normalisation."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class TowerConfig:
   pooling: str = "last"  # last non-pad token (decoders), mean (BERT), cls
   append_eos: bool = True  # with 'last' pooling the EOS token's state becomes the embedding
   projection_dim: int | None = None  # linear map to this width after pooling
+  projection_bias: bool = False
   normalize: bool = True
   max_length: int = 512
   query_prompt: str = "{text}"
@@ -83,7 +85,7 @@ class Tower(nnx.Module):
   def __init__(self, backbone: nnx.Module, cfg: TowerConfig, *, rngs: nnx.Rngs):
     self.backbone, self.cfg = backbone, cfg
     width = backbone.cfg.hidden_size
-    self.projection = (layers.Dense(width, cfg.projection_dim, ("embed", "proj"), use_bias=False,
+    self.projection = (layers.Dense(width, cfg.projection_dim, ("embed", "proj"), use_bias=cfg.projection_bias,
                                     dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
                        if cfg.projection_dim else None)
 

@@ -85,3 +85,24 @@ def distillation_loss(s_BxD, t_BxD, *, mse_weight: float = 1.0, cosine_weight: f
   cosine = jnp.mean(jnp.sum(unit(s_BxD) * unit(t_BxD), axis=-1))
   mse = jnp.mean(jnp.sum(((unit(s_BxD) if normalized_mse else s_BxD) - t_BxD) ** 2, axis=-1))
   return mse_weight * mse + cosine_weight * (1.0 - cosine), (mse, cosine)
+
+
+RANKING_LOSSES = ("bce", "ranknet", "listnet")
+
+
+def ranking_loss(kind: str, scores_BxG, labels_BxG, where_BxG):
+  """A cross-encoder's loss over groups of G candidates per query (rax): `bce` pointwise sigmoid
+  cross-entropy on relevant (label > 0) or not, mean over candidates; `ranknet` pairwise logistic loss over
+  every pair whose labels differ, mean over pairs; `listnet` listwise softmax cross-entropy against the labels
+  normalised to a distribution (ListNet's top-one probabilities), mean over groups. Slots where `where` is
+  False (padding) take no part."""
+  import rax
+
+  scores, labels = scores_BxG.astype(jnp.float32), labels_BxG.astype(jnp.float32)
+  if kind == "bce":
+    return rax.pointwise_sigmoid_loss(scores, (labels > 0).astype(jnp.float32), where=where_BxG)
+  if kind == "ranknet":
+    return rax.pairwise_logistic_loss(scores, labels, where=where_BxG)
+  if kind == "listnet":
+    return rax.softmax_loss(scores, labels, where=where_BxG, label_fn=rax.utils.normalize_probabilities)
+  raise ValueError(f"loss={kind!r}: expected one of {RANKING_LOSSES}")

@@ -102,9 +102,11 @@ def training_queries(cfg: ConfigDict, t_cfg: ConfigDict) -> tuple[dict[str, str]
 # Student: a BERT encoder (a pretrained checkpoint's first L layers, or random) with a projection to the
 # teacher's width when they differ.
 
-def student_spec(cfg: ConfigDict, teacher_dim: int) -> dict:
-  """What student.json records: backbone config (with its kind), tower config, tokenizer, init."""
-  s = cfg.student
+def tower_spec(s: ConfigDict, tower: ConfigDict, teacher_dim: int | None = None) -> dict:
+  """What student.json (a reranker's reranker.json) records: backbone config (with its kind), tower config,
+  tokenizer, init. `s`: init / num_layers / tokenizer / backbone / dtypes; `tower`: TowerConfig fields
+  (unset ones follow the checkpoint) and `projection` (None, an int, or "auto": to `teacher_dim` when the
+  backbone's width differs)."""
   if s.init == "random":
     bcfg, model_dir, tokenizer = stage1.backbone_config(s), None, s.tokenizer
   else:
@@ -113,8 +115,8 @@ def student_spec(cfg: ConfigDict, teacher_dim: int) -> dict:
     bcfg = models.backbone_config(model_dir, num_layers=s.num_layers or full, dtype=s.dtype,
                                   param_dtype=s.param_dtype, remat=s.remat)
     tokenizer = s.tokenizer or model_dir
-  fields = {k: v for k, v in cfg.tower.items() if k != "projection" and v is not None}
-  projection = cfg.tower.projection
+  fields = {k: v for k, v in tower.items() if k != "projection" and v is not None}
+  projection = tower.projection
   if projection == "auto":
     projection = teacher_dim if bcfg.hidden_size != teacher_dim else None
   tower = TowerConfig.default_for(bcfg, model_dir if model_dir and os.path.isdir(model_dir) else None,
@@ -147,14 +149,31 @@ def abstract_student(spec: dict) -> Tower:
   return nnx.eval_shape(lambda: Tower.create(bcfg, tcfg, nnx.Rngs(0)))
 
 
-def read_spec(workdir: str) -> dict:
-  with open(os.path.join(workdir, STUDENT_FILE)) as f:
+def start_or_restore(spec: dict, tx, ckpt: Checkpointer, last: int | None, mesh, rules, seed: int):
+  """(tower, graphdef, params, opt_state, start step, data iterator state) of a one-tower trainer (Stage 2,
+  rerankers): created sharded at step 0, or restored from checkpoint `last` straight into its shardings."""
+  if last is None:
+    tower = build_student(spec, mesh, rules, seed)
+    graphdef, params = nnx.split(tower)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
+    return tower, graphdef, params, opt_state, 0, None
+  graphdef, abstract = nnx.split(abstract_student(spec))
+  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
+  abstract_opt = abstract_like(jax.eval_shape(tx.init, abstract), sharding.optimizer_shardings(tx, abstract, mesh))
+  params, opt_state, data_state = ckpt.restore(last, abstract, abstract_opt)
+  return nnx.merge(graphdef, params), graphdef, params, opt_state, last, data_state
+
+
+def read_spec(workdir: str, spec_file: str = STUDENT_FILE) -> dict:
+  with open(os.path.join(workdir, spec_file)) as f:
     return json.load(f)
 
 
-def load_student(workdir: str, mesh=None, step: int | None = None) -> tuple[Tower, Tokenizer, dict]:
-  """The student of a Stage 2 workdir (latest checkpoint unless `step`), its tokenizer and student.json."""
-  spec = read_spec(workdir)
+def load_student(workdir: str, mesh=None, step: int | None = None,
+                 spec_file: str = STUDENT_FILE) -> tuple[Tower, Tokenizer, dict]:
+  """The student of a Stage 2 workdir (or the tower of a workdir with another `spec_file`: a reranker's),
+  latest checkpoint unless `step`, its tokenizer and its spec."""
+  spec = read_spec(workdir, spec_file)
   with open(os.path.join(workdir, stage1.CONFIG_FILE)) as f:
     cfg = ConfigDict(json.load(f))
   mesh = mesh or sharding.make_mesh(cfg.mesh)
@@ -248,24 +267,15 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   del teacher, t_q_enc, t_d_enc  # the LLM is not needed from here on
 
   # Student and optimizer: fresh (student.json written once) or restored.
-  spec = student_spec(cfg, identity["dim"]) if last is None else read_spec(workdir)
+  spec = tower_spec(cfg.student, cfg.tower, identity["dim"]) if last is None else read_spec(workdir)
   spec["teacher"] = identity
   if is_main():
     with open(os.path.join(workdir, stage1.CONFIG_FILE), "w") as f:
       f.write(cfg.to_json(indent=1))
     store.write_atomic(os.path.join(workdir, STUDENT_FILE), json.dumps(spec, indent=1))
   tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
-  if last is None:
-    student = build_student(spec, mesh, cfg.rules, cfg.student.seed)
-    graphdef, params = nnx.split(student)
-    opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
-    start, data_state = 0, None
-  else:
-    graphdef, abstract = nnx.split(abstract_student(spec))
-    abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
-    abstract_opt = abstract_like(jax.eval_shape(tx.init, abstract), sharding.optimizer_shardings(tx, abstract, mesh))
-    params, opt_state, data_state = ckpt.restore(last, abstract, abstract_opt)
-    student, start = nnx.merge(graphdef, params), last
+  student, graphdef, params, opt_state, start, data_state = start_or_restore(spec, tx, ckpt, last, mesh, cfg.rules,
+                                                                             cfg.student.seed)
   s_tok = Tokenizer.from_pretrained(spec["tokenizer"])
   s_enc = Encoder(student, s_tok, mesh)
 

@@ -1,0 +1,54 @@
+"""TREC run files, the exchange format of first stages and rerankers (what trec_eval, pytrec_eval and ranx
+read): one retrieved document per line, `query_id Q0 doc_id rank score tag`, whitespace-separated."""
+
+from __future__ import annotations
+
+import os
+
+from scalingnote_jax.data.beir import DataError
+
+
+def read_run(path: str) -> dict[str, dict[str, float]]:
+  """{query_id: {doc_id: score}}. A malformed line or a document listed twice for a query raises with
+  path:line."""
+  if not os.path.exists(path):
+    raise DataError(f"{path}: no such run file")
+  run: dict[str, dict[str, float]] = {}
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      parts = line.split()
+      if not parts:
+        continue
+      where = f"{path}:{lineno}"
+      if len(parts) != 6:
+        raise DataError(f"{where}: expected 6 fields 'query_id Q0 doc_id rank score tag', got {len(parts)}")
+      qid, _, doc_id, rank, score, _ = parts
+      try:
+        int(rank)
+        value = float(score)
+      except ValueError:
+        raise DataError(f"{where}: rank {rank!r} / score {score!r} is not an integer / a number") from None
+      docs = run.setdefault(qid, {})
+      if doc_id in docs:
+        raise DataError(f"{where}: document {doc_id!r} listed twice for query {qid!r}")
+      docs[doc_id] = value
+  return run
+
+
+def format_run(run: dict[str, dict[str, float]], tag: str = "scalingnote") -> str:
+  """The run as TREC lines, each query's documents by descending score (ties by id), ranked from 1."""
+  if any(c.isspace() for c in tag) or not tag:
+    raise ValueError(f"run tag {tag!r}: must be one non-empty word")
+  lines = []
+  for qid, docs in run.items():
+    for rank, (doc_id, score) in enumerate(sorted(docs.items(), key=lambda kv: (-kv[1], kv[0])), 1):
+      lines.append(f"{qid} Q0 {doc_id} {rank} {score:.9g} {tag}\n")
+  return "".join(lines)
+
+
+def write_run(path: str, run: dict[str, dict[str, float]], tag: str = "scalingnote") -> None:
+  """Written atomically: a reader never sees half a run."""
+  from scalingnote_jax.index.corpus import write_atomic
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_atomic(path, format_run(run, tag))

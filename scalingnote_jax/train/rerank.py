@@ -1,0 +1,227 @@
+"""A cross-encoder reranker: the query and a document in one sequence, one score out, trained over groups of
+first-stage candidates with a pointwise (BCE), pairwise (RankNet) or listwise (ListNet) loss.
+
+Sections in execution order: first-stage runs -> training groups -> model (created sharded) -> train step ->
+evaluation (the validation run's top candidates reranked) -> loop.
+
+  scalingnote train-reranker --config configs/rerank_tiny.py --workdir DIR --config.data.path=BEIR_DIR
+  scalingnote rerank --model DIR --data BEIR_DIR --split test --run FIRST_STAGE.run --out RERANKED.run
+
+The first stage is BM25 (`data.train_run="bm25"`) or any TREC run file over the split's queries, e.g. a dense
+model's from `scalingnote eval --checkpoint ... --save-run FILE`. The workdir holds config.json, reranker.json
+(what rebuilds the model: backbone and tower configs, tokenizer), checkpoints/ and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from scalingnote_jax import sharding
+from scalingnote_jax.data import beir
+from scalingnote_jax.data.pipeline import RerankData, RerankGroup
+from scalingnote_jax.data.runs import read_run
+from scalingnote_jax.distributed import is_main
+from scalingnote_jax.encoder import CrossEncoder
+from scalingnote_jax.eval.evaluate import beir_run
+from scalingnote_jax.eval.retrieval import ir_metrics
+from scalingnote_jax.index import corpus as store
+from scalingnote_jax.models.tokenizer import Tokenizer
+from scalingnote_jax.train import stage1, stage2
+from scalingnote_jax.train.checkpoint import Checkpointer
+from scalingnote_jax.train.losses import RANKING_LOSSES, ranking_loss
+
+SPEC_FILE = "reranker.json"
+# A reranker is a tower with a scalar head: projection to one output with a bias, no normalisation.
+SCORE_HEAD = dict(projection=1, projection_bias=True, normalize=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# First stage: a run per split (BM25 computed here, or a run file), cut to each query's top k.
+
+def first_stage(source: str, data: beir.Dataset, k: int) -> dict[str, dict[str, float]]:
+  """{qid: {doc_id: score}} for the split's queries: "bm25", or a TREC run file."""
+  if source == "bm25":
+    from scalingnote_jax.index.bm25 import BM25
+
+    qids = list(data.queries)
+    ids, scores = BM25(data.corpus).search([data.queries[q] for q in qids], k + 1)
+    run = {q: dict(zip(row, map(float, s))) for q, row, s in zip(qids, ids, scores)}
+  else:
+    run = read_run(source)
+    unknown = sorted({d for docs in run.values() for d in docs} - set(data.corpus))
+    if unknown:
+      raise beir.DataError(f"{source}: {len(unknown)} documents are not in the corpus, e.g. {unknown[0]!r}")
+  return beir_run(run, drop_self=True, k=k)
+
+
+def training_groups(data: beir.Dataset, run: dict, enc: CrossEncoder) -> list[RerankGroup]:
+  """One group per query with a judged-relevant document; its candidates are the first stage's other
+  documents (never one judged relevant). Texts carry the reranker's prompts."""
+  text = dict(zip(data.corpus, enc.document_texts(list(data.corpus.values()))))
+  groups = []
+  for qid, judged in data.qrels.items():
+    positives = [(text[d], float(g)) for d, g in judged.items() if g > 0 and d in text]
+    if positives and qid in data.queries:
+      candidates = [text[d] for d in run.get(qid, {}) if judged.get(d, 0) <= 0]
+      groups.append(RerankGroup(enc.query_texts([data.queries[qid]])[0], positives, candidates))
+  return groups
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: a BERT or decoder backbone (a checkpoint's first layers, or random) with the score head.
+
+def model_spec(cfg: ConfigDict) -> dict:
+  return stage2.tower_spec(cfg.model, ConfigDict({**cfg.tower.to_dict(), **SCORE_HEAD}))
+
+
+def load(workdir: str, mesh=None, step: int | None = None):
+  """(tower, tokenizer, spec) of a reranker workdir (latest checkpoint unless `step`)."""
+  return stage2.load_student(workdir, mesh, step, spec_file=SPEC_FILE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train step: every pair of the batch's groups scored, the loss over each group.
+
+def make_train_step(graphdef, tx, mesh, loss: str):
+  """(params, opt_state, batch) -> (params, opt_state, metrics)."""
+
+  def loss_fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    b, g, t = batch["ids"].shape
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      scores_BxG = model(batch["ids"].reshape(b * g, t), batch["mask"].reshape(b * g, t)).reshape(b, g)
+    value = ranking_loss(loss, scores_BxG, batch["labels"], batch["where"])
+    best_B = jax.numpy.argmax(jax.numpy.where(batch["where"], scores_BxG, -jax.numpy.inf), axis=1)
+    return value, (best_B == 0).mean()  # the relevant document scored first among its group
+
+  def step(params, opt_state, batch):
+    (value, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, dict(loss=value, accuracy=accuracy, grad_norm=optax.tree.norm(grads))
+
+  return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: the validation queries' first-stage top k, reranked.
+
+def evaluate(enc: CrossEncoder, data: beir.Dataset, run: dict, top_k: int, batch_size: int) -> dict[str, float]:
+  judged = {q: run[q] for q in run if any(g > 0 for g in data.qrels.get(q, {}).values())}
+  reranked = enc.rerank(judged, data.queries, data.corpus, top_k=top_k, batch_size=batch_size, show_progress=False)
+  return ir_metrics(data.qrels, reranked)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop: data, model, resume or start, step, log, validate, checkpoint.
+
+def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
+  """Trains a reranker in `workdir`. With `resume` it continues from the latest checkpoint there; without it,
+  a workdir that already has checkpoints is refused."""
+  if cfg.loss not in RANKING_LOSSES:
+    raise ValueError(f"loss={cfg.loss!r}: expected one of {RANKING_LOSSES}")
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(cfg.mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+  last = ckpt.latest_step()
+  if last is not None and not resume:
+    raise FileExistsError(f"{workdir} already holds checkpoints up to step {last}: pass --resume to continue, "
+                          "or choose a new --workdir")
+
+  # Model and optimizer: fresh (reranker.json written once) or restored.
+  spec = model_spec(cfg) if last is None else stage2.read_spec(workdir, SPEC_FILE)
+  if is_main():
+    with open(os.path.join(workdir, stage1.CONFIG_FILE), "w") as f:
+      f.write(cfg.to_json(indent=1))
+    store.write_atomic(os.path.join(workdir, SPEC_FILE), json.dumps(spec, indent=1))
+  tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
+  model, graphdef, params, opt_state, start, data_state = stage2.start_or_restore(spec, tx, ckpt, last, mesh,
+                                                                                  cfg.rules, cfg.model.seed)
+  enc = CrossEncoder(model, Tokenizer.from_pretrained(spec["tokenizer"]), mesh)
+
+  # Data: groups of the training split's first-stage candidates; the validation split's run.
+  d = cfg.data
+  train_data = beir.load_beir(d.path, d.train_split, unknown="skip")
+  groups = training_groups(train_data, first_stage(d.train_run, train_data, d.top_k), enc)
+  groups = stage1.subsample(groups, d.get("train_fraction", 1.0), d.seed)  # data-size sweeps: nested subsets
+  data = RerankData(groups, enc.tokenize_pairs, enc.tokenizer.pad_id, d.group_size, enc.cfg.max_length,
+                    cfg.batch_size)
+  batches = data.iterator(d.seed, jax.process_index(), jax.process_count())
+  if data_state is not None:
+    batches.set_state(data_state)
+  validate = bool(d.val_split) and cfg.eval.every > 0
+  if validate:
+    val = beir.load_beir(d.path, d.val_split, unknown="skip")
+    val_run = first_stage(d.val_run, val, 100)
+    first_stage_metrics = ir_metrics(val.qrels, val_run)
+  step_fn = stage1.jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
+
+  log = stage1.MetricsLog(workdir, start)
+  history, evals = [], []
+
+  def run_eval(step):
+    nnx.update(model, params)
+    enc.update(model)
+    metrics = evaluate(enc, val, val_run, cfg.eval.top_k, cfg.eval.batch_size)
+    evals.append({"step": step, **metrics})
+    log.write(step, "val", metrics)
+    return metrics
+
+  if validate and start == 0:
+    log.write(0, "first_stage", first_stage_metrics)
+    if cfg.eval.at_start:
+      run_eval(0)
+  bar = tqdm(range(start + 1, cfg.num_steps + 1), desc=f"rerank ({cfg.loss})", initial=start, total=cfg.num_steps,
+             disable=not is_main())
+  sync = stage1.SyncPoint(ckpt, workdir, start)
+  for step in bar:
+    batch = sharding.global_batch(mesh, next(batches))
+    params, opt_state, metrics = step_fn(params, opt_state, batch)
+    save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps
+    if step % cfg.log_every == 0 or save:
+      metrics = sync(step, metrics)
+      history.append({"step": step, **metrics})
+      log.write(step, "train", metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+    if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
+      m = run_eval(step)
+      if is_main():
+        bar.write(f"step {step}: val nDCG@10 {m['ndcg_at_10']:.4f} reranking the first stage's top {cfg.eval.top_k} "
+                  f"(first stage {first_stage_metrics['ndcg_at_10']:.4f})")
+    if save:
+      ckpt.save(step, params, opt_state, batches.get_state())
+  ckpt.wait()
+  ckpt.close()
+  nnx.update(model, params)
+  return {"history": history, "evals": evals, "first_stage": first_stage_metrics if validate else None,
+          "spec": spec, "num_queries": len(groups)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `scalingnote rerank`: a run file in, the reranked run file out.
+
+def rerank_file(model_dir: str, data_dir: str, run_in: str, out: str, *, top_k: int = 100,
+                batch_size: int = 64) -> dict:
+  """Reranks each query's top_k documents of `run_in` (queries and documents from the BEIR directory) and
+  writes the run to `out`; returns counts and pairs scored per second."""
+  import time
+
+  from scalingnote_jax.data.runs import write_run
+
+  enc = CrossEncoder.from_workdir(model_dir)
+  run = read_run(run_in)
+  queries = beir.load_queries(os.path.join(data_dir, "queries.jsonl"))
+  corpus = beir.load_corpus(os.path.join(data_dir, "corpus.jsonl"))
+  t0 = time.perf_counter()
+  reranked = enc.rerank(run, queries, corpus, top_k=top_k, batch_size=batch_size)
+  seconds = time.perf_counter() - t0
+  write_run(out, reranked, tag="scalingnote-rerank")
+  pairs = sum(len(docs) for docs in reranked.values())
+  return {"out": out, "queries": len(reranked), "pairs": pairs, "pairs_per_s": pairs / seconds}

@@ -1,0 +1,188 @@
+"""Cross-encoder rerankers: the three losses against their definitions, pair tokens against transformers' own
+pair encoding, run files, and each loss trained on the synthetic corpus beating its first stage; then the
+CLI path a user takes: eval --save-run -> train-reranker -> rerank -> eval --run."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli, shared_artefact
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses: rax behind one function, checked against the textbook formulas with graded labels and padding.
+
+softplus = lambda x: np.log1p(np.exp(x))  # noqa: E731
+
+
+@pytest.mark.parametrize("kind", ["bce", "ranknet", "listnet"])
+def test_ranking_losses_match_their_definitions(kind):
+  from scalingnote_jax.train.losses import ranking_loss
+
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(3, 6)).astype(np.float32)
+  y = np.array([[2, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0]], np.float32)
+  w = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)
+  got = float(ranking_loss(kind, jnp.asarray(s), jnp.asarray(y), jnp.asarray(w)))
+  if kind == "bce":  # one mean over every valid candidate of the batch
+    t = (y > 0).astype(float)
+    want = np.mean((t * softplus(-s) + (1 - t) * softplus(s))[w])
+  elif kind == "ranknet":  # one mean over every ordered pair of the batch
+    pairs = [softplus(-(s[b, i] - s[b, j])) for b in range(3) for i in range(6) for j in range(6)
+             if w[b, i] and w[b, j] and y[b, i] > y[b, j]]
+    want = np.mean(pairs)
+  else:  # a mean over groups of the cross-entropy between top-one distributions: labels / sum, softmax(s)
+    groups = []
+    for b in range(3):
+      sb, yb = s[b][w[b]], y[b][w[b]]
+      groups.append(-np.sum(yb / yb.sum() * (sb - np.log(np.sum(np.exp(sb))))))
+    want = np.mean(groups)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  s2 = s.copy()
+  s2[~w] = 50.0  # padded slots take no part
+  assert float(ranking_loss(kind, jnp.asarray(s2), jnp.asarray(y), jnp.asarray(w))) == pytest.approx(got, rel=1e-6)
+  with pytest.raises(ValueError, match="expected one of"):
+    ranking_loss("lambdarank", jnp.asarray(s), jnp.asarray(y), jnp.asarray(w))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pair tokens: as transformers' tokenizer(query, doc, truncation="longest_first") (sentence-transformers'
+# CrossEncoder); a decoder's GGUF tokenizer (no pair template) gets a newline between and EOS at the end.
+
+def test_pair_tokens_match_transformers_pair_encoding(minilm_dir):
+  import transformers
+
+  from scalingnote_jax.models.tokenizer import Tokenizer
+
+  queries = ["what is the half-life of enzyme Kalo-12", "q", "a long query " * 20]
+  docs = ["Kalo-12 is an enzyme studied for its stable dosage. " * 10, "d", "short"]
+  ours = Tokenizer.from_pretrained(minilm_dir).encode_pairs(queries, docs, max_length=32)
+  hf = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+  want = [hf(q, d, truncation="longest_first", max_length=32)["input_ids"] for q, d in zip(queries, docs)]
+  assert ours == want and max(map(len, ours)) == 32
+
+
+def test_pair_tokens_of_a_decoder_keep_a_separator_and_eos(smollm2_gguf):
+  from scalingnote_jax.models.tokenizer import Tokenizer
+
+  tok = Tokenizer.from_pretrained(smollm2_gguf)
+  ids = tok.encode_pairs(["what is x", "q"], ["x is a thing " * 30, "d"], max_length=24, append_eos=True)
+  assert len(ids[0]) == 24 and all(row[-1] == tok.eos_id for row in ids)
+  assert tok.tok.decode(ids[1][:-1]) == "q\nd"
+  with pytest.raises(ValueError, match="2 first texts but 1"):
+    tok.encode_pairs(["a", "b"], ["c"], max_length=8)
+
+
+def test_a_decoder_cross_encoder_scores_each_pair_as_on_its_own(smollm2_gguf):
+  """Batched, length-sorted, right-padded scoring of pairs == one unpadded pair at a time (a causal decoder
+  scoring from its last token, EOS appended); rerank orders by those scores and keeps top_k."""
+  from flax import nnx
+
+  from scalingnote_jax.encoder import CrossEncoder
+  from scalingnote_jax.models import llm
+  from scalingnote_jax.models.tokenizer import Tokenizer
+  from scalingnote_jax.models.tower import Tower, TowerConfig
+
+  bcfg = llm.LLMConfig(vocab_size=49152, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                       intermediate_size=64)
+  tcfg = TowerConfig(pooling="last", append_eos=True, projection_dim=1, projection_bias=True, normalize=False,
+                     max_length=40, query_prompt="Query: {text}", document_prompt="Document: {title}\n{text}")
+  enc = CrossEncoder(Tower.create(bcfg, tcfg, nnx.Rngs(0)), Tokenizer.from_pretrained(smollm2_gguf))
+  queries = ["what is the dosage of Kalo-12", "volcano age", "q"]
+  docs = [{"title": "Kalo-12 (medicine)", "text": "Kalo-12 is an enzyme. " * 8}, "a short one", {"text": "x"}]
+  got = enc.predict(queries, docs, batch_size=2)
+  ids = enc.tokenize_pairs(enc.query_texts(queries), enc.document_texts(docs))
+  want = [float(enc.tower(jnp.asarray([row]), jnp.ones((1, len(row)), jnp.int32))[0, 0]) for row in ids]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  corpus = {f"d{i}": {"title": "", "text": t} for i, t in enumerate(["alpha", "beta gamma", "delta", "eps"])}
+  run = {"q1": {"d0": 4.0, "d1": 3.0, "d2": 2.0, "d3": 1.0}}
+  reranked = enc.rerank(run, {"q1": "beta"}, corpus, top_k=3)
+  scores = enc.predict(["beta"] * 3, [corpus[d] for d in ("d0", "d1", "d2")])
+  assert reranked == {"q1": dict(zip(("d0", "d1", "d2"), map(float, scores)))}
+  with pytest.raises(KeyError, match="'d7'"):
+    enc.rerank({"q1": {"d7": 1.0}}, {"q1": "beta"}, corpus)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run files.
+
+def test_run_files_round_trip_and_bad_lines_are_named(tmp_path):
+  from scalingnote_jax.data.beir import DataError
+  from scalingnote_jax.data.runs import read_run, write_run
+
+  run = {"q1": {"d1": 0.5, "d2": 2.25, "d3": -1.0}, "q2": {"d9": 3.0}}
+  path = str(tmp_path / "a.run")
+  write_run(path, run)
+  assert read_run(path) == run
+  assert open(path).readline().split() == ["q1", "Q0", "d2", "1", "2.25", "scalingnote"]  # best first
+  bad = tmp_path / "bad.run"
+  bad.write_text("q1 Q0 d1 1 0.5 x\nq1 Q0 d2 2 high x\n")
+  with pytest.raises(DataError, match=r"bad.run:2: .*not an integer / a number"):
+    read_run(str(bad))
+  bad.write_text("q1 Q0 d1 1 0.5 x\n\nq1 Q0 d1 2 0.4 x\n")
+  with pytest.raises(DataError, match=r"bad.run:3: document 'd1' listed twice"):
+    read_run(str(bad))
+  bad.write_text("q1 d1 0.5\n")
+  with pytest.raises(DataError, match=r"bad.run:1: expected 6 fields"):
+    read_run(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training on the synthetic corpus, first stage = the tests' tiny Stage 1 teacher (never trained on the test
+# split's queries: its held-out queries are exactly that split).
+
+@pytest.fixture(scope="module")
+def first_stage(tiny_teacher):
+  """(BEIR dir, train run, test run, the first stage's test metrics) from the tiny teacher."""
+  def make(path):
+    from scalingnote_jax.config import load_config
+    from scalingnote_jax.pipeline import prepare_data
+    from scalingnote_jax.train import stage1
+
+    prepare_data(load_config(f"{ROOT}/configs/demo.py").data, os.path.join(path, "data"))
+    _, held_out, _ = stage1.load_data(load_config(f"{ROOT}/configs/tiny.py"))
+    with open(os.path.join(path, "data", "qrels", "test.tsv")) as f:
+      assert {line.split("\t")[0] for line in list(f)[1:]} == set(held_out.queries)
+    for split in ("train", "test"):
+      out = run_cli("eval", "--checkpoint", tiny_teacher, "--data", os.path.join(path, "data"), "--split", split,
+                    "--save-run", os.path.join(path, f"{split}.run"), "--num-negatives", "15")
+      with open(os.path.join(path, f"{split}.json"), "w") as f:
+        f.write(out.stdout)
+
+  path = shared_artefact("rerank_first_stage", make)
+  with open(os.path.join(path, "test.json")) as f:
+    metrics = json.loads(f.read())
+  return os.path.join(path, "data"), os.path.join(path, "train.run"), os.path.join(path, "test.run"), metrics
+
+
+# BCE learns the base rate (1 relevant in 4) before it ranks: more steps at a higher rate.
+SETTINGS = {"listnet": [], "ranknet": [], "bce": ["--config.num_steps=100", "--config.optim.lr=1e-3"]}
+
+
+@pytest.mark.parametrize("loss", ["listnet", "ranknet", "bce"])
+def test_each_loss_trains_a_reranker_that_beats_its_first_stage(loss, first_stage, tmp_path):
+  data, train_run, test_run, fs = first_stage
+  workdir = str(tmp_path / loss)
+  out = run_cli("train-reranker", "--config", f"{ROOT}/configs/rerank_tiny.py", "--workdir", workdir,
+                f"--config.loss={loss}", f"--config.data.path={data}", f"--config.data.train_run={train_run}",
+                f"--config.data.val_run={test_run}", "--config.eval.at_start=True", *SETTINGS[loss])
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["first_stage"]["ndcg_at_10"] == pytest.approx(fs["ndcg_at_10"])  # the same first stage
+  assert 0.6 < fs["ndcg_at_10"] < 0.9 and fs["recall_at_10"] > 0.9  # room above it, and the candidates to fill it
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    untrained = next(json.loads(line)["val/ndcg_at_10"] for line in f if "val/ndcg_at_10" in line)
+  final = result["final"]["ndcg_at_10"]
+  assert final > untrained + 0.1 and final > fs["ndcg_at_10"] + 0.03, (loss, untrained, final, fs["ndcg_at_10"])
+  if loss != "listnet":
+    return
+  # The CLI path over the same run: rerank the top 10, score the run file; the numbers agree with training's.
+  reranked = str(tmp_path / "reranked.run")
+  summary = json.loads(run_cli("rerank", "--model", workdir, "--data", data, "--run", test_run, "--out", reranked,
+                               "--top-k", "10").stdout)
+  assert summary["pairs"] == 10 * fs["num_queries"] and summary["pairs_per_s"] > 0
+  scored = json.loads(run_cli("eval", "--run", reranked, "--data", data, "--split", "test").stdout)
+  assert scored["ndcg_at_10"] == pytest.approx(final, abs=1e-4) and scored["queries_not_in_run"] == 0
+  first = json.loads(run_cli("eval", "--run", test_run, "--data", data, "--split", "test").stdout)
+  assert first["ndcg_at_10"] == pytest.approx(fs["ndcg_at_10"], abs=1e-6)  # a saved run scores as its system did
