@@ -99,6 +99,10 @@ def test_a_ladder_of_truncated_checkpoints_counts_only_the_layers_it_keeps():
   e, f = 384, 1536
   per_layer = 4 * (e * e + e) + (e * f + f) + (f * e + e) + 2 * 2 * e  # q, k, v, o; MLP in and out; two LayerNorms
   assert n["L2"] - n["L1"] == per_layer and n["L6"] - n["L4"] == 2 * per_layer
+  rerankers = load_config("configs/sweep_rerank_scifact.py:bce")  # the same cut plus a score head
+  n_r = {name: non_embedding_params(run_config(rerankers, size.to_dict(), 1.0), "reranker")
+         for name, size in rerankers.sizes.items()}
+  assert n_r["L2"] - n_r["L1"] == per_layer and n_r["L1"] == n["L1"] + e + 1  # + the head's weights and bias
 
 
 def test_data_fractions_are_nested():

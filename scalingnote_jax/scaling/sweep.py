@@ -1,11 +1,13 @@
-"""`scalingnote sweep --config configs/sweep_<name>.py --workdir DIR`: Stage 1 over a ladder of model sizes x
-data sizes, one run at a time, resumable (a finished run is skipped, an interrupted one continues from its
-checkpoint). Writes DIR/results.jsonl, one run per line, for `scalingnote fit-scaling`:
+"""`scalingnote sweep --config configs/sweep_<name>.py --workdir DIR`: Stage 1 (or, with `kind="reranker"`,
+the cross-encoder trainer) over a ladder of model sizes x data sizes, one run at a time, resumable (a
+finished run is skipped, an interrupted one continues from its checkpoint). Writes DIR/results.jsonl, one
+run per line, for `scalingnote fit-scaling`:
 
-  N        non-embedding parameters of one tower (the paper's model size)
-  D        training examples (query-positive pairs) the run draws from
-  tokens   tokens the run processed (steps x batch x (query_len + (1 + n_neg) x doc_len))
-  compute  6 x N x tokens (forward and backward FLOPs of both towers)
+  N        non-embedding parameters of one tower / of the reranker (the paper's model size)
+  D        training examples (query-positive pairs; a reranker's: training queries) the run draws from
+  tokens   tokens the run processed (steps x batch x (query_len + (1 + n_neg) x doc_len); a reranker's:
+           steps x batch x group_size x max_length)
+  compute  6 x N x tokens (forward and backward FLOPs)
   and the final validation metrics: contrastive_entropy, ndcg_at_10, recall_at_100, ...
 """
 
@@ -25,11 +27,18 @@ from scalingnote_jax.pipeline import Stages
 EMBEDDINGS = {"embed", "tok_embed", "pos_embed", "type_embed"}  # token / position tables (models/)
 
 
-def non_embedding_params(cfg: ConfigDict) -> int:
-  """Parameters of the query tower without its embedding tables (no memory allocated)."""
-  from scalingnote_jax.train import stage1
+def non_embedding_params(cfg: ConfigDict, kind: str = "retriever") -> int:
+  """Parameters of the query tower (a reranker: of the model) without its embedding tables (no memory
+  allocated)."""
+  if kind == "reranker":
+    from scalingnote_jax.train import rerank, stage2
 
-  params = nnx.state(stage1.abstract_model(cfg).query, nnx.Param)
+    module = stage2.abstract_student(rerank.model_spec(cfg))
+  else:
+    from scalingnote_jax.train import stage1
+
+    module = stage1.abstract_model(cfg).query
+  params = nnx.state(module, nnx.Param)
   return sum(int(leaf.size) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
              if not any(getattr(k, "key", getattr(k, "name", None)) in EMBEDDINGS for k in path))
 
@@ -42,29 +51,39 @@ def run_config(cfg: ConfigDict, model: dict, fraction: float) -> ConfigDict:
   return c
 
 
-def train_one(c: ConfigDict, workdir: str) -> dict:
-  from scalingnote_jax.train import stage1
+def train_one(c: ConfigDict, workdir: str, kind: str) -> dict:
+  """Trains one run; its size (N, D, tokens, compute) and final validation metrics."""
+  if kind == "reranker":
+    from scalingnote_jax.train import rerank
 
-  out = stage1.train(c, workdir, resume=True)
+    out = rerank.train(c, workdir, resume=True)
+    d, tokens = out["num_queries"], c.num_steps * c.batch_size * c.data.group_size * c.tower.max_length
+  else:
+    from scalingnote_jax.train import stage1
+
+    out = stage1.train(c, workdir, resume=True)
+    d = len(stage1.load_data(c)[0])
+    tokens = c.num_steps * c.batch_size * (c.data.query_len + (1 + c.data.n_neg) * c.data.doc_len)
   if not out["evals"]:
     raise ValueError("sweep runs need a validation split and eval.every > 0: their metrics are the results")
-  n = non_embedding_params(c)
-  tokens = c.num_steps * c.batch_size * (c.data.query_len + (1 + c.data.n_neg) * c.data.doc_len)
+  n = non_embedding_params(c, kind)
   final = {k: v for k, v in out["evals"][-1].items() if k != "step"}
-  return {"N": n, "D": len(stage1.load_data(c)[0]), "tokens": tokens, "compute": 6 * n * tokens, "steps": c.num_steps,
-          **final}
+  return {"N": n, "D": d, "tokens": tokens, "compute": 6 * n * tokens, "steps": c.num_steps, **final}
 
 
 def run(cfg: ConfigDict, workdir: str) -> list[dict]:
+  kind = cfg.get("kind", "retriever")
+  if kind not in ("retriever", "reranker"):
+    raise ValueError(f"kind={kind!r}: expected 'retriever' (Stage 1 runs) or 'reranker'")
   stages = Stages(workdir, label="sweep")
   rows = []
-  sizes = sorted(cfg.sizes.items(), key=lambda kv: non_embedding_params(run_config(cfg, kv[1].to_dict(), 1.0)))
+  sizes = sorted(cfg.sizes.items(), key=lambda kv: non_embedding_params(run_config(cfg, kv[1].to_dict(), 1.0), kind))
   for size, model in sizes:  # smallest model first
     for fraction in sorted(cfg.data_fractions):
       name = f"{size}_D{fraction:g}"
       c = run_config(cfg, model.to_dict(), fraction)
       rows.append({"run": name, **stages(name, c.to_dict(), lambda c=c, name=name: train_one(
-          c, os.path.join(workdir, "runs", name)))})
+          c, os.path.join(workdir, "runs", name), kind))})
   if is_main():
     store.write_atomic(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   return rows
