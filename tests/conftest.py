@@ -17,6 +17,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scal
 # Expensive artefacts (a trained tiny teacher) are made once per session, by whichever pytest-xdist worker
 # first needs them, in a directory every worker sees (workers inherit the controller's environment).
 os.environ.setdefault("SCALINGNOTE_TEST_SHARED", tempfile.mkdtemp(prefix="scalingnote-test-shared-"))
+# ranx (the second implementation of the IR metrics) JIT-compiles its metrics with numba: ~1 minute of
+# compilation for runs that pure Python scores in seconds.
+os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 
 import numpy as np
 import pytest
