@@ -127,6 +127,10 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   a workdir that already has checkpoints is refused."""
   if cfg.loss not in RANKING_LOSSES:
     raise ValueError(f"loss={cfg.loss!r}: expected one of {RANKING_LOSSES}")
+  if cfg.data.group_size < 2 or cfg.data.top_k < cfg.data.group_size - 1:
+    raise ValueError(f"data.group_size={cfg.data.group_size}, data.top_k={cfg.data.top_k}: a group needs the "
+                     "relevant document and at least one candidate (group_size >= 2), drawn from top_k >= "
+                     "group_size - 1")
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
@@ -215,6 +219,8 @@ def rerank_file(model_dir: str, data_dir: str, run_in: str, out: str, *, top_k: 
 
   from scalingnote_jax.data.runs import write_run
 
+  if top_k < 1:
+    raise ValueError(f"rerank: --top-k {top_k}: expected >= 1")
   enc = CrossEncoder.from_workdir(model_dir)
   run = read_run(run_in)
   queries = beir.load_queries(os.path.join(data_dir, "queries.jsonl"))
