@@ -129,6 +129,23 @@ def test_run_files_round_trip_and_bad_lines_are_named(tmp_path):
     read_run(str(bad))
 
 
+def test_a_run_file_is_scored_with_beir_conventions(tmp_path):
+  """A judged query the run lacks scores 0 and is counted; the query's own id is dropped before the top k."""
+  from scalingnote_jax.data.beir import Dataset
+  from scalingnote_jax.data.runs import write_run
+  from scalingnote_jax.eval.evaluate import evaluate_run_file
+
+  data = Dataset({d: {"title": "", "text": d} for d in ("q1", "d1", "d2", "d3")}, {"q1": "a", "q2": "b"},
+                 {"q1": {"d1": 1}, "q2": {"d2": 1}})
+  path = str(tmp_path / "a.run")
+  write_run(path, {"q1": {"q1": 9.0, "d3": 2.0, "d1": 1.0}})
+  m = evaluate_run_file(path, data, k=1)
+  assert m["queries_not_in_run"] == 1 and m["num_queries"] == 2
+  assert m["recall_at_10"] == 0.0  # k=1 keeps d3 once q1 itself is dropped
+  m = evaluate_run_file(path, data, k=2)
+  assert m["recall_at_10"] == 0.5 and m["mrr_at_10"] == pytest.approx(0.25)  # q1: d1 at rank 2; q2: nothing
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training on the synthetic corpus, first stage = the tests' tiny Stage 1 teacher (never trained on the test
 # split's queries: its held-out queries are exactly that split).
