@@ -127,6 +127,15 @@ def test_run_files_round_trip_and_bad_lines_are_named(tmp_path):
   bad.write_text("q1 d1 0.5\n")
   with pytest.raises(DataError, match=r"bad.run:1: expected 6 fields"):
     read_run(str(bad))
+  from scalingnote_jax.train.rerank import read_known_run
+
+  corpus = {d: {"text": d} for d in ("d1", "d2", "d3")}
+  with pytest.raises(DataError, match=r"a.run: 1 documents are not in the data directory, e.g. 'd9'"):
+    read_known_run(path, corpus, {"q1": "x", "q2": "y"})
+  corpus["d9"] = {"text": "d9"}
+  with pytest.raises(DataError, match=r"a.run: 1 queries are not in the data directory, e.g. 'q2'"):
+    read_known_run(path, corpus, {"q1": "x"})
+  assert read_known_run(path, corpus) == run  # no query check without queries
 
 
 def test_a_run_file_is_scored_with_beir_conventions(tmp_path):

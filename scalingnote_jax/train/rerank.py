@@ -54,11 +54,20 @@ def first_stage(source: str, data: beir.Dataset, k: int) -> dict[str, dict[str, 
     ids, scores = BM25(data.corpus).search([data.queries[q] for q in qids], k + 1)
     run = {q: dict(zip(row, map(float, s))) for q, row, s in zip(qids, ids, scores)}
   else:
-    run = read_run(source)
-    unknown = sorted({d for docs in run.values() for d in docs} - set(data.corpus))
-    if unknown:
-      raise beir.DataError(f"{source}: {len(unknown)} documents are not in the corpus, e.g. {unknown[0]!r}")
+    run = read_known_run(source, data.corpus)
   return beir_run(run, drop_self=True, k=k)
+
+
+def read_known_run(path: str, corpus: dict, queries: dict | None = None) -> dict[str, dict[str, float]]:
+  """A run file whose documents (and, when given, queries) must be known: an unknown one stops the run
+  before any work, named with the file."""
+  run = read_run(path)
+  for what, have, known in (("documents", {d for docs in run.values() for d in docs}, corpus),
+                            ("queries", set(run) if queries is not None else set(), queries or {})):
+    unknown = sorted(have - set(known))
+    if unknown:
+      raise beir.DataError(f"{path}: {len(unknown)} {what} are not in the data directory, e.g. {unknown[0]!r}")
+  return run
 
 
 def training_groups(data: beir.Dataset, run: dict, enc: CrossEncoder) -> list[RerankGroup]:
@@ -222,9 +231,9 @@ def rerank_file(model_dir: str, data_dir: str, run_in: str, out: str, *, top_k: 
   if top_k < 1:
     raise ValueError(f"rerank: --top-k {top_k}: expected >= 1")
   enc = CrossEncoder.from_workdir(model_dir)
-  run = read_run(run_in)
   queries = beir.load_queries(os.path.join(data_dir, "queries.jsonl"))
   corpus = beir.load_corpus(os.path.join(data_dir, "corpus.jsonl"))
+  run = read_known_run(run_in, corpus, queries)
   t0 = time.perf_counter()
   reranked = enc.rerank(run, queries, corpus, top_k=top_k, batch_size=batch_size)
   seconds = time.perf_counter() - t0
