@@ -34,6 +34,7 @@ def get_config(variant: str = ""):
     c.base.eval.every = c.base.checkpoint.every = 4
     c.sizes = ConfigDict({f"h{h}": width(h) for h in (8, 16)})
     c.data_fractions = (0.5, 1.0)
+    c.full_data_only = ("h16",)
   elif variant:
     raise ValueError(f"configs/sweep_tiny.py: unknown variant {variant!r} (known: smoke)")
   return c

@@ -118,19 +118,26 @@ def test_data_fractions_are_nested():
 def test_sweep_writes_results_that_fit_reads_and_resumes(tmp_path):
   from conftest import ROOT, run_cli
 
+  from scalingnote_jax.config import load_config
+  from scalingnote_jax.scaling import sweep
+
+  bad = load_config(f"{ROOT}/configs/sweep_tiny.py:smoke")
+  bad.full_data_only = ("h99",)
+  with pytest.raises(ValueError, match=r"full_data_only: \['h99'\] not among sizes \['h16', 'h8'\]"):
+    sweep.run(bad, str(tmp_path / "bad"))
   config = f"{ROOT}/configs/sweep_tiny.py:smoke"
   workdir = tmp_path / "sweep"
   first = run_cli("sweep", "--config", config, "--workdir", str(workdir)).stdout
   rows = [json.loads(line) for line in (workdir / "results.jsonl").open()]
-  assert [r["run"] for r in rows] == ["h8_D0.5", "h8_D1", "h16_D0.5", "h16_D1"]
+  assert [r["run"] for r in rows] == ["h8_D0.5", "h8_D1", "h16_D1"]  # h16: full data only
   by = {r["run"]: r for r in rows}
   assert by["h16_D1"]["N"] > by["h8_D1"]["N"] and by["h8_D1"]["N"] == by["h8_D0.5"]["N"]
   assert by["h8_D1"]["D"] == 2 * by["h8_D0.5"]["D"]
   assert by["h8_D1"]["compute"] == 6 * by["h8_D1"]["N"] * by["h8_D1"]["tokens"]
   assert all(np.isfinite(r["contrastive_entropy"]) and 0 <= r["ndcg_at_10"] <= 1 for r in rows)
-  assert first.count(": running") == 4
+  assert first.count(": running") == 3
   again = run_cli("sweep", "--config", config, "--workdir", str(workdir)).stdout
-  assert again.count("skipped") == 4 and ": running" not in again
+  assert again.count("skipped") == 3 and ": running" not in again
   assert [json.loads(line) for line in (workdir / "results.jsonl").open()] == rows
   cols = fit.read_results(str(workdir / "results.jsonl"), ["N", "D", "compute", "contrastive_entropy", "ndcg_at_10"])
-  assert len(cols["N"]) == 4  # what `scalingnote fit-scaling` reads
+  assert len(cols["N"]) == 3  # what `scalingnote fit-scaling` reads

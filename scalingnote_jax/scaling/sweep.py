@@ -75,11 +75,15 @@ def run(cfg: ConfigDict, workdir: str) -> list[dict]:
   kind = cfg.get("kind", "retriever")
   if kind not in ("retriever", "reranker"):
     raise ValueError(f"kind={kind!r}: expected 'retriever' (Stage 1 runs) or 'reranker'")
+  full_data_only = set(cfg.get("full_data_only", ()))  # e.g. the held-out largest size: one run, not a row
+  if full_data_only - set(cfg.sizes):
+    raise ValueError(f"full_data_only: {sorted(full_data_only - set(cfg.sizes))} not among sizes {sorted(cfg.sizes)}")
   stages = Stages(workdir, label="sweep")
   rows = []
   sizes = sorted(cfg.sizes.items(), key=lambda kv: non_embedding_params(run_config(cfg, kv[1].to_dict(), 1.0), kind))
   for size, model in sizes:  # smallest model first
-    for fraction in sorted(cfg.data_fractions):
+    fractions = sorted(cfg.data_fractions)
+    for fraction in fractions[-1:] if size in full_data_only else fractions:
       name = f"{size}_D{fraction:g}"
       c = run_config(cfg, model.to_dict(), fraction)
       rows.append({"run": name, **stages(name, c.to_dict(), lambda c=c, name=name: train_one(
