@@ -142,6 +142,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
                      "group_size - 1")
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh)
+  if is_main():
+    print(f"rerank: {sharding.describe(mesh)}", flush=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
   last = ckpt.latest_step()
   if last is not None and not resume:

@@ -387,6 +387,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(cfg.to_json(indent=1))
   mesh = sharding.make_mesh(cfg.mesh)
+  if is_main():
+    print(f"stage1: {sharding.describe(mesh)}", flush=True)
   examples, held_out, corpus = load_data(cfg)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
   last = ckpt.latest_step()

@@ -236,6 +236,8 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   there; without it, a workdir that already has checkpoints is refused."""
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh)
+  if is_main():
+    print(f"distill: {sharding.describe(mesh)}", flush=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
   last = ckpt.latest_step()
   if last is not None and not resume:
