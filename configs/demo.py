@@ -28,6 +28,10 @@ def get_config(variant: str = ""):
   c.data = ConfigDict(dict(source="synthetic", path="", split="test", query_log="", num_docs=1024,
                            queries_per_doc=1, test_fraction=0.125, noise=0.3, unlabelled_per_doc=4, seed=0))
   c.teacher = tiny_config()
+  # Like the baseline's, both towers start from identical weights (the tests' teacher starts them unrelated, to
+  # measure learning from chance), at the rate tuned for that start.
+  c.teacher.model.doc_seed = c.teacher.model.seed
+  c.teacher.optim.lr = 3e-3
   c.teacher.data.n_neg = 0  # the first round has no mined negatives yet
   # One mining round: negatives from the teacher's ranks [range_min, range_max), then num_steps more steps.
   c.mining = ConfigDict(dict(range_min=3, range_max=30, num_negatives=8, sampling="top", seed=0, n_neg=1,

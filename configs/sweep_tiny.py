@@ -23,6 +23,7 @@ def get_config(variant: str = ""):
   c = ConfigDict()
   c.base = tiny_config()
   c.base.optim.lr = 1e-3  # decoders of these widths learn fastest here (3e-3: slower, 1e-2: diverges)
+  c.base.model.doc_seed = c.base.model.seed  # both towers from identical weights (as in BENCHMARKS.md)
   c.base.num_steps = 300
   c.base.eval.update(dict(every=300, at_start=False))
   c.base.checkpoint.every = 300

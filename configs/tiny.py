@@ -15,8 +15,11 @@ def get_config(variant: str = ""):
   c.model.tokenizer = "SmolLM2-135M-Instruct-Q4_1"
   c.model.backbone = dict(kind="llm", vocab_size=49152, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                           head_dim=16, intermediate_size=128, tie_word_embeddings=True, eos_token_id=2)
+  # The document tower gets a seed of its own: two unrelated random towers retrieve at chance (Recall@10 ~0.01;
+  # with identical ones, shared tokens alone give 0.28), so what the tests measure is learnt.
+  c.model.doc_seed = 1
   c.tower.max_length = 64
-  c.optim.lr = 3e-3
+  c.optim.lr = 2e-3
   c.num_steps = 200
   c.batch_size = 32
   c.data.num_docs = 1024

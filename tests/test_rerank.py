@@ -184,7 +184,7 @@ def first_stage(tiny_teacher):
 
 
 # BCE learns the base rate (1 relevant in 4) before it ranks: more steps at a higher rate.
-SETTINGS = {"listnet": [], "ranknet": [], "bce": ["--config.num_steps=100", "--config.optim.lr=1e-3"]}
+SETTINGS = {"listnet": [], "ranknet": [], "bce": ["--config.num_steps=200", "--config.optim.lr=1e-3"]}
 
 
 @pytest.mark.parametrize("loss", ["listnet", "ranknet", "bce"])

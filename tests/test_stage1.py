@@ -74,12 +74,14 @@ def test_gradcache_chunks_and_remat_equal_the_full_batch():
 
 
 def test_tiny_teacher_learns_on_synthetic_corpus(tiny_teacher):
-  """From far below to >= 0.9 Recall@10 over 1024 documents (chance: 0.01)."""
+  """On 8 simulated devices, from chance to >= 0.9 Recall@10 over 1024 documents (chance: 10/1024 = 0.01)."""
   cfg = load_config(TINY)
+  with open(os.path.join(tiny_teacher, "stdout.txt")) as f:
+    assert "mesh data=8 fsdp=1 tensor=1 over 8 cpu devices" in f.read()
   evals = read_metrics(tiny_teacher, "val")
   first, last = evals[0], evals[-1]
   assert first["step"] == 0 and last["step"] == cfg.num_steps
-  assert first["recall_at_10"] <= 0.5, first
+  assert first["recall_at_10"] <= 0.05, first
   assert last["recall_at_10"] >= 0.9, last
   assert last["contrastive_entropy"] < 0.5 * first["contrastive_entropy"]
 

@@ -132,7 +132,7 @@ def abstract_model(cfg: ConfigDict) -> DualEncoder:
 
   def create():
     query = Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))
-    doc = query if cfg.tied else Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))
+    doc = query if cfg.tied else Tower.create(bcfg, tower_cfg, nnx.Rngs(m.get("doc_seed", m.seed)))
     return DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
   return nnx.eval_shape(create)
 
@@ -150,10 +150,11 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
     return model, tokenizer_of(prev)
   if m.init == "random":
     bcfg = backbone_config(m)
-    # the same seed for both towers: like a checkpoint, both start from identical weights
-    make = lambda: Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))  # noqa: E731
-    query = sharding.create_sharded(make, mesh, rules)
-    doc = query if cfg.tied else sharding.create_sharded(make, mesh, rules)
+    # Both towers start from identical weights, like one checkpoint, unless the config gives the document
+    # tower a seed of its own (`model.doc_seed`): then the two start unrelated and retrieval at chance.
+    make = lambda seed: lambda: Tower.create(bcfg, tower_cfg, nnx.Rngs(seed))  # noqa: E731
+    query = sharding.create_sharded(make(m.seed), mesh, rules)
+    doc = query if cfg.tied else sharding.create_sharded(make(m.get("doc_seed", m.seed)), mesh, rules)
     tokenizer = Tokenizer.from_pretrained(m.tokenizer)
   else:
     place = sharding.param_sharding_fn(mesh, rules)
