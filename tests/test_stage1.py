@@ -94,6 +94,9 @@ def test_remat_wraps_every_block_and_tied_towers_share_parameters():
   jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, ids))(state))
   remats = re.findall(r"\b(?:remat\d*|checkpoint)\[", jaxpr)  # the primitive's name varies across jax versions
   assert len(remats) == cfg.model.backbone.num_layers  # one rematerialised block per layer
+  grads = jax.make_jaxpr(jax.grad(lambda s: nnx.merge(graphdef, s)(ids, ids).sum()))(state)
+  # each block's backward hands on its input's gradient only with its weights' (layers.tie_cotangents)
+  assert str(grads).count("optimization_barrier") == cfg.model.backbone.num_layers
   cfg = load_config(TINY, ["--config.tied=True", "--config.data.num_docs=32"])
   model, _ = stage1.build_model(cfg, sharding.make_mesh((8, 1, 1)))
   assert model.doc is model.query
