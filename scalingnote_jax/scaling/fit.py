@@ -221,6 +221,11 @@ def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str,
                 fmt="s", color="red", capsize=4, label="forecast (95% CI)" if i == 0 else None)
     ax.scatter(row["x"][0], row["measured"], marker="*", s=120, color="black", label="held-out run" if i == 0 else None)
   ax.set_xscale("log")
+  from matplotlib.ticker import EngFormatter, LogLocator
+
+  ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # 2M, 5M, 10M, 20M: short labels that never overlap
+  for formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+    formatter(EngFormatter(sep=""))
   if law.log:  # losses: the scale they are fitted on
     ax.set_yscale("log")
   ax.set_xlabel(xlabel)
