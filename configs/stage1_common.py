@@ -15,7 +15,9 @@ def base() -> ConfigDict:
   c.tied = False  # one set of parameters for both towers
   c.log_every = 10
   # init: "random" (with backbone), a HF dir / GGUF / packaged name (its first num_layers layers; 0 = all), or
-  # a Stage 1 workdir (a further round from the towers it trained).
+  # a Stage 1 workdir (a further round from the towers it trained). Optional `model.doc_seed` (random init
+  # only): the document tower's own seed; unset, both towers start from identical weights. (Optional, not a
+  # field here, so that finished runs' stage hashes stay valid.)
   c.model = ConfigDict(dict(init="random", num_layers=0, tokenizer="", seed=0, dtype="float32",
                             param_dtype="float32", remat=False, backbone=ConfigDict()))
   c.tower = ConfigDict(dict(pooling="last", append_eos=True, projection_dim=None, normalize=True, max_length=128,

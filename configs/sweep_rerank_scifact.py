@@ -30,11 +30,11 @@ def get_config(variant: str = "listnet"):
   c.base.data.update(dict(path="../shared/data/beir/scifact", train_run="bm25", val_run="bm25", top_k=30,
                           group_size=4))
   c.base.tower.update(dict(max_length=64, pooling="cls"))
-  # Sized for a 2-core CPU (~25 min per loss): 2 epochs of the training queries, pairs cut to 64 tokens (the
-  # claim and the abstract's opening), BM25's top 20 reranked for the 300 test queries. At 128 tokens, groups
-  # of 8 and 300 steps one loss would take ~2 h here (2 layers: 3 s/step). MiniLM's 2 layers at 60 steps (128 tokens, groups of 8): test
-  # nDCG@10 0.23 at lr 1e-4, 0.31 at 5e-4 vs BM25 0.686: a cross-encoder from bi-encoder weights needs more than
-  # 809 queries to pass BM25; the ladder measures how it scales.
+  # Sized for a 2-core CPU: 2 epochs of the training queries, pairs cut to 64 tokens (the claim and the
+  # abstract's opening), BM25's top 20 reranked for the 300 test queries. ListNet's 1-4 layers took 33 min on
+  # the 2 cores shared with other jobs (BENCHMARKS.md). At 128 tokens, groups of 8 and 300 steps one loss would
+  # take ~2 h here (2 layers: 3 s/step). MiniLM's 2 layers at 60 steps (128 tokens, groups of 8): test nDCG@10
+  # 0.23 at lr 1e-4, 0.31 at 5e-4 vs BM25 0.686.
   c.base.update(dict(num_steps=200, batch_size=8, log_every=20))
   c.base.optim.update(dict(lr=5e-4, warmup_steps=20))
   c.base.checkpoint.every = 100
