@@ -55,7 +55,8 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
 def describe(mesh: Mesh) -> str:
   """One line for the logs: the mesh's axis sizes and what it spans."""
   axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
-  return f"mesh {axes} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es)"
+  devices = f"{mesh.devices.size} {mesh.devices.flat[0].platform} devices"
+  return f"mesh {axes} over {devices}, {jax.process_count()} process(es)"
 
 
 def logical_sharding(shape: Sequence[int], axes: Sequence[str | None] | None, mesh: Mesh, rules) -> NamedSharding:
