@@ -183,8 +183,11 @@ def first_stage(tiny_teacher):
   return os.path.join(path, "data"), os.path.join(path, "train.run"), os.path.join(path, "test.run"), metrics
 
 
-# BCE learns the base rate (1 relevant in 4) before it ranks: more steps at a higher rate.
-SETTINGS = {"listnet": [], "ranknet": [], "bce": ["--config.num_steps=200", "--config.optim.lr=1e-3"]}
+# BCE ranks more slowly (it learns to score each pair on its own): 200 steps at a higher rate, on one layer,
+# which halves a step's cost. Measured over two data orders, nDCG@10 after 200 steps: 0.81-0.82 with two layers,
+# 0.88-0.93 with one (first stage 0.78; an initial bias at the base rate's log-odds made it worse: 0.73).
+SETTINGS = {"listnet": [], "ranknet": [],
+            "bce": ["--config.num_steps=200", "--config.optim.lr=1e-3", "--config.model.num_layers=1"]}
 
 
 @pytest.mark.parametrize("loss", ["listnet", "ranknet", "bce"])
