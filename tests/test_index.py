@@ -56,8 +56,9 @@ def test_scann_defaults_reach_recall_on_clustered_embeddings(corpus, scann_index
 def test_scann_defaults_follow_corpus_size():
   assert scann_defaults(BRUTE_FORCE_BELOW - 1, 64) == {"brute_force": True}
   p = scann_defaults(1_000_000, 256)
-  assert p["num_leaves"] == 1000 and p["training_sample_size"] == 250_000
-  assert 0.05 * p["num_leaves"] <= p["num_leaves_to_search"] <= 0.1 * p["num_leaves"]
+  assert p["num_leaves"] == 2000 and p["training_sample_size"] == 250_000
+  assert 0.04 * p["num_leaves"] <= p["num_leaves_to_search"] <= 0.06 * p["num_leaves"]
+  assert scann_defaults(20_000, 64)["num_leaves"] == 141 and scann_defaults(100_000, 64)["num_leaves"] == 316
   assert scann_defaults(1_000_000, 256, brute_force=True) == {"brute_force": True}
 
 
