@@ -151,10 +151,15 @@ def fit(law_name: str, x_KxN: np.ndarray, y_N: np.ndarray, *, bootstrap: int = 2
     boot.append(law.report(bp))
     if holdout is not None:
       boot_pred.append(law.fn(x_KxN[:, holdout], *bp))
+  if bootstrap:
+    out["bootstrap_fits"] = len(boot)
+  if len(boot) < bootstrap / 2:
+    # The few resamples that do fit sit next to the point fit: their spread would be a narrow, false interval.
+    out["warning"] = f"only {len(boot)} of {bootstrap} bootstrap resamples could be fitted: no intervals"
+    boot, boot_pred = [], []
   if boot:
     lo, hi = np.percentile(np.asarray(boot, np.float64), [2.5, 97.5], axis=0)
     out["params_ci95"] = {k: [float(a), float(b)] for k, a, b in zip(law.params, lo, hi)}
-    out["bootstrap_fits"] = len(boot)
   if holdout is not None:
     pred = law.fn(x_KxN[:, holdout], *p)
     out["forecast"] = [{"x": x_KxN[:, i].tolist(), "measured": float(y_N[i]), "predicted": float(v),
