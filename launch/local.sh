@@ -3,7 +3,7 @@
 # without a cluster (development and tests).
 #
 #   launch/local.sh N M COMMAND...
-#   launch/local.sh 2 2 scalingnote train --config configs/tiny.py:smoke --workdir runs/mp
+#   launch/local.sh 2 2 scalingnote train --config configs/tiny.py:smoke --workdir runs/mp --config.mesh='(2,2,1)'
 #
 # Every process runs COMMAND with SCALINGNOTE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID / _CPU_DEVICES
 # set (read by scalingnote_jax/distributed.py). Process 0 prints to this terminal; the others' output goes
@@ -21,7 +21,14 @@ shift 2
 port=${SCALINGNOTE_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 pids=()
-stop_all() { kill "${pids[@]}" 2>/dev/null || true; }
+# jax.distributed catches SIGTERM (a preemption notice, acted on at the next step), but a process blocked in a
+# collective whose peer is gone never gets there: after SCALINGNOTE_STOP_GRACE seconds (default 10), SIGKILL.
+stop_all() {
+  kill "${pids[@]}" 2>/dev/null || true
+  local deadline=$((SECONDS + ${SCALINGNOTE_STOP_GRACE:-10}))
+  while ((SECONDS < deadline)) && kill -0 "${pids[@]}" 2>/dev/null; do sleep 0.2; done
+  kill -9 "${pids[@]}" 2>/dev/null || true
+}
 trap 'stop_all; exit 130' INT TERM
 for ((i = 0; i < n; i++)); do
   export SCALINGNOTE_COORDINATOR=127.0.0.1:$port SCALINGNOTE_NUM_PROCESSES=$n SCALINGNOTE_PROCESS_ID=$i \
