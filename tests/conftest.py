@@ -13,16 +13,31 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the training subprocesses they start) compile the same small programs: a session-wide
 # persistent compilation cache turns the repeats' ~30 s XLA compiles into ~3 s loads. Fresh per session.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scalingnote-test-jax-cache-"))
+_SESSION_DIRS = []  # made by this process (pytest's controller), removed when its session ends
+
+
+def _session_dir(var: str, prefix: str) -> None:
+  if var not in os.environ:  # xdist workers inherit the controller's
+    os.environ[var] = tempfile.mkdtemp(prefix=prefix)
+    _SESSION_DIRS.append(os.environ[var])
+
+
+_session_dir("JAX_COMPILATION_CACHE_DIR", "scalingnote-test-jax-cache-")
 # Expensive artefacts (a trained tiny teacher) are made once per session, by whichever pytest-xdist worker
 # first needs them, in a directory every worker sees (workers inherit the controller's environment).
-os.environ.setdefault("SCALINGNOTE_TEST_SHARED", tempfile.mkdtemp(prefix="scalingnote-test-shared-"))
+_session_dir("SCALINGNOTE_TEST_SHARED", "scalingnote-test-shared-")
 # ranx (the second implementation of the IR metrics) JIT-compiles its metrics with numba: ~1 minute of
 # compilation for runs that pure Python scores in seconds.
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 
 import numpy as np
 import pytest
+
+
+def pytest_unconfigure(config):
+  for path in _SESSION_DIRS:
+    shutil.rmtree(path, ignore_errors=True)
+
 
 SENTENCES = [
     "What is the capital of France?",
