@@ -7,9 +7,9 @@ Point it at the real checkpoint (a HF directory; tokenizer from the same directo
 Without `model.init` the towers are random with Qwen2.5-7B's exact shapes (for ahead-of-time compilation
 and memory planning).
 
-Variants: `:h100x8` (one host, 8 GPUs: fsdp 8), `:v5e256` (TPU v5e-256: fsdp over all 256 chips, 4 GradCache
-chunks so that each chip holds one query of every chunk; data 16 x fsdp 16 can never fit: the state and
-gradients alone are 16.5 GiB of a v5e's 16).
+Variants: `:h100x8` (one host, 8 GPUs: fsdp 8), `:v5e256` (TPU v5e-256: fsdp over all 256 chips, 8 GradCache
+chunks: 5.3 GiB per chip compiled, where 4 chunks need 17.5 GiB; data 16 x fsdp 16 can never fit: the state
+and gradients alone are 16.5 GiB of a v5e's 16).
 """
 
 import os
@@ -42,7 +42,7 @@ def get_config(variant: str = ""):
   c.checkpoint.update(dict(every=500, keep=3))
   c.mesh = {"": (1, -1, 1), "h100x8": (1, 8, 1), "v5e256": (1, 256, 1)}.get(variant)
   if variant == "v5e256":
-    c.chunks = 4  # a chunk's 256 queries over 256 chips (chunk c holds rows c, c + 4, ...; see stage1)
+    c.chunks = 8  # 4 chunks (one query per chip per chunk) compile to 17.5 GiB per chip: over a v5e's 16
   if c.mesh is None:
     raise ValueError(f"configs/qwen2_5_7b.py: unknown variant {variant!r} (known: h100x8, v5e256)")
   return c

@@ -30,7 +30,7 @@ def one_batch(cfg, mesh):
 
 
 def run_steps(overrides, mesh_shape, devices, steps=3):
-  """Gradients of the first step, and the losses of `steps` AdamW steps."""
+  """Gradients of the first step, and the losses of `steps` AdamW steps (none: no step compiled)."""
   cfg = load_config(TINY, [f"--config.{k}={v}" for k, v in overrides.items()])
   mesh = sharding.make_mesh(mesh_shape, devices)
   model, local = one_batch(cfg, mesh)
@@ -40,7 +40,7 @@ def run_steps(overrides, mesh_shape, devices, steps=3):
   kw = dict(chunks=cfg.chunks, symmetric=cfg.loss.symmetric)
   batch = sharding.global_batch(mesh, local)
   _, grads = jax.jit(stage1.make_grad_fn(graphdef, mesh, **kw))(params, batch)
-  step = jax.jit(stage1.make_train_step(graphdef, tx, mesh, **kw))
+  step = jax.jit(stage1.make_train_step(graphdef, tx, mesh, **kw)) if steps else None
   losses = []
   for _ in range(steps):
     params, opt_state, metrics = step(params, opt_state, batch)
@@ -50,7 +50,7 @@ def run_steps(overrides, mesh_shape, devices, steps=3):
 
 def assert_same(a, b, atol):
   (la, ga), (lb, gb) = a, b
-  np.testing.assert_allclose(la, lb, atol=atol)
+  np.testing.assert_allclose(la, lb[:len(la)], atol=atol)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(x, y, atol=atol)
 
@@ -60,11 +60,12 @@ BASE = {"batch_size": 16, "data.num_docs": 32, "data.n_neg": 2, "loss.learn_temp
 
 
 def test_sharded_and_chunked_steps_equal_single_device():
-  """The sharded step, and GradCache chunking with rematerialisation on another mesh (the combination large
-  runs use; each alone is a subset of its code path), give the single-device step's gradients and losses."""
+  """Sharded gradients over data x fsdp x tensor, and the sharded step with GradCache chunking and
+  rematerialisation on another mesh (the combination large runs use; each alone is a subset of its code
+  path), give the single-device gradients and step losses."""
   single = run_steps(BASE, (1, 1, 1), jax.devices()[:1])
   assert single[0][2] < single[0][0]  # the steps learn
-  assert_same(run_steps(BASE, (2, 2, 2), None), single, atol=1e-5)
+  assert_same(run_steps(BASE, (2, 2, 2), None, steps=0), single, atol=1e-5)
   assert_same(run_steps({**BASE, "chunks": 4, "model.remat": True}, (4, 2, 1), None), single, atol=1e-5)
 
 
