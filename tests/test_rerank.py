@@ -197,7 +197,8 @@ def test_each_loss_trains_a_reranker_that_beats_its_first_stage(loss, first_stag
   workdir = str(tmp_path / loss)
   out = run_cli("train-reranker", "--config", f"{ROOT}/configs/rerank_tiny.py", "--workdir", workdir,
                 f"--config.loss={loss}", f"--config.data.path={data}", f"--config.data.train_run={train_run}",
-                f"--config.data.val_run={test_run}", "--config.eval.at_start=True", *SETTINGS[loss])
+                f"--config.data.val_run={test_run}", "--config.eval.at_start=True",
+                "--config.checkpoint.every=1000", *SETTINGS[loss])  # one checkpoint, at the end
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["first_stage"]["ndcg_at_10"] == pytest.approx(fs["ndcg_at_10"])  # the same first stage
   assert 0.6 < fs["ndcg_at_10"] < 0.9 and fs["recall_at_10"] > 0.9  # room above it, and the candidates to fill it
