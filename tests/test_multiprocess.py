@@ -5,7 +5,7 @@ the same embeddings as 1.
 
 Each process has two CPU devices and the mesh is data=2 x fsdp=2: the data axis crosses processes (as hosts
 do), fsdp stays within one. (A data=4 mesh over 2 x 2 devices gives the same losses but ~24 s per step in
-XLA:CPU's gloo all-reduce here, against ~0.6 s for data=2 x fsdp=2: see BENCHMARKS.md.)"""
+XLA:CPU's gloo all-reduce here, against ~0.7 s for data=2 x fsdp=2: see BENCHMARKS.md.)"""
 
 import json
 import os
