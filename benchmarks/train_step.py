@@ -76,14 +76,14 @@ def main():
   optim = ConfigDict(dict(lr=1e-4, warmup_steps=10, schedule="cosine", final_lr_fraction=0.1, weight_decay=0.01,
                           clip_norm=1.0, b1=0.9, b2=0.999))
   tx = stage1.make_optimizer(optim, 1000)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
   rng = np.random.default_rng(0)
   b, t = args.batch, args.seq
   batch = dict(q_ids=rng.integers(3, 8192, (b, t)).astype(np.int32), q_mask=np.ones((b, t), np.int32),
                d_ids=rng.integers(3, 8192, (b, 1, t)).astype(np.int32), d_mask=np.ones((b, 1, t), np.int32),
                doc_ids=np.arange(b, dtype=np.int32)[:, None], pos_ids=np.arange(b, dtype=np.int32)[:, None])
   batch = sharding.global_batch(mesh, batch)
-  step = jax.jit(stage1.make_train_step(graphdef, tx, mesh))
+  step = stage1.jit_step(stage1.make_train_step(graphdef, tx, mesh), mesh, params, opt_state)  # as training does
   compiled = step.lower(params, opt_state, batch).compile()
   # MFU counts model FLOPs. XLA's own count is printed beside it: it matches on CPU, but XLA:GPU leaves out
   # most of the cuBLAS matmuls (custom calls), which undercounted a bf16 step 5x on an H200.

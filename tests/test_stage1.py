@@ -36,11 +36,12 @@ def run_steps(overrides, mesh_shape, devices, steps=3):
   model, local = one_batch(cfg, mesh)
   graphdef, params = nnx.split(model)
   tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
   kw = dict(chunks=cfg.chunks, symmetric=cfg.loss.symmetric)
   batch = sharding.global_batch(mesh, local)
   _, grads = jax.jit(stage1.make_grad_fn(graphdef, mesh, **kw))(params, batch)
-  step = jax.jit(stage1.make_train_step(graphdef, tx, mesh, **kw)) if steps else None
+  # As training compiles it (outputs keep the inputs' shardings): a plain jit compiled the step twice.
+  step = stage1.jit_step(stage1.make_train_step(graphdef, tx, mesh, **kw), mesh, params, opt_state) if steps else None
   losses = []
   for _ in range(steps):
     params, opt_state, metrics = step(params, opt_state, batch)
