@@ -76,7 +76,7 @@ def main():
   optim = ConfigDict(dict(lr=1e-4, warmup_steps=10, schedule="cosine", final_lr_fraction=0.1, weight_decay=0.01,
                           clip_norm=1.0, b1=0.9, b2=0.999))
   tx = stage1.make_optimizer(optim, 1000)
-  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
+  opt_state = sharding.init_optimizer(tx, params, mesh)
   rng = np.random.default_rng(0)
   b, t = args.batch, args.seq
   batch = dict(q_ids=rng.integers(3, 8192, (b, t)).astype(np.int32), q_mask=np.ones((b, t), np.int32),

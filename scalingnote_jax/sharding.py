@@ -104,6 +104,11 @@ def optimizer_shardings(tx, params, mesh: Mesh):
                                transform_non_params=lambda _: replicated(mesh))
 
 
+def init_optimizer(tx, params, mesh: Mesh):
+  """`tx.init(params)`, created already in its shardings (optimizer_shardings)."""
+  return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)
+
+
 def param_sharding_fn(mesh: Mesh, rules) -> Callable[[str, tuple], NamedSharding]:
   """For `load_params(sharding=...)`: places each imported tensor straight into its mesh sharding."""
   return lambda shape, axes: logical_sharding(shape, axes, mesh, rules)

@@ -36,7 +36,7 @@ def run_steps(overrides, mesh_shape, devices, steps=3):
   model, local = one_batch(cfg, mesh)
   graphdef, params = nnx.split(model)
   tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
-  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
+  opt_state = sharding.init_optimizer(tx, params, mesh)
   kw = dict(chunks=cfg.chunks, symmetric=cfg.loss.symmetric)
   batch = sharding.global_batch(mesh, local)
   _, grads = jax.jit(stage1.make_grad_fn(graphdef, mesh, **kw))(params, batch)

@@ -401,7 +401,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   if last is None:  # fresh start: parameters created (or imported) already sharded
     model, tokenizer = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
-    opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
+    opt_state = sharding.init_optimizer(tx, params, mesh)
     start, data_state = 0, None
   else:  # resume: restore straight into this mesh's shardings (it may differ from the saving run's)
     graphdef, params, opt_state, data_state = restore(cfg, ckpt, last, mesh, tx)

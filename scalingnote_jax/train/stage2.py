@@ -155,7 +155,7 @@ def start_or_restore(spec: dict, tx, ckpt: Checkpointer, last: int | None, mesh,
   if last is None:
     tower = build_student(spec, mesh, rules, seed)
     graphdef, params = nnx.split(tower)
-    opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(params)
+    opt_state = sharding.init_optimizer(tx, params, mesh)
     return tower, graphdef, params, opt_state, 0, None
   graphdef, abstract = nnx.split(abstract_student(spec))
   abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
