@@ -188,7 +188,7 @@ def abstract_inputs(cfg: ConfigDict, mesh, tx):
   """(graphdef, params, opt_state, batch): ShapeDtypeStructs with this mesh's shardings, nothing allocated."""
   graphdef, abstract = nnx.split(stage1.abstract_model(cfg))
   params = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
-  opt_state = abstract_like(jax.eval_shape(tx.init, params), sharding.optimizer_shardings(tx, params, mesh))
+  opt_state = sharding.abstract_optimizer(tx, params, mesh)
   b, g, d = cfg.batch_size, 1 + cfg.data.n_neg, cfg.data
   shapes = dict(q_ids=(b, d.query_len), q_mask=(b, d.query_len), d_ids=(b, g, d.doc_len), d_mask=(b, g, d.doc_len),
                 doc_ids=(b, g), pos_ids=(b, MAX_POSITIVES))  # as data/pipeline.py's TrainData.record, int32

@@ -104,6 +104,12 @@ def optimizer_shardings(tx, params, mesh: Mesh):
                                transform_non_params=lambda _: replicated(mesh))
 
 
+def abstract_optimizer(tx, params, mesh: Mesh):
+  """ShapeDtypeStructs of `tx.init(params)` carrying optimizer_shardings: a restore target, nothing allocated."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      jax.eval_shape(tx.init, params), optimizer_shardings(tx, params, mesh))
+
+
 def init_optimizer(tx, params, mesh: Mesh):
   """`tx.init(params)`, created already in its shardings (optimizer_shardings)."""
   return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)

@@ -354,8 +354,7 @@ def restore(cfg: ConfigDict, ckpt: Checkpointer, step: int, mesh, tx=None):
   only the parameters are read."""
   graphdef, abstract = nnx.split(abstract_model(cfg))
   abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))  # this run's rules
-  abstract_opt = None if tx is None else abstract_like(jax.eval_shape(tx.init, abstract),
-                                                       sharding.optimizer_shardings(tx, abstract, mesh))
+  abstract_opt = None if tx is None else sharding.abstract_optimizer(tx, abstract, mesh)
   params, opt_state, data_state = ckpt.restore(step, abstract, abstract_opt)
   return graphdef, params, opt_state, data_state
 

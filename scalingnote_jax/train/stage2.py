@@ -159,7 +159,7 @@ def start_or_restore(spec: dict, tx, ckpt: Checkpointer, last: int | None, mesh,
     return tower, graphdef, params, opt_state, 0, None
   graphdef, abstract = nnx.split(abstract_student(spec))
   abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
-  abstract_opt = abstract_like(jax.eval_shape(tx.init, abstract), sharding.optimizer_shardings(tx, abstract, mesh))
+  abstract_opt = sharding.abstract_optimizer(tx, abstract, mesh)
   params, opt_state, data_state = ckpt.restore(last, abstract, abstract_opt)
   return nnx.merge(graphdef, params), graphdef, params, opt_state, last, data_state
 
