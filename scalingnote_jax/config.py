@@ -1,19 +1,37 @@
 """Configs are Python files with `get_config(variant: str = "") -> ConfigDict`; `configs/demo.py:smoke`
-picks the variant. Any field can be overridden on the command line: `--config.num_docs=64`."""
+picks the variant. Any field can be overridden on the command line: `--config.num_docs=64`.
+
+A spec that is not an existing file names a config shipped with the package (the repository's `configs/`,
+installed as `scalingnote_jax.configs`): `demo`, `demo.py` and `configs/demo.py` all find it."""
 
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import importlib.util
 import os
 
 from ml_collections import ConfigDict
 
 
+def resolve_config_path(path: str) -> str:
+  """`path` itself when it exists, else the packaged config of that name."""
+  if os.path.exists(path):
+    return path
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else name + ".py"
+  packaged = importlib.resources.files("scalingnote_jax.configs") / name
+  if os.path.dirname(path) in ("", "configs") and packaged.is_file():
+    return str(packaged)
+  shipped = sorted(f.name[:-3] for f in importlib.resources.files("scalingnote_jax.configs").iterdir()
+                   if f.name.endswith(".py") and "def get_config" in f.read_text())
+  raise FileNotFoundError(f"{path}: no such config file, and no packaged config of that name "
+                          f"(packaged: {', '.join(shipped)})")
+
+
 def load_config(spec: str, overrides: list[str] = ()) -> ConfigDict:
   path, _, variant = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such config file")
+  path = resolve_config_path(path)
   module_spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

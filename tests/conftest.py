@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 # Simulate an 8-device mesh on the CPU (must precede the first jax import of the session).
@@ -87,13 +88,14 @@ def shared_artefact(name: str, make) -> str:
   return path
 
 
-def run_cli(*args: str, devices: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(*args: str, devices: int = 1, timeout: int = 900, python: str = sys.executable,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
   """`scalingnote ARGS` in a fresh process with `devices` CPU devices, as a user runs it. (In this process
   there are 8 simulated devices: right for sharding tests, slow for small models on 2 cores.)"""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(SCALINGNOTE_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-m", "scalingnote_jax.cli", *args], env=env, capture_output=True,
-                       text=True, timeout=timeout)
+  out = subprocess.run([python, "-m", "scalingnote_jax.cli", *args], env=env, capture_output=True,
+                       text=True, timeout=timeout, cwd=cwd)
   assert out.returncode == 0, f"scalingnote {' '.join(args)} failed:\n{out.stderr[-3000:]}"
   return out
 
@@ -117,6 +119,26 @@ def tiny_teacher() -> str:
     with open(os.path.join(path, "stdout.txt"), "w") as f:
       f.write(out.stdout)
   return shared_artefact("tiny_teacher", train)
+
+
+@pytest.fixture(scope="session")
+def installed_wheel() -> str:
+  """A virtualenv outside the checkout with the package installed from its built wheel, as `pip install`
+  gives it to a user (its dependencies are this environment's, on a .pth line, not installed again)."""
+  def build(path):
+    wheels = os.path.join(path, "dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", ROOT, "-w", wheels], check=True,
+                   capture_output=True)
+    venv = os.path.join(path, "venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    site = subprocess.run([os.path.join(venv, "bin", "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "_test_dependencies.pth"), "w") as f:
+      f.write(sysconfig.get_path("purelib") + "\n")
+    wheel = [os.path.join(wheels, w) for w in os.listdir(wheels) if w.startswith("scalingnote_jax-")]
+    subprocess.run([sys.executable, "-m", "pip", "--python", os.path.join(venv, "bin", "python"), "install", "-q",
+                    "--no-deps", *wheel], check=True, capture_output=True)
+  return os.path.join(shared_artefact("installed_wheel", build), "venv")
 
 
 # The slowest modules first: with `pytest -n 2 --dist loadfile` (make test) each worker then ends on short

@@ -13,6 +13,8 @@ from conftest import fixture
 from scalingnote_jax.models import bert, llm, load_backbone
 from scalingnote_jax.models.checkpoint import CheckpointError
 
+pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)
+
 AXIS_NAMES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "positions", None}
 
 

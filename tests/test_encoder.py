@@ -10,6 +10,8 @@ from scalingnote_jax.models.llm import LLMConfig
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
 
+pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)
+
 WORDS = "retrieval dense sparse vector index query document tower scaling law token".split()
 
 

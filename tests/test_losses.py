@@ -9,6 +9,8 @@ import pytest
 from scalingnote_jax.sharding import batch_sharding, make_mesh
 from scalingnote_jax.train.losses import contrastive_loss, distillation_loss
 
+pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)
+
 
 def batch(b=16, g=3, p=2, dim=8, seed=0, trouble=True):
   rng = np.random.default_rng(seed)

@@ -7,6 +7,8 @@ import pytest
 from conftest import fixture
 from scalingnote_jax.models import llm, load_backbone
 
+pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)
+
 DECODERS = ["qwen2", "qwen3", "llama", "llama3_rope"]
 
 

@@ -17,9 +17,12 @@ QUALITY = ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "map", "a
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, installed_wheel):
+  """The pipeline as a user of the built wheel runs it: from another directory, the config by its packaged
+  name. (The runs below use the checkout's code, so each comparison is also wheel == checkout.)"""
   workdir = tmp_path_factory.mktemp("pipeline") / "run"
-  out = run_cli("pipeline", "--config", CONFIG, "--workdir", str(workdir))
+  out = run_cli("pipeline", "--config", "demo.py:smoke", "--workdir", str(workdir),
+                python=os.path.join(installed_wheel, "bin", "python"), cwd=str(workdir.parent))
   return workdir, out.stdout
 
 

@@ -3,11 +3,14 @@ directory) and SmolLM2-135M-Instruct (Q4_1 GGUF: dequantized, q/k un-permuted, B
 metadata)."""
 
 import numpy as np
+import pytest
 
 from conftest import FIXTURES, SENTENCES
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.models import load_backbone
 from scalingnote_jax.models.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)
 
 
 def test_minilm_embeddings_match_sentence_transformers_recipe(minilm_dir):

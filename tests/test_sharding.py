@@ -10,6 +10,8 @@ from scalingnote_jax.models import create_backbone, load_backbone
 from scalingnote_jax.models.llm import LLMConfig
 from scalingnote_jax.sharding import DEFAULT_RULES, create_sharded, make_mesh, param_sharding_fn
 
+pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)
+
 CFG = LLMConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                 intermediate_size=64)
 

@@ -7,6 +7,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import read_metrics
@@ -60,6 +61,7 @@ BASE = {"batch_size": 16, "data.num_docs": 32, "data.n_neg": 2, "loss.learn_temp
         "loss.symmetric": True, "optim.warmup_steps": 0, "optim.lr": 3e-4}
 
 
+@pytest.mark.floor
 def test_sharded_and_chunked_steps_equal_single_device():
   """Sharded gradients over data x fsdp x tensor, and the sharded step with GradCache chunking and
   rematerialisation on another mesh (the combination large runs use; each alone is a subset of its code
@@ -83,6 +85,7 @@ def test_tiny_teacher_learns_on_synthetic_corpus(tiny_teacher):
   assert last["contrastive_entropy"] < 0.5 * first["contrastive_entropy"]
 
 
+@pytest.mark.floor
 def test_remat_wraps_every_block_and_tied_towers_share_parameters():
   cfg = load_config(TINY, ["--config.model.remat=True", "--config.data.num_docs=32"])
   model, _ = stage1.build_model(cfg, sharding.make_mesh((8, 1, 1)))

@@ -109,8 +109,8 @@ def maybe_remat(fn, enabled: bool):
   """`fn(module, *args)` recomputed in the backward pass instead of storing its activations (when enabled).
 
   A plain `jax.checkpoint` of a pure function of the module's state: blocks mutate nothing, so no state has
-  to flow back out. (`nnx.remat` writes state back into the module; under flax 0.12.10 that write-back
-  raised TraceContextError inside GradCache's `lax.map`.) The block's backward also finishes its weight
+  to flow back out. (`nnx.remat` writes state back into the module; from flax 0.12.10 on that write-back
+  raises TraceContextError inside GradCache's `lax.map`: tests/test_stage1.py fails with it on flax 0.12.12.) The block's backward also finishes its weight
   gradients before the previous block's starts (`tie_cotangents`): the 7B step's temporaries on 8 H100s went
   from 57.7 to 23.6 GiB (README, "Does the 7B dual tower fit?")."""
   if not enabled:
