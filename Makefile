@@ -39,16 +39,28 @@ $(FLOOR_VENV)/.installed-stamp: pyproject.toml .ci/floor-constraints.txt
 test-floor: $(FLOOR_VENV)/.installed-stamp
 	$(FLOOR_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m floor --durations=10
 
-# torch is a reference for benchmarks and fixtures only, never a runtime or CI dependency.
-$(VENV)/.torch-stamp: $(STAMP)
-	$(BIN)/python -m pip install -q torch==2.13.0 accelerate
+# References, never runtime or CI dependencies: torch (benchmarks, fixtures) lives in the Python 3.11 venv, the
+# only Python with a quick CPU build here (on 3.12 pip fetches a multi-GB CUDA one); encode_throughput.py runs
+# its torch side there in a worker process. faiss-cpu (index_ann.py) goes into .venv.
+$(FLOOR_VENV)/.torch-stamp: $(FLOOR_VENV)/.installed-stamp
+	$(FLOOR_VENV)/bin/python -m pip install -q torch==2.13.0 accelerate
 	touch $@
 
-bench: $(VENV)/.torch-stamp
-	$(BIN)/python benchmarks/encode_throughput.py
+$(VENV)/.bench-stamp: $(STAMP)
+	$(BIN)/python -m pip install -q faiss-cpu
+	touch $@
 
-fixtures: $(VENV)/.torch-stamp
-	$(BIN)/python tests/make_fixtures.py
+# Every benchmark, each ending with its JSON line; online_path.py measures the demo's student (make demo).
+bench: $(FLOOR_VENV)/.torch-stamp $(VENV)/.bench-stamp
+	$(BIN)/python benchmarks/encode_throughput.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/index_ann.py --quick
+	test -f runs/demo/stages/report.json || $(MAKE) demo
+	$(BIN)/python benchmarks/online_path.py --student runs/demo/students/L1 --data runs/demo/data \
+	  --bundle runs/demo/bundles/L1
+
+fixtures: $(FLOOR_VENV)/.torch-stamp
+	$(FLOOR_VENV)/bin/python tests/make_fixtures.py
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache

@@ -14,7 +14,7 @@ Exact search is timed two ways: the library's exact backend (numpy matmul + argp
 matmul + lax.top_k; the faster one is `exact_qps`. faiss HNSW (M=32) has its efSearch raised until its
 recall@10 reaches ScaNN's, and is timed there. ScaNN also gets a short leaves_to_search sweep for context.
 
-  .venv/bin/python benchmarks/index_ann.py [--n 1000000 --dim 256 --queries 2000]
+  .venv/bin/python benchmarks/index_ann.py [--n 1000000 --dim 256 --queries 2000] [--quick]
 
 faiss-cpu is needed for this benchmark only (`pip install faiss-cpu`). The last line printed is one JSON
 object: scann_qps, exact_qps, faiss_hnsw_qps, recall_at_10 (ScaNN), scann_vs_exact, scann_vs_faiss, and more.
@@ -107,7 +107,10 @@ def main():
   p.add_argument("--hnsw-m", type=int, default=32)
   p.add_argument("--hnsw-ef-construction", type=int, default=40, help="faiss's default")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--quick", action="store_true", help="100k documents, 1000 queries (~2 min instead of ~10)")
   args = p.parse_args()
+  if args.quick:
+    args.n, args.queries = 100_000, 1000
   k = 10
   load_start = os.getloadavg()
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
