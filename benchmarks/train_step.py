@@ -21,7 +21,7 @@ from flax import nnx
 from scalingnote_jax import sharding
 from scalingnote_jax.models.llm import LLMConfig
 from scalingnote_jax.models.tower import Tower, TowerConfig
-from scalingnote_jax.train import stage1
+from scalingnote_jax.train import common, stage1
 from ml_collections import ConfigDict
 
 
@@ -83,7 +83,7 @@ def main():
                d_ids=rng.integers(3, 8192, (b, 1, t)).astype(np.int32), d_mask=np.ones((b, 1, t), np.int32),
                doc_ids=np.arange(b, dtype=np.int32)[:, None], pos_ids=np.arange(b, dtype=np.int32)[:, None])
   batch = sharding.global_batch(mesh, batch)
-  step = stage1.jit_step(stage1.make_train_step(graphdef, tx, mesh), mesh, params, opt_state)  # as training does
+  step = common.jit_step(stage1.make_train_step(graphdef, tx, mesh), mesh, params, opt_state)  # as training does
   compiled = step.lower(params, opt_state, batch).compile()
   # MFU counts model FLOPs. XLA's own count is printed beside it: it matches on CPU, but XLA:GPU leaves out
   # most of the cuBLAS matmuls (custom calls), which undercounted a bf16 step 5x on an H200.

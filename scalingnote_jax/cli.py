@@ -5,7 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+
+def to_json(obj) -> str:
+  """Strict JSON: a non-finite float (a diverged model's metric) becomes null, never a bare NaN."""
+  def finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+      return None
+    if isinstance(x, dict):
+      return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [finite(v) for v in x]
+    return x
+  return json.dumps(finite(obj), allow_nan=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                   chunk_size=args.chunk_size, batch_size=args.batch_size,
                   fingerprint=fingerprint(nnx.state(encoder.tower)))  # export checks it against the student's teacher
     if distributed.is_main():
-      print(json.dumps({"out": args.out, "dim": encoder.dim}))
+      print(to_json({"out": args.out, "dim": encoder.dim}))
     return 0
 
   if args.command == "mine":
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                               sampling=args.sampling, seed=args.seed)
     mined = mining.mine_from_checkpoint(args.checkpoint, args.data, args.split, args.out, cfg, method=args.method,
                                         embeddings_dir=args.embeddings, backend=args.backend)
-    print(json.dumps({"out": args.out, "queries": len(mined),
+    print(to_json({"out": args.out, "queries": len(mined),
                       "negatives_per_query": sum(len(m.negative_ids) for m in mined) / max(1, len(mined))}))
     return 0
 
@@ -195,13 +209,13 @@ def main(argv: list[str] | None = None) -> int:
                           bm25=args.bm25, run_file=args.run_file, embeddings=args.embeddings, backend=args.backend,
                           drop_self=not args.keep_self, batch_size=args.batch_size,
                           num_negatives=args.num_negatives, temperature=args.temperature, save_run=args.save_run)
-    print(json.dumps(report))
+    print(to_json(report))
     return 0
 
   if args.command == "rerank":
     from scalingnote_jax.train import rerank
 
-    print(json.dumps(rerank.rerank_file(args.model, args.data, args.run, args.out, top_k=args.top_k,
+    print(to_json(rerank.rerank_file(args.model, args.data, args.run, args.out, top_k=args.top_k,
                                         batch_size=args.batch_size)))
     return 0
 
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         where[field] = float(value)
       except ValueError:
         parser.error(f"--where {item!r}: expected FIELD=NUMBER")
-    print(json.dumps(fit.run(args.results, law=args.law, y=args.y, x=args.x, holdout_largest=not args.no_holdout,
+    print(to_json(fit.run(args.results, law=args.law, y=args.y, x=args.x, holdout_largest=not args.no_holdout,
                              bootstrap=args.bootstrap, plot_path=args.plot, where=where)))
     return 0
 
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = bundle.export(args.student, args.out, corpus_dir=args.corpus, embeddings=args.embeddings,
                              teacher=args.teacher, backend=args.backend, batch_size=args.batch_size)
-    print(json.dumps({"out": args.out, "num_docs": manifest["num_docs"], "dim": manifest["dim"],
+    print(to_json({"out": args.out, "num_docs": manifest["num_docs"], "dim": manifest["dim"],
                       "metrics": manifest["metrics"]}))
     return 0
 
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     from scalingnote_jax.config import load_config
 
     report = aot.compile_report(load_config(args.config, rest), args.topology)
-    print(json.dumps(report) if args.json else aot.format_report(report))
+    print(to_json(report) if args.json else aot.format_report(report))
     return 0
 
   from scalingnote_jax.config import load_config
@@ -266,31 +280,31 @@ def main(argv: list[str] | None = None) -> int:
 
     out = pipeline.run(cfg, args.workdir)
     if distributed.is_main():
-      print(json.dumps(out))
+      print(to_json(out))
   elif args.command == "train":
     from scalingnote_jax.train import stage1
 
     out = stage1.train(cfg, args.workdir, resume=args.resume)
     if out["evals"] and distributed.is_main():
-      print(json.dumps({"final": out["evals"][-1]}))
+      print(to_json({"final": out["evals"][-1]}))
   elif args.command == "sweep":
     from scalingnote_jax.scaling import sweep
 
     rows = sweep.run(cfg, args.workdir)
     if distributed.is_main():
-      print(json.dumps({"results": f"{args.workdir}/results.jsonl", "runs": len(rows)}))
+      print(to_json({"results": f"{args.workdir}/results.jsonl", "runs": len(rows)}))
   elif args.command == "train-reranker":
     from scalingnote_jax.train import rerank
 
     out = rerank.train(cfg, args.workdir, resume=args.resume)
     if out["evals"] and distributed.is_main():
-      print(json.dumps({"final": out["evals"][-1], "first_stage": out["first_stage"]}))
+      print(to_json({"final": out["evals"][-1], "first_stage": out["first_stage"]}))
   elif args.command == "distill":
     from scalingnote_jax.train import stage2
 
     out = stage2.distill(cfg, args.workdir, resume=args.resume)
     if out["evals"] and distributed.is_main():
-      print(json.dumps({"teacher": out["teacher"], "final": out["evals"][-1]}))
+      print(to_json({"teacher": out["teacher"], "final": out["evals"][-1]}))
   return 0
 
 

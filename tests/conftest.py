@@ -126,8 +126,13 @@ def installed_wheel() -> str:
   """A virtualenv outside the checkout with the package installed from its built wheel, as `pip install`
   gives it to a user (its dependencies are this environment's, on a .pth line, not installed again)."""
   def build(path):
-    wheels = os.path.join(path, "dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", ROOT, "-w", wheels], check=True,
+    src, wheels = os.path.join(path, "src"), os.path.join(path, "dist")
+    for name in ("scalingnote_jax", "configs"):  # a clean copy: no stale build/ of the checkout's in the wheel
+      shutil.copytree(os.path.join(ROOT, name), os.path.join(src, name),
+                      ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+      shutil.copy(os.path.join(ROOT, name), src)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", src, "-w", wheels], check=True,
                    capture_output=True)
     venv = os.path.join(path, "venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)

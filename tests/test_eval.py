@@ -133,3 +133,14 @@ def test_metrics_match_a_second_implementation(scifact_bm25_run):
   for key, name in (("ndcg_at_10", "ndcg@10"), ("recall_at_10", "recall@10"), ("recall_at_100", "recall@100"),
                     ("mrr_at_10", "mrr@10"), ("map", "map")):
     assert ours[key] == pytest.approx(theirs[name], abs=1e-9), key
+
+
+def test_cli_json_is_strict_json_even_for_a_diverged_model():
+  import json as json_
+
+  from scalingnote_jax.cli import to_json
+
+  report = {"ndcg_at_10": 0.5, "contrastive_entropy": float("nan"), "per_split": [float("inf"), 1.0]}
+  out = to_json(report)
+  assert json_.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+      "ndcg_at_10": 0.5, "contrastive_entropy": None, "per_split": [None, 1.0]}

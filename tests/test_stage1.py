@@ -15,7 +15,7 @@ from scalingnote_jax import sharding
 from scalingnote_jax.config import load_config
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 from scalingnote_jax.encoder import Encoder
-from scalingnote_jax.train import stage1
+from scalingnote_jax.train import common, stage1
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 
@@ -42,7 +42,7 @@ def run_steps(overrides, mesh_shape, devices, steps=3):
   batch = sharding.global_batch(mesh, local)
   _, grads = jax.jit(stage1.make_grad_fn(graphdef, mesh, **kw))(params, batch)
   # As training compiles it (outputs keep the inputs' shardings): a plain jit compiled the step twice.
-  step = stage1.jit_step(stage1.make_train_step(graphdef, tx, mesh, **kw), mesh, params, opt_state) if steps else None
+  step = common.jit_step(stage1.make_train_step(graphdef, tx, mesh, **kw), mesh, params, opt_state) if steps else None
   losses = []
   for _ in range(steps):
     params, opt_state, metrics = step(params, opt_state, batch)

@@ -1,36 +1,68 @@
-"""Checkpoints: restoring onto a different mesh shape works, a non-finite loss stops the run and leaves the
-last good checkpoint intact, and the towers are rebuilt from a workdir alone. (A run SIGKILLed mid-way and
+"""Checkpoints: a refused run writes nothing, restoring onto a different mesh shape works, a non-finite loss or
+update stops the run before it is saved, and the towers are rebuilt from a workdir alone. (A run SIGKILLed mid-way and
 resumed equals an uninterrupted one: tests/test_multiprocess.py.)"""
+
+import json
+import os
+import re
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import ROOT
 
 
-def test_resume_onto_a_different_mesh_and_stop_on_nan(tmp_path, monkeypatch):
+def test_refused_runs_leave_the_workdir_intact_and_resume_onto_a_different_mesh(tmp_path, monkeypatch):
   from scalingnote_jax.config import load_config
   from scalingnote_jax.train import stage1
 
   monkeypatch.chdir(tmp_path)  # a relative --workdir, as users type it
-  workdir = "run"
+  workdir = tmp_path / "run"
 
   cfg = lambda **kw: load_config(f"{ROOT}/configs/tiny.py:smoke", [f"--config.{k}={v}" for k, v in kw.items()])  # noqa: E731
-  stage1.train(cfg(num_steps=3, mesh=(8, 1, 1), log_every=1), workdir)
-  out = stage1.train(cfg(num_steps=5, mesh=(2, 2, 2), log_every=1), workdir, resume=True)
+  stage1.train(cfg(num_steps=3, mesh=(8, 1, 1), log_every=1), "run")
+  saved = (workdir / "config.json").read_bytes()
+  # a second run without --resume, and a --resume that would change the model, are refused before writing
+  with pytest.raises(FileExistsError, match="pass --resume"):
+    stage1.train(cfg(num_steps=3, **{"tower.pooling": "mean"}), "run")
+  with pytest.raises(ValueError, match=r"config\.json: --resume with a different configuration \(loss\.temperature: "
+                                       r"0\.05 -> 0\.5; tower\.pooling: 'last' -> 'mean'\)"):
+    stage1.train(cfg(num_steps=5, **{"tower.pooling": "mean", "loss.temperature": 0.5}), "run", resume=True)
+  assert (workdir / "config.json").read_bytes() == saved and not (workdir / "resumes.jsonl").exists()
+
+  # longer, on another mesh: allowed, and recorded
+  out = stage1.train(cfg(num_steps=5, mesh=(2, 2, 2), log_every=1), "run", resume=True)
   assert [h["step"] for h in out["history"]] == [4, 5]
+  resumes = [json.loads(line) for line in (workdir / "resumes.jsonl").open()]
+  assert resumes == [{"step": 3, "time": resumes[0]["time"], "changed": {"mesh": [[8, 1, 1], [2, 2, 2]],
+                                                                         "num_steps": [3, 5]}}]
   kernel = out["model"].query.backbone.layers[0].mlp.up.kernel[...]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   # what later stages load: the towers of the latest checkpoint, rebuilt from the workdir alone
-  model, tok, saved_cfg = stage1.load_trained(workdir)
+  model, tok, saved_cfg = stage1.load_trained("run")
   assert saved_cfg.num_steps == 5 and tok.eos_id == 2
   np.testing.assert_array_equal(np.asarray(model.doc.backbone.embed[...]),
                                 np.asarray(out["model"].doc.backbone.embed[...]))
   assert np.isfinite(out["history"][-1]["loss"])
 
-  # a non-finite loss stops the run with a clear message and leaves the last good checkpoint as it was
-  with pytest.raises(FloatingPointError, match=r"step 6: loss is nan; stopped.*step 5"):
-    stage1.train(cfg(num_steps=8, log_every=1, **{"loss.temperature": 1e-45}), workdir, resume=True)
-  again = stage1.train(cfg(num_steps=6, log_every=1), workdir, resume=True)
-  assert [h["step"] for h in again["history"]] == [6] and np.isfinite(again["history"][0]["loss"])
+
+def test_a_non_finite_update_stops_the_run_before_it_is_saved(tmp_path):
+  """lr 1e30: the loss of a step (computed before its update) is still finite when the update has already
+  made the parameters non-finite; the guard checks what a checkpoint would save."""
+  from scalingnote_jax.config import load_config
+  from scalingnote_jax.train import stage1
+
+  cfg = load_config(f"{ROOT}/configs/tiny.py:smoke", ["--config.num_steps=12", "--config.optim.lr=1e30",
+                                                       "--config.checkpoint.every=1", "--config.log_every=1",
+                                                       "--config.checkpoint.keep=20", "--config.mesh=(8,1,1)"])
+  with pytest.raises(FloatingPointError, match=r"stopped, nothing of this step saved\. The last good checkpoint "
+                                               r"\(step (\d+)\)") as err:
+    stage1.train(cfg, str(tmp_path))
+  last = int(re.search(r"checkpoint \(step (\d+)\)", str(err.value)).group(1))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert saved and saved[-1] == last
+  for step in saved:  # every checkpoint loads, and holds finite parameters
+    model, _, _ = stage1.load_trained(str(tmp_path), step=step)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))

@@ -34,7 +34,7 @@ from scalingnote_jax.eval.retrieval import ir_metrics
 from scalingnote_jax.index import corpus as store
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.train import stage1, stage2
-from scalingnote_jax.train.checkpoint import Checkpointer
+from scalingnote_jax.train.common import SyncPoint, jit_step, open_workdir
 from scalingnote_jax.train.losses import RANKING_LOSSES, ranking_loss
 
 SPEC_FILE = "reranker.json"
@@ -140,21 +140,14 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     raise ValueError(f"data.group_size={cfg.data.group_size}, data.top_k={cfg.data.top_k}: a group needs the "
                      "relevant document and at least one candidate (group_size >= 2), drawn from top_k >= "
                      "group_size - 1")
-  os.makedirs(workdir, exist_ok=True)
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep)
   mesh = sharding.make_mesh(cfg.mesh)
   if is_main():
     print(f"rerank: {sharding.describe(mesh)}", flush=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
-  last = ckpt.latest_step()
-  if last is not None and not resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints up to step {last}: pass --resume to continue, "
-                          "or choose a new --workdir")
 
   # Model and optimizer: fresh (reranker.json written once) or restored.
   spec = model_spec(cfg) if last is None else stage2.read_spec(workdir, SPEC_FILE)
   if is_main():
-    with open(os.path.join(workdir, stage1.CONFIG_FILE), "w") as f:
-      f.write(cfg.to_json(indent=1))
     store.write_atomic(os.path.join(workdir, SPEC_FILE), json.dumps(spec, indent=1))
   tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
   model, graphdef, params, opt_state, start, data_state = stage2.start_or_restore(spec, tx, ckpt, last, mesh,
@@ -176,7 +169,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     val = beir.load_beir(d.path, d.val_split, unknown="skip")
     val_run = first_stage(d.val_run, val, 100)
     first_stage_metrics = ir_metrics(val.qrels, val_run)
-  step_fn = stage1.jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
+  step_fn = jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
 
   log = stage1.MetricsLog(workdir, start)
   history, evals = [], []
@@ -195,7 +188,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
       run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc=f"rerank ({cfg.loss})", initial=start, total=cfg.num_steps,
              disable=not is_main())
-  sync = stage1.SyncPoint(ckpt, workdir, start)
+  sync = SyncPoint(ckpt, workdir, start)
   for step in bar:
     batch = sharding.global_batch(mesh, next(batches))
     params, opt_state, metrics = step_fn(params, opt_state, batch)

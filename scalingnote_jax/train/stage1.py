@@ -7,9 +7,7 @@ GradCache-chunked) -> evaluation -> loop. `scalingnote train --config configs/<n
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +27,10 @@ from scalingnote_jax.models import bert, llm, load_backbone
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
 from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like
+from scalingnote_jax.train.common import CONFIG_FILE, SyncPoint, jit_step, open_workdir
 from scalingnote_jax.train.losses import contrastive_loss
 
 MAX_SCALE = 100.0  # 1 / temperature is capped, as in CLIP
-CONFIG_FILE = "config.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,13 +253,6 @@ def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = Fa
   return step
 
 
-def jit_step(step, mesh, params, opt_state):
-  """`step(params, opt_state, batch) -> (params, opt_state, metrics)` as training compiles it: outputs keep
-  the inputs' shardings, so it compiles once, and the old parameters and optimizer state are donated."""
-  state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-  return jax.jit(step, out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
-
-
 def jit_train_step(cfg: ConfigDict, graphdef, tx, mesh, params, opt_state):
   """The Stage 1 step as training compiles it (also for ahead-of-time compilation)."""
   return jit_step(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric), mesh,
@@ -330,25 +321,6 @@ class MetricsLog:
     self.tb.flush()
 
 
-class SyncPoint:
-  """Where the loop waits for the device: metrics become floats, a non-finite loss stops the run before
-  anything more is saved, and the seconds per step since the previous sync point are measured."""
-
-  def __init__(self, ckpt: Checkpointer, workdir: str, step: int):
-    self.ckpt, self.workdir, self.step, self.time = ckpt, workdir, step, time.perf_counter()
-
-  def __call__(self, step: int, metrics: dict) -> dict:
-    metrics = {k: float(v) for k, v in metrics.items()}
-    if not math.isfinite(metrics["loss"]):
-      self.ckpt.wait()
-      raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopped. The last good checkpoint "
-                               f"(step {self.ckpt.latest_step()}) in {self.workdir} is intact.")
-    now = time.perf_counter()
-    metrics["step_time_s"] = (now - self.time) / max(step - self.step, 1)
-    self.step, self.time = step, now
-    return metrics
-
-
 def restore(cfg: ConfigDict, ckpt: Checkpointer, step: int, mesh, tx=None):
   """(graphdef, params, opt_state, data_state) of checkpoint `step`, in `mesh`'s shardings. Without `tx`
   only the parameters are read."""
@@ -382,19 +354,12 @@ def tokenizer_of(cfg: ConfigDict) -> Tokenizer:
 def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
   from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
-  os.makedirs(workdir, exist_ok=True)
-  if is_main():  # what later commands (encode, distill, export) rebuild the towers from
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(cfg.to_json(indent=1))
+  # config.json (what encode, distill, export rebuild the towers from) is written only once the run is allowed
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep)
   mesh = sharding.make_mesh(cfg.mesh)
   if is_main():
     print(f"stage1: {sharding.describe(mesh)}", flush=True)
   examples, held_out, corpus = load_data(cfg)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
-  last = ckpt.latest_step()
-  if last is not None and not resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints up to step {last}: pass --resume to continue, "
-                          "or choose a new --workdir")
   tx = make_optimizer(cfg.optim, cfg.num_steps)
 
   if last is None:  # fresh start: parameters created (or imported) already sharded

@@ -37,6 +37,7 @@ from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
 from scalingnote_jax.train import stage1
 from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like, fingerprint
+from scalingnote_jax.train.common import CONFIG_FILE, SyncPoint, jit_step, open_workdir
 from scalingnote_jax.train.losses import distillation_loss
 
 STUDENT_FILE = "student.json"
@@ -174,7 +175,7 @@ def load_student(workdir: str, mesh=None, step: int | None = None,
   """The student of a Stage 2 workdir (or the tower of a workdir with another `spec_file`: a reranker's),
   latest checkpoint unless `step`, its tokenizer and its spec."""
   spec = read_spec(workdir, spec_file)
-  with open(os.path.join(workdir, stage1.CONFIG_FILE)) as f:
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
     cfg = ConfigDict(json.load(f))
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
@@ -234,15 +235,10 @@ def evaluate(s_enc: Encoder, held_out: synthetic.Dataset, qids: list[str], t_QxD
 def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Distils the teacher's query tower in `workdir`. With `resume` it continues from the latest checkpoint
   there; without it, a workdir that already has checkpoints is refused."""
-  os.makedirs(workdir, exist_ok=True)
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep)
   mesh = sharding.make_mesh(cfg.mesh)
   if is_main():
     print(f"distill: {sharding.describe(mesh)}", flush=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
-  last = ckpt.latest_step()
-  if last is not None and not resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints up to step {last}: pass --resume to continue, "
-                          "or choose a new --workdir")
 
   # Teacher embeddings: training queries, held-out queries and the documents validation searches. Each
   # store is resumable and reused; its fingerprint ties it to this teacher.
@@ -272,8 +268,6 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   spec = tower_spec(cfg.student, cfg.tower, identity["dim"]) if last is None else read_spec(workdir)
   spec["teacher"] = identity
   if is_main():
-    with open(os.path.join(workdir, stage1.CONFIG_FILE), "w") as f:
-      f.write(cfg.to_json(indent=1))
     store.write_atomic(os.path.join(workdir, STUDENT_FILE), json.dumps(spec, indent=1))
   tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
   student, graphdef, params, opt_state, start, data_state = start_or_restore(spec, tx, ckpt, last, mesh, cfg.rules,
@@ -288,7 +282,7 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   batches = data.iterator(cfg.data.seed, jax.process_index(), jax.process_count())
   if data_state is not None:
     batches.set_state(data_state)
-  step_fn = stage1.jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
+  step_fn = jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
 
   log = stage1.MetricsLog(workdir, start)
   history, evals = [], []
@@ -307,7 +301,7 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
       run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage2", initial=start, total=cfg.num_steps,
              disable=not is_main())
-  sync = stage1.SyncPoint(ckpt, workdir, start)
+  sync = SyncPoint(ckpt, workdir, start)
   for step in bar:
     batch = sharding.global_batch(mesh, next(batches))
     params, opt_state, metrics = step_fn(params, opt_state, batch)

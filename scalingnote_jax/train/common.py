@@ -1,0 +1,116 @@
+"""What the trainers share: opening a workdir (refuse, resume or start, before anything is written), the
+jitted step with its finiteness check, and the sync point that checks it before anything is saved."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from scalingnote_jax import sharding
+from scalingnote_jax.distributed import is_main
+from scalingnote_jax.train.checkpoint import Checkpointer
+
+CONFIG_FILE = "config.json"
+RESUMES_FILE = "resumes.jsonl"
+# Fields a resumed run may change: how long it trains, how often it logs, evaluates and saves, and the mesh
+# (restores reshard). Anything else would make the checkpoints a different model or a different run.
+RESUMABLE_FIELDS = ("num_steps", "log_every", "mesh", "checkpoint.every", "checkpoint.keep", "eval.every",
+                    "eval.at_start", "eval.batch_size")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def open_workdir(cfg: ConfigDict, workdir: str, *, resume: bool, keep: int) -> tuple[Checkpointer, int | None]:
+  """(checkpointer, last complete step or None) of `workdir`, once this run is known to be allowed there:
+  checkpoints and no `resume` is refused; `resume` with a config that differs from the saved one outside
+  RESUMABLE_FIELDS is refused with the fields named. Only then is config.json written (and the allowed
+  changes appended to resumes.jsonl), so a refused run leaves the workdir as it was."""
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
+  last = ckpt.latest_step()
+  if last is not None and not resume:
+    ckpt.close()
+    raise FileExistsError(f"{workdir} already holds checkpoints up to step {last}: pass --resume to continue, "
+                          "or choose a new --workdir")
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  new = _flat(json.loads(cfg.to_json()))
+  changed = {}
+  if last is not None and os.path.exists(config_path):
+    with open(config_path) as f:
+      old = _flat(json.load(f))
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    refused = {k: v for k, v in changed.items() if k not in RESUMABLE_FIELDS}
+    if refused:
+      ckpt.close()
+      fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+      raise ValueError(f"{config_path}: --resume with a different configuration ({fields}); only "
+                       f"{', '.join(RESUMABLE_FIELDS)} may change on resume. Nothing was written.")
+  if is_main():
+    tmp = config_path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(cfg.to_json(indent=1))
+    os.replace(tmp, config_path)
+    if changed:
+      with open(os.path.join(workdir, RESUMES_FILE), "a") as f:
+        f.write(json.dumps({"step": last, "time": time.time(), "changed": changed}) + "\n")
+      print(f"resuming at step {last} with " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+            flush=True)
+  return ckpt, last
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def jit_step(step, mesh, params, opt_state):
+  """`step(params, opt_state, batch) -> (params, opt_state, metrics)` as training compiles it: outputs keep
+  the inputs' shardings, so it compiles once, and the old parameters and optimizer state are donated. The
+  metrics gain `state_finite`: whether the *updated* parameters and optimizer state (what a checkpoint of
+  this step saves) are all finite; the loss alone is computed before the update."""
+
+  def checked(params, opt_state, batch):
+    params, opt_state, metrics = step(params, opt_state, batch)
+    return params, opt_state, {**metrics, "state_finite": _all_finite((params, opt_state))}
+
+  state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+  return jax.jit(checked, out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
+
+
+class SyncPoint:
+  """Where the loop waits for the device: metrics become floats, a non-finite loss or updated state stops the
+  run before anything more is saved, and the seconds per step since the previous sync point are measured."""
+
+  def __init__(self, ckpt: Checkpointer, workdir: str, step: int):
+    self.ckpt, self.workdir, self.step, self.time = ckpt, workdir, step, time.perf_counter()
+
+  def __call__(self, step: int, metrics: dict) -> dict:
+    metrics = {k: float(v) for k, v in metrics.items()}
+    finite = metrics.pop("state_finite", 1.0) == 1.0
+    if not (finite and math.isfinite(metrics["loss"])):
+      self.ckpt.wait()
+      last = self.ckpt.latest_step()
+      what = f"loss is {metrics['loss']}" if not math.isfinite(metrics["loss"]) else (
+          f"the updated parameters or optimizer state are not finite (loss {metrics['loss']:.4g}, grad norm "
+          f"{metrics.get('grad_norm', float('nan')):.4g})")
+      kept = (f"The last good checkpoint (step {last}) in {self.workdir} is intact." if last is not None else
+              f"No checkpoint was saved in {self.workdir}.")
+      raise FloatingPointError(f"step {step}: {what}; stopped, nothing of this step saved. {kept}")
+    now = time.perf_counter()
+    metrics["step_time_s"] = (now - self.time) / max(step - self.step, 1)
+    self.step, self.time = step, now
+    return metrics
