@@ -121,7 +121,12 @@ def _host_devices_needed(topo: Topology) -> int:
 def prepare_host(topology: str) -> None:
   """Makes JAX start with enough simulated CPU devices for `topology` where it compiles on the CPU (cpu-N, or
   a GPU topology without the CUDA plugin). Call before any JAX computation; a no-op otherwise."""
-  n = _host_devices_needed(_topology(topology))
+  topo = _topology(topology)
+  if topo.platform == "cuda" and _has_cuda_plugin():
+    # No GPU is used: from jax 0.12 the plugin refuses to start without cuDNN / CUDA libraries to check the
+    # versions of (jax 0.10's did not check); the compiler itself needs none of them.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  n = _host_devices_needed(topo)
   if n:
     try:
       jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))

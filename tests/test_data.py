@@ -30,11 +30,19 @@ def test_real_scifact_loads():
     ('{"_id": "3", "text": ""}', r"corpus\.jsonl:2: field 'text' is empty"),
     ('{"_id": "0", "text": "again"}', r"corpus\.jsonl:2: duplicate document id '0'"),
     ('["not", "an", "object"]', r"corpus\.jsonl:2: expected a JSON object"),
+    ('{"_id": "4", "text": "half a pair \\ud83d"}', r"corpus\.jsonl:2: a string holds a lone surrogate"),
+    (b'{"_id": "5", "text": "caf\xe9"}', r"corpus\.jsonl:2: not UTF-8 \(byte 0xe9 at column 26\)"),  # Latin-1
 ])
 def test_bad_corpus_lines_name_file_and_line(tmp_path, line, message):
-  path = write(tmp_path / "corpus.jsonl", ['{"_id": "0", "title": "t", "text": "first"}', line])
+  first = '{"_id": "0", "title": "t", "text": "first \\ud83d\\ude00"}'  # an escaped pair (an emoji) is fine
+  if isinstance(line, bytes):
+    (tmp_path / "corpus.jsonl").write_bytes(first.encode() + b"\n" + line + b"\n")
+    path = str(tmp_path / "corpus.jsonl")
+  else:
+    path = write(tmp_path / "corpus.jsonl", [first, line])
   with pytest.raises(beir.DataError, match=message):
     beir.load_corpus(path)
+  assert beir.load_corpus(write(tmp_path / "ok.jsonl", [first]))["0"]["text"] == "first \U0001F600"
 
 
 def test_bad_qrels_name_file_and_line(tmp_path):

@@ -142,6 +142,7 @@ BAD = [  # (body, status, words the error must contain)
     ({"queries": ["a"], "k": 101}, 422, ["k", "limit of 100"]),
     ({"queries": ["a"], "k": 51}, 422, ["k", "50 documents"]),
     ({"queries": ["a"], "topk": 5}, 422, ["topk"]),
+    (b'{"queries": ["a", "\\ud800"]}', 422, ["queries[1]", "lone surrogate"]),  # valid JSON, not Unicode text
 ]
 
 
@@ -173,6 +174,29 @@ def test_a_failing_search_answers_500_and_the_service_goes_on(client, fake):
   r = client.post("/search", json={"queries": ["after"], "k": 4})
   assert r.status_code == 200 and r.json()["results"] == results_of(fake, ["after"], 4)
   assert client.get("/metrics").json()["requests"]["by_status"] == {"200": 1, "500": 1}
+
+
+def test_a_request_that_fails_inside_a_batch_fails_alone():
+  """A query the retriever cannot take (as a tokenizer that raises) is batched with others: only its request
+  is answered 500; every other request of that batch gets its results."""
+  class Picky(FakeRetriever):
+    def search(self, queries, k):
+      if any("poison" in q for q in queries):
+        self.calls.append((len(queries), k))
+        raise TypeError("the tokenizer cannot take this")
+      return super().search(queries, k)
+
+  fake = Picky(delay_s=0.02)
+  texts = [f"poison {i}" if i % 4 == 0 else f"q{i}" for i in range(16)]
+  with TestClient(http.create_app(fake, http.Limits(max_wait_ms=5.0))) as client, \
+      concurrent.futures.ThreadPoolExecutor(16) as pool:
+    responses = list(pool.map(lambda t: client.post("/search", json={"queries": [t], "k": 3}), texts))
+  assert max(n for n, _ in fake.calls) > 1  # requests were batched (and a batch held a poisoned one)
+  for text, r in zip(texts, responses):
+    if text.startswith("poison"):
+      assert r.status_code == 500 and "tokenizer cannot take this" in r.json()["error"], r.text
+    else:
+      assert r.status_code == 200 and r.json()["results"] == results_of(fake, [text], 3), text
 
 
 def test_concurrent_requests_share_encoder_calls():

@@ -26,8 +26,12 @@ class TrainExample:
 def read_jsonl(path: str):
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file")
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
       if not line.strip():
         continue
       try:
@@ -36,6 +40,12 @@ def read_jsonl(path: str):
         raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
       if not isinstance(obj, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+      if "\\ud" in line.lower():  # a \uXXXX surrogate escape: valid only as a pair (no tokenizer takes a lone one)
+        try:
+          json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+          raise DataError(f"{path}:{lineno}: a string holds a lone surrogate (\\ud800-\\udfff escape without "
+                          "its pair): not Unicode text") from None
       yield lineno, obj
 
 

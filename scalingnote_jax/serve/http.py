@@ -23,7 +23,8 @@ new requests pile up in the queue, so under load batches fill by themselves; a l
 
 Bad input is answered 4xx with {"error": "<field>: <what is wrong and the limit>"}: 400 for a body that is
 not a JSON object, 413 for too many queries, a query too long or a body too large, 422 for a wrong field.
-A failing `search` answers 500 for the requests of that batch only; the service keeps going.
+Text that is not Unicode (a lone surrogate escape) is a 422 too. When a batched `search` fails, each of its
+requests is searched again alone, so only the request that fails is answered 500; the service keeps going.
 """
 
 from __future__ import annotations
@@ -211,8 +212,12 @@ class Batcher:
                         [row[:job.k].tolist() for row in scores[start:end]]))
         start = end
     except Exception as e:  # noqa: BLE001 -- any failure is answered 500 to this batch's requests only
-      log.exception("retriever.search failed on a batch of %d queries", len(queries))
-      results = [e] * len(batch)
+      if len(batch) > 1:  # find the request it came from: each alone, so the others still get answers
+        for job in batch:
+          await self.run_batch([job])
+        return
+      log.exception("retriever.search failed on a request of %d queries", len(queries))
+      results = [e]
     for job, result in zip(batch, results):
       if job.future.done():  # its request was cancelled (the client left)
         continue
@@ -251,6 +256,10 @@ def parse_search(body: bytes, limits: Limits, num_docs: int) -> tuple[list[str],
       raise ErrorReply(422, f"queries[{i}]: empty query")
     if len(q) > limits.max_query_chars:
       raise ErrorReply(413, f"queries[{i}]: {len(q)} characters exceed the limit of {limits.max_query_chars}")
+    try:
+      q.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
+      raise ErrorReply(422, f"queries[{i}]: not Unicode text (a lone surrogate at character {e.start})") from None
 
   k = request.get("k", DEFAULT_K)
   # bool is an int in Python, and 10.0 is a float in JSON: neither is a valid k.
