@@ -155,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  try:
+    return run(argv)
+  except Exception as e:
+    from scalingnote_jax.train.common import Preempted  # (here: importing it loads orbax, slow for --help)
+
+    if not isinstance(e, Preempted):
+      raise
+    print(f"scalingnote: {e}", file=sys.stderr, flush=True)
+    return 128 + 15  # as if killed by SIGTERM: schedulers requeue the job, and --resume continues it
+
+
+def run(argv: list[str] | None) -> int:
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   from scalingnote_jax import distributed

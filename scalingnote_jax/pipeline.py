@@ -30,6 +30,7 @@ import time
 
 from ml_collections import ConfigDict
 
+from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.index import corpus as store
@@ -129,6 +130,7 @@ def student_config(cfg: ConfigDict, layers: int, teacher: str, cache: str, query
 
 # ----------------------------------------------------------------------------------------------------------
 
+@holds_lock("workdir")  # one pipeline per workdir (each stage also locks its own directory)
 def run(cfg: ConfigDict, workdir: str) -> dict:
   from scalingnote_jax.eval import evaluate, report
   from scalingnote_jax.index import mining

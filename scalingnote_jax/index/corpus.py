@@ -24,6 +24,7 @@ import numpy as np
 import tensorstore as ts
 from tqdm.auto import tqdm
 
+from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import Encoder
 
@@ -63,6 +64,7 @@ def document_encoder(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> 
   return towers(checkpoint, mesh)[1]
 
 
+@holds_lock("out_dir")  # one writer at a time; the kernel releases it however the run ends
 def encode_corpus(encoder: Encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk_size: int = 1024,
                   batch_size: int = 64, queries: bool = False, fingerprint: str | None = None) -> str:
   """Encodes `corpus` ({id: {"title", "text"}} documents, or {id: text} queries with `queries`) into

@@ -20,6 +20,7 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.index import corpus as store
 from scalingnote_jax.pipeline import Stages
@@ -71,6 +72,7 @@ def train_one(c: ConfigDict, workdir: str, kind: str) -> dict:
   return {"N": n, "D": d, "tokens": tokens, "compute": 6 * n * tokens, "steps": c.num_steps, **final}
 
 
+@holds_lock("workdir")  # one sweep per workdir (each run also locks its own directory)
 def run(cfg: ConfigDict, workdir: str) -> list[dict]:
   kind = cfg.get("kind", "retriever")
   if kind not in ("retriever", "reranker"):

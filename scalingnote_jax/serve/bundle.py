@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from scalingnote_jax import sharding
+from scalingnote_jax.artifacts.lock import LOCK_FILE
 from scalingnote_jax.data.beir import load_corpus
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.index import corpus as store
@@ -92,7 +93,7 @@ def export(student_dir: str, out: str, *, corpus_dir: str | None = None, embeddi
     docs_dir = os.path.join(tmp, "documents")
     if embeddings:
       check_same_teacher(spec, store.store_info(embeddings).get("fingerprint"), embeddings)
-      shutil.copytree(embeddings, docs_dir)
+      shutil.copytree(embeddings, docs_dir, ignore=shutil.ignore_patterns(LOCK_FILE))  # not its writer's lock
     else:
       mesh = sharding.make_mesh(devices=jax.local_devices())
       model, tokenizer, t_cfg = stage1.load_trained(teacher or spec["teacher"]["workdir"], mesh)

@@ -1,15 +1,20 @@
 """What the trainers share: opening a workdir (refuse, resume or start, before anything is written), the
-jitted step with its finiteness check, and the sync point that checks it before anything is saved."""
+jitted step with its finiteness check, the sync point that checks it before anything is saved, and the
+preemption notice that ends a run with a checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from scalingnote_jax import sharding
@@ -114,3 +119,47 @@ class SyncPoint:
     metrics["step_time_s"] = (now - self.time) / max(step - self.step, 1)
     self.step, self.time = step, now
     return metrics
+
+
+class Preempted(Exception):
+  """The run stopped on a preemption notice after saving a checkpoint of the step it had reached."""
+
+
+class Preemption:
+  """Whether to save and stop at this step. A preemption notice is SIGTERM (TPU and SLURM preemptions, a
+  plain `kill`) or SIGINT (Ctrl-C). One process: a handler notes it, and the loop saves the step it is on.
+  Several processes: jax.distributed's coordination service catches SIGTERM and agrees with every process
+  on the step to save at (`reached_preemption_sync_point`), so all of them save the same step, as MaxText
+  does; SIGINT stays a plain interrupt there."""
+
+  def __init__(self):
+    self.noticed = None  # the signal's name
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.noticed is not None
+
+  def stop(self, step: int, workdir: str):
+    raise Preempted(f"step {step}: stopped on a preemption notice ({self.noticed or 'SIGTERM'}) after saving "
+                    f"checkpoint {step} in {workdir}; rerun with --resume to continue")
+
+  @contextlib.contextmanager
+  def listening(self):
+    """Handlers for the duration of the training loop (main thread of a one-process run only)."""
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+
+    def note(signum, frame):
+      if self.noticed:  # a second notice: stop now, without the checkpoint
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+      self.noticed = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)

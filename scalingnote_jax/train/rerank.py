@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from scalingnote_jax import sharding
+from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.pipeline import RerankData, RerankGroup
 from scalingnote_jax.data.runs import read_run
@@ -34,7 +35,7 @@ from scalingnote_jax.eval.retrieval import ir_metrics
 from scalingnote_jax.index import corpus as store
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.train import stage1, stage2
-from scalingnote_jax.train.common import SyncPoint, jit_step, open_workdir
+from scalingnote_jax.train.common import Preemption, SyncPoint, jit_step, open_workdir
 from scalingnote_jax.train.losses import RANKING_LOSSES, ranking_loss
 
 SPEC_FILE = "reranker.json"
@@ -131,6 +132,7 @@ def evaluate(enc: CrossEncoder, data: beir.Dataset, run: dict, top_k: int, batch
 # ----------------------------------------------------------------------------------------------------------
 # The loop: data, model, resume or start, step, log, validate, checkpoint.
 
+@holds_lock("workdir")  # one writer at a time; the kernel releases it however the run ends
 def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Trains a reranker in `workdir`. With `resume` it continues from the latest checkpoint there; without it,
   a workdir that already has checkpoints is refused."""
@@ -188,23 +190,29 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
       run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc=f"rerank ({cfg.loss})", initial=start, total=cfg.num_steps,
              disable=not is_main())
-  sync = SyncPoint(ckpt, workdir, start)
-  for step in bar:
-    batch = sharding.global_batch(mesh, next(batches))
-    params, opt_state, metrics = step_fn(params, opt_state, batch)
-    save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps
-    if step % cfg.log_every == 0 or save:
-      metrics = sync(step, metrics)
-      history.append({"step": step, **metrics})
-      log.write(step, "train", metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
-    if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
-      m = run_eval(step)
-      if is_main():
-        bar.write(f"step {step}: val nDCG@10 {m['ndcg_at_10']:.4f} reranking the first stage's top {cfg.eval.top_k} "
-                  f"(first stage {first_stage_metrics['ndcg_at_10']:.4f})")
-    if save:
-      ckpt.save(step, params, opt_state, batches.get_state())
+  sync, preemption = SyncPoint(ckpt, workdir, start), Preemption()
+  with preemption.listening():
+    for step in bar:
+      batch = sharding.global_batch(mesh, next(batches))
+      params, opt_state, metrics = step_fn(params, opt_state, batch)
+      preempted = preemption.reached(step)  # a preemption notice: save this step, then stop
+      save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps or preempted
+      if step % cfg.log_every == 0 or save:
+        metrics = sync(step, metrics)
+        history.append({"step": step, **metrics})
+        log.write(step, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+      if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
+        m = run_eval(step)
+        if is_main():
+          bar.write(f"step {step}: val nDCG@10 {m['ndcg_at_10']:.4f} reranking the first stage's top {cfg.eval.top_k} "
+                    f"(first stage {first_stage_metrics['ndcg_at_10']:.4f})")
+      if save:
+        ckpt.save(step, params, opt_state, batches.get_state())
+      if preempted:
+        ckpt.wait()
+        ckpt.close()
+        preemption.stop(step, workdir)
   ckpt.wait()
   ckpt.close()
   nnx.update(model, params)

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from scalingnote_jax import models, sharding
+from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
@@ -27,7 +28,7 @@ from scalingnote_jax.models import bert, llm, load_backbone
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
 from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like
-from scalingnote_jax.train.common import CONFIG_FILE, SyncPoint, jit_step, open_workdir
+from scalingnote_jax.train.common import CONFIG_FILE, Preemption, SyncPoint, jit_step, open_workdir
 from scalingnote_jax.train.losses import contrastive_loss
 
 MAX_SCALE = 100.0  # 1 / temperature is capped, as in CLIP
@@ -351,6 +352,7 @@ def tokenizer_of(cfg: ConfigDict) -> Tokenizer:
   return tokenizer_of(_previous_round(cfg)) if is_stage1_workdir(m.init) else Tokenizer.from_pretrained(m.tokenizer or m.init)
 
 
+@holds_lock("workdir")  # one writer at a time; the kernel releases it however the run ends
 def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
   from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
@@ -398,25 +400,31 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage1", initial=start, total=cfg.num_steps,
              disable=not is_main())
-  sync = SyncPoint(ckpt, workdir, start)
-  for step in bar:
-    batch = sharding.global_batch(mesh, next(batches))
-    params, opt_state, metrics = step_fn(params, opt_state, batch)
-    save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps
-    if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
-      metrics = sync(step, metrics)
-      metrics["tokens_per_s"] = tokens_per_step / metrics["step_time_s"]
-      history.append({"step": step, **metrics})
-      log.write(step, "train", metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}", step_s=f"{metrics['step_time_s']:.2f}",
-                      tok_s=f"{metrics['tokens_per_s']:.0f}")
-    if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
-      m = run_eval(step)
-      if is_main():
-        bar.write(f"step {step}: val nDCG@10 {m['ndcg_at_10']:.4f}, Recall@10 {m['recall_at_10']:.3f}, "
-                  f"contrastive entropy {m['contrastive_entropy']:.3f} ({m['num_docs']} documents)")
-    if save:
-      ckpt.save(step, params, opt_state, batches.get_state())
+  sync, preemption = SyncPoint(ckpt, workdir, start), Preemption()
+  with preemption.listening():
+    for step in bar:
+      batch = sharding.global_batch(mesh, next(batches))
+      params, opt_state, metrics = step_fn(params, opt_state, batch)
+      preempted = preemption.reached(step)  # a preemption notice: save this step, then stop
+      save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps or preempted
+      if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
+        metrics = sync(step, metrics)
+        metrics["tokens_per_s"] = tokens_per_step / metrics["step_time_s"]
+        history.append({"step": step, **metrics})
+        log.write(step, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", step_s=f"{metrics['step_time_s']:.2f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+      if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
+        m = run_eval(step)
+        if is_main():
+          bar.write(f"step {step}: val nDCG@10 {m['ndcg_at_10']:.4f}, Recall@10 {m['recall_at_10']:.3f}, "
+                    f"contrastive entropy {m['contrastive_entropy']:.3f} ({m['num_docs']} documents)")
+      if save:
+        ckpt.save(step, params, opt_state, batches.get_state())
+      if preempted:
+        ckpt.wait()
+        ckpt.close()
+        preemption.stop(step, workdir)
   ckpt.wait()
   ckpt.close()
   nnx.update(model, params)

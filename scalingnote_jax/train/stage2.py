@@ -26,6 +26,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from scalingnote_jax import models, sharding
+from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.data.pipeline import DistillData
 from scalingnote_jax.distributed import is_main
@@ -37,7 +38,7 @@ from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
 from scalingnote_jax.train import stage1
 from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like, fingerprint
-from scalingnote_jax.train.common import CONFIG_FILE, SyncPoint, jit_step, open_workdir
+from scalingnote_jax.train.common import CONFIG_FILE, Preemption, SyncPoint, jit_step, open_workdir
 from scalingnote_jax.train.losses import distillation_loss
 
 STUDENT_FILE = "student.json"
@@ -232,6 +233,7 @@ def evaluate(s_enc: Encoder, held_out: synthetic.Dataset, qids: list[str], t_QxD
 # ----------------------------------------------------------------------------------------------------------
 # The loop: teacher embeddings (cached), student, resume or start, step, log, validate, checkpoint.
 
+@holds_lock("workdir")  # one writer at a time; the kernel releases it however the run ends
 def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Distils the teacher's query tower in `workdir`. With `resume` it continues from the latest checkpoint
   there; without it, a workdir that already has checkpoints is refused."""
@@ -301,23 +303,29 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
       run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage2", initial=start, total=cfg.num_steps,
              disable=not is_main())
-  sync = SyncPoint(ckpt, workdir, start)
-  for step in bar:
-    batch = sharding.global_batch(mesh, next(batches))
-    params, opt_state, metrics = step_fn(params, opt_state, batch)
-    save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps
-    if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
-      metrics = sync(step, metrics)
-      history.append({"step": step, **metrics})
-      log.write(step, "train", metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", cos=f"{metrics['cosine']:.4f}")
-    if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
-      m = run_eval(step)
-      if is_main():
-        bar.write(f"step {step}: val Recall@10 {m['recall_at_10']:.3f} ({m['recall_at_10_retention']:.1%} of the "
-                  f"teacher's {teacher_metrics['recall_at_10']:.3f}), cosine to teacher {m['cosine_to_teacher']:.4f}")
-    if save:
-      ckpt.save(step, params, opt_state, batches.get_state())
+  sync, preemption = SyncPoint(ckpt, workdir, start), Preemption()
+  with preemption.listening():
+    for step in bar:
+      batch = sharding.global_batch(mesh, next(batches))
+      params, opt_state, metrics = step_fn(params, opt_state, batch)
+      preempted = preemption.reached(step)  # a preemption notice: save this step, then stop
+      save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps or preempted
+      if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
+        metrics = sync(step, metrics)
+        history.append({"step": step, **metrics})
+        log.write(step, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", cos=f"{metrics['cosine']:.4f}")
+      if validate and (step % cfg.eval.every == 0 or step == cfg.num_steps):
+        m = run_eval(step)
+        if is_main():
+          bar.write(f"step {step}: val Recall@10 {m['recall_at_10']:.3f} ({m['recall_at_10_retention']:.1%} of the "
+                    f"teacher's {teacher_metrics['recall_at_10']:.3f}), cosine to teacher {m['cosine_to_teacher']:.4f}")
+      if save:
+        ckpt.save(step, params, opt_state, batches.get_state())
+      if preempted:
+        ckpt.wait()
+        ckpt.close()
+        preemption.stop(step, workdir)
   ckpt.wait()
   ckpt.close()
   nnx.update(student, params)
