@@ -53,6 +53,16 @@ def test_bad_qrels_name_file_and_line(tmp_path):
   bad = write(tmp_path / "b.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\thigh"])
   with pytest.raises(beir.DataError, match=r"b\.tsv:2: score 'high' is not a number"):
     beir.load_qrels(bad)
+  for score in ("inf", "nan", "0.6"):  # not a grade: was OverflowError, an error, and a silent 0
+    bad = write(tmp_path / "g.tsv", ["query-id\tcorpus-id\tscore", "q1\td0\t2.0", f"q1\td1\t{score}"])
+    with pytest.raises(beir.DataError, match=rf"g\.tsv:3: score '{score}' is not an integer relevance grade"):
+      beir.load_qrels(bad)
+  twice = write(tmp_path / "t.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q2\td1\t0", "q1\td1\t1"])
+  assert beir.load_qrels(twice) == {"q1": {"d1": 1}, "q2": {"d1": 0}}  # a repeat that agrees is harmless
+  clash = write(tmp_path / "c.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q2\td1\t0", "q1\td1\t2"])
+  with pytest.raises(beir.DataError, match=r"c\.tsv:4: \('q1', 'd1'\) judged again with grade 2 \(first line: 2, "
+                                           r"grade 1\)"):
+    beir.load_qrels(clash)  # was: silently the last
 
 
 def test_train_jsonl_drops_negatives_that_are_positives(tmp_path):

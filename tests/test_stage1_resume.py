@@ -32,8 +32,11 @@ def test_refused_runs_leave_the_workdir_intact_and_resume_onto_a_different_mesh(
     stage1.train(cfg(num_steps=5, **{"tower.pooling": "mean", "loss.temperature": 0.5}), "run", resume=True)
   assert (workdir / "config.json").read_bytes() == saved and not (workdir / "resumes.jsonl").exists()
 
-  # longer, on another mesh: allowed, and recorded
+  # longer, on another mesh: allowed, and recorded; a metrics line torn by a kill does not block it
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "train/lo')
   out = stage1.train(cfg(num_steps=5, mesh=(2, 2, 2), log_every=1), "run", resume=True)
+  assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").open()] == [1, 2, 3, 4, 5]
   assert [h["step"] for h in out["history"]] == [4, 5]
   resumes = [json.loads(line) for line in (workdir / "resumes.jsonl").open()]
   assert resumes == [{"step": 3, "time": resumes[0]["time"], "changed": {"mesh": [[8, 1, 1], [2, 2, 2]],

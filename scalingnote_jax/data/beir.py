@@ -95,6 +95,7 @@ def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file")
   qrels: dict[str, dict[str, int]] = {}
+  first_line = {}  # (query, document) -> the line that judged it first: a repeat must agree with it
   with open(path, encoding="utf-8", newline="") as f:
     for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
       if not row or (lineno == 1 and row[0] == "query-id"):
@@ -104,9 +105,12 @@ def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error
         raise DataError(f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(row)}")
       qid, doc_id, score = row[0], row[1], row[2]
       try:
-        grade = int(float(score))
+        value = float(score)
       except ValueError:
         raise DataError(f"{where}: score {score!r} is not a number") from None
+      if not value.is_integer():  # nan, inf and 0.6 alike: relevance grades are integers
+        raise DataError(f"{where}: score {score!r} is not an integer relevance grade")
+      grade = int(value)
       bad = ("query", qid) if query_ids is not None and qid not in query_ids else (
           ("document", doc_id) if doc_ids is not None and doc_id not in doc_ids else None)
       if bad and unknown == "error":
@@ -115,7 +119,12 @@ def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error
         if skipped is not None:
           skipped.append(f"{where}: unknown {bad[0]} id {bad[1]!r}")
         continue
-      qrels.setdefault(qid, {})[doc_id] = grade
+      judged = qrels.setdefault(qid, {})
+      if doc_id in judged and judged[doc_id] != grade:
+        raise DataError(f"{where}: ({qid!r}, {doc_id!r}) judged again with grade {grade} (first line: "
+                        f"{first_line[qid, doc_id]}, grade {judged[doc_id]})")
+      judged[doc_id] = grade
+      first_line.setdefault((qid, doc_id), lineno)
   return qrels
 
 

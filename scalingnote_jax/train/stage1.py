@@ -307,7 +307,16 @@ class MetricsLog:
     kept = []
     if os.path.exists(self.path):  # drop what a crashed run logged after its last checkpoint
       with open(self.path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+        lines = f.readlines()
+      for lineno, line in enumerate(lines, 1):
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          if lineno == len(lines):  # torn by a kill mid-write: it was logged after the checkpoint anyway
+            break
+          raise ValueError(f"{self.path}:{lineno}: not a JSON line; move the file aside to resume") from None
+        if row["step"] <= resume_step:
+          kept.append(line)
     with open(self.path, "w") as f:
       f.writelines(kept)
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
