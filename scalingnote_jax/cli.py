@@ -22,8 +22,32 @@ def to_json(obj) -> str:
   return json.dumps(finite(obj), allow_nan=False)
 
 
+def _version() -> str:
+  from importlib.metadata import PackageNotFoundError, version
+
+  def of(name):
+    try:
+      return version(name)
+    except PackageNotFoundError:
+      return "not installed"
+  return f"scalingnote-jax {of('scalingnote-jax')} (jax {of('jax')}, flax {of('flax')}, Python {sys.version.split()[0]})"
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+  """Each option's help ends with its default, unless it has none or its help already says it."""
+
+  def _get_help_string(self, action):
+    none = action.default is None or action.default is False or action.default == ""
+    if none or "default" in (action.help or ""):
+      return action.help
+    return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="scalingnote", description=__doc__)
+  parser.add_argument("--version", action="version", version=_version())
+  parser.add_argument("--debug", action="store_true", help="on an error, print the whole traceback (anywhere on "
+                                                           "the line); without it an error is one line")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("pipeline", help="the main job: Stage 1 teacher (with a mining round), a directly-trained "
@@ -56,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--run", required=True, help="the first stage's TREC run file")
   p.add_argument("--out", required=True, help="the reranked TREC run file")
   p.add_argument("--top-k", type=int, default=100, help="documents per query reranked (the rest are dropped)")
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")
 
   p = sub.add_parser("export", help="write a serving bundle: the distilled student, the LLM document tower's "
                                      "embeddings and their index, a manifest")
@@ -68,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "encoded by the teacher's document tower (not re-encoded)")
   p.add_argument("--teacher", default=None, help="the Stage 1 workdir whose document tower encodes the corpus "
                                                  "(default: the one the student was distilled from)")
-  p.add_argument("--backend", choices=("scann", "exact"), default="scann")
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--backend", choices=("scann", "exact"), default="scann", help="the bundle's document index")
+  p.add_argument("--batch-size", type=int, default=64, help="documents per encoder call")
 
   p = sub.add_parser("eval", help="one system on a BEIR split: nDCG@10, Recall@10/100, MRR@10, MAP (pytrec_eval), "
                                    "AUC, contrastive entropy, throughput; one JSON object")
@@ -80,14 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
   which.add_argument("--run", dest="run_file", help="a TREC run file (e.g. from `scalingnote rerank`): its IR "
                                                     "metrics only")
   p.add_argument("--data", required=True, help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
-  p.add_argument("--split", default="test")
+  p.add_argument("--split", default="test", help="the qrels file: DATA/qrels/SPLIT.tsv")
   p.add_argument("--embeddings", default=None, help="with --checkpoint: the corpus embedding store (resumable, "
                                                    "reused; default: a temporary one)")
   p.add_argument("--backend", choices=("scann", "exact"), default="exact", help="with --checkpoint: the index")
   p.add_argument("--keep-self", action="store_true", help="keep a document whose id equals the query's")
   p.add_argument("--save-run", default=None, help="also write the system's top 100 per query as a TREC run file "
                                                   "(the input of `scalingnote rerank`)")
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
   p.add_argument("--num-negatives", type=int, default=255, help="sampled documents per query for AUC and "
                                                                  "contrastive entropy")
   p.add_argument("--temperature", type=float, default=0.05, help="of the contrastive entropy")
@@ -114,61 +138,92 @@ def build_parser() -> argparse.ArgumentParser:
                                       "hosts) and print per-device memory; no such hardware needed")
   p.add_argument("--config", help="configs/<name>.py, optionally :variant")
   p.add_argument("--topology", help="e.g. v5e-256, v5p-128, h100-64 (8 hosts x 8), cpu-8; see --list-topologies")
-  p.add_argument("--list-topologies", action="store_true")
+  p.add_argument("--list-topologies", action="store_true", help="print the known topologies and exit")
   p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
   p = sub.add_parser("encode", help="encode a BEIR corpus with a document tower into a resumable zarr store")
   p.add_argument("--checkpoint", required=True, help="a Stage 1 workdir, a HF model dir, a .gguf or a packaged name")
   p.add_argument("--corpus", required=True, help="a BEIR directory (its corpus.jsonl is encoded)")
   p.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--batch-size", type=int, default=64, help="documents per encoder call")
   p.add_argument("--chunk-size", type=int, default=1024, help="documents per resumable chunk")
 
   p = sub.add_parser("mine", help="mine hard negatives for a BEIR split into the training JSONL of Stage 1")
-  p.add_argument("--checkpoint", default="", help="a Stage 1 workdir, HF dir, .gguf or packaged name (dense)")
+  p.add_argument("--checkpoint", default="", help="with --method dense (required there): a Stage 1 workdir, HF "
+                                                  "dir, .gguf or packaged name")
   p.add_argument("--data", required=True, help="a BEIR directory")
-  p.add_argument("--split", default="train")
+  p.add_argument("--split", default="train", help="the queries (and positives) of DATA/qrels/SPLIT.tsv")
   p.add_argument("--out", required=True, help="the JSONL to write ({query_id, query, positive_ids, negative_ids})")
   p.add_argument("--method", choices=("dense", "bm25"), default="dense")
   p.add_argument("--backend", choices=("scann", "exact"), default="scann", help="document index (dense)")
   p.add_argument("--embeddings", default=None, help="corpus embedding store (default: next to --out; reused)")
-  p.add_argument("--range-min", type=int, default=10)
-  p.add_argument("--range-max", type=int, default=100)
-  p.add_argument("--num-negatives", type=int, default=8)
-  p.add_argument("--absolute-margin", type=float, default=None)
-  p.add_argument("--relative-margin", type=float, default=None)
-  p.add_argument("--sampling", choices=("top", "random"), default="top")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--range-min", type=int, default=10, help="skip the first RANGE_MIN results (likely unjudged "
+                                                          "positives); sentence-transformers' range_min")
+  p.add_argument("--range-max", type=int, default=100, help="draw negatives from results up to this rank")
+  p.add_argument("--num-negatives", type=int, default=8, help="negatives per query")
+  p.add_argument("--absolute-margin", type=float, default=None, help="keep a negative only if its score is at "
+                                                                    "most the best positive's minus this")
+  p.add_argument("--relative-margin", type=float, default=None, help="keep a negative only if its score is at "
+                                                                    "most the best positive's times (1 - this)")
+  p.add_argument("--sampling", choices=("top", "random"), default="top", help="the highest-ranked candidates, "
+                                                                               "or a random draw of them")
+  p.add_argument("--seed", type=int, default=0, help="of the random sampling")
 
   p = sub.add_parser("serve", help="the online retrieval service over a bundle: POST /search, GET /healthz, "
                                     "GET /metrics, with micro-batching (serve/http.py)")
   p.add_argument("bundle", help="a serving bundle directory (serve/bundle.py)")
   p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 answers this machine only; 0.0.0.0 exposes it")
-  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--port", type=int, default=8000, help="TCP port")
   # Unset limits keep the defaults of serve.http.Limits.
   p.add_argument("--max-batch", type=int, default=None, help="queries per encoder call (default 64)")
   p.add_argument("--max-wait-ms", type=float, default=None, help="batching window after a first request (default 2)")
   p.add_argument("--max-queries", type=int, default=None, help="queries per request (default 64)")
   p.add_argument("--max-query-chars", type=int, default=None, help="characters per query (default 2048)")
   p.add_argument("--max-k", type=int, default=None, help="results per query (default 1000)")
+  for p in sub.choices.values():
+    p.formatter_class = HelpWithDefaults
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+  """`scalingnote ...`: an error is one line on stderr and exit status 1 (`--debug` raises it instead); a
+  preemption notice exits 143 after its checkpoint."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  debug = "--debug" in argv
   try:
-    return run(argv)
+    return run([a for a in argv if a != "--debug"])
   except Exception as e:
     from scalingnote_jax.train.common import Preempted  # (here: importing it loads orbax, slow for --help)
 
-    if not isinstance(e, Preempted):
+    if isinstance(e, Preempted):
+      print(f"scalingnote: {e}", file=sys.stderr, flush=True)
+      return 128 + 15  # as if killed by SIGTERM: schedulers requeue the job, and --resume continues it
+    if debug:
       raise
-    print(f"scalingnote: {e}", file=sys.stderr, flush=True)
-    return 128 + 15  # as if killed by SIGTERM: schedulers requeue the job, and --resume continues it
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # a KeyError's str() is a repr
+    print(f"scalingnote: error: {message or type(e).__name__} ({type(e).__name__}; --debug prints the "
+          "traceback)", file=sys.stderr, flush=True)
+    return 1
 
 
-def run(argv: list[str] | None) -> int:
+def config_overrides(rest: list[str]) -> list[str]:
+  """`--config.a.b value` as `--config.a.b=value` (absl's flags take both forms)."""
+  out, i = [], 0
+  while i < len(rest):
+    item = rest[i]
+    if item.startswith("--config.") and "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+      out.append(f"{item}={rest[i + 1]}")
+      i += 2
+    else:
+      out.append(item)
+      i += 1
+  return out
+
+
+def run(argv: list[str]) -> int:
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
+  rest = config_overrides(rest)
   from scalingnote_jax import distributed
 
   distributed.initialize()  # multi-process when a launch script (launch/) says so; before any JAX work

@@ -4,6 +4,7 @@ redoing finished stages."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,9 +104,14 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(uninterrupted, 
       assert got[name][key] == pytest.approx(want[name][key], abs=1e-6), (name, key)
 
 
-def test_rerun_with_another_config_names_the_stage(uninterrupted):
+def test_rerun_with_another_config_names_the_stage(uninterrupted, capsys):
   workdir, _ = uninterrupted
   from scalingnote_jax.cli import main
 
+  # the space form of an override, and the error as one line (--debug raises it)
+  assert main(["pipeline", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.optim.lr", "0.5"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert re.fullmatch(r"scalingnote: error: .*stages/teacher\.json: stage 'teacher' completed with another "
+                      r"configuration.*\(ValueError; --debug prints the traceback\)", err), err
   with pytest.raises(ValueError, match=r"stages/teacher\.json: stage 'teacher' completed with another configuration"):
-    main(["pipeline", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.optim.lr=0.5"])
+    main(["pipeline", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.optim.lr=0.5", "--debug"])

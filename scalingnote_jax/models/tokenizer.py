@@ -38,8 +38,7 @@ class Tokenizer:
       cfg = f.config()
       pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
       return cls(f.tokenizer(), pad_id=pad or 0, eos_id=cfg.eos_token_id, source=path)
-    import transformers
-
+    transformers = _import_transformers()
     if not os.path.isdir(path):
       raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
     hf = transformers.AutoTokenizer.from_pretrained(path)
@@ -94,3 +93,18 @@ class Tokenizer:
       seconds = ["\n" + b for b in seconds]
     out = [e.ids for e in tok.encode_batch(list(zip(firsts, seconds)))]
     return [ids + [self.eos_id] for ids in out] if append_eos else out
+
+
+def _import_transformers():
+  """transformers (for AutoTokenizer only), without its import-time advice that PyTorch is missing: this
+  package uses no torch models, so the line would only read like a broken install. Other advice stays on."""
+  previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+  os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+  try:
+    import transformers
+  finally:
+    if previous is None:
+      del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+    else:
+      os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
+  return transformers
