@@ -124,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("fit-scaling", help="fit a scaling law to sweep results (JSONL, one run per line) and "
                                           "forecast the largest run from the others")
   p.add_argument("results", help="JSONL: one run per line with N and/or D and the metric fields")
-  p.add_argument("--law", choices=("n", "d", "nd", "power"), required=True,
-                 help="n: (A/N)^alpha + delta; d: (B/D)^beta + delta; nd: a + b N^c + d D^e; power: a + b x^c")
+  p.add_argument("--law", choices=("n", "d", "nd", "coupled", "power"), required=True,
+                 help="n: (A/N)^alpha + delta; d: (B/D)^beta + delta; nd: a + b N^c + d D^e; coupled: "
+                      "[(A/N)^(alpha/beta) + B/D]^beta + delta (Fang et al.); power: a + b x^c")
+  p.add_argument("--direction", choices=("auto", "rising", "falling"), default="auto",
+                 help="whether the field rises with N and D (nDCG, MAP) or falls (a loss); auto: from the field's "
+                      "name, else the data")
   p.add_argument("--y", required=True, help="the fitted field, e.g. contrastive_entropy or ndcg_at_10")
   p.add_argument("--x", default=None, help="for n / d / power: the size field (default N, or D for d)")
   p.add_argument("--no-holdout", action="store_true", help="fit every run; no forecast check")
@@ -297,7 +301,8 @@ def run(argv: list[str]) -> int:
       except ValueError:
         parser.error(f"--where {item!r}: expected FIELD=NUMBER")
     print(to_json(fit.run(args.results, law=args.law, y=args.y, x=args.x, holdout_largest=not args.no_holdout,
-                             bootstrap=args.bootstrap, plot_path=args.plot, where=where)))
+                             bootstrap=args.bootstrap, plot_path=args.plot, where=where,
+                             direction=args.direction)))
     return 0
 
   if args.command == "serve":

@@ -2,15 +2,25 @@
 intervals, R², and a forecast check (fit without the largest run, predict it).
 
 Laws (x = N, non-embedding parameters, or D, training pairs or tokens):
-  n      L(N)    = (A / N)^alpha + delta            ScalingNote's model-size law (contrastive entropy)
-  d      L(D)    = (B / D)^beta + delta             its data-size law
-  nd     L(N, D) = a + b * N^c + d * D^e            the joint law
-  power  y       = a + b * x^c                      downstream metrics (nDCG@10, Recall@k) against N or D
+  n        L(N)    = (A / N)^alpha + delta                        ScalingNote's model-size law (contrastive entropy)
+  d        L(D)    = (B / D)^beta + delta                         its data-size law
+  nd       y(N, D) = a + b * N^c + d * D^e                        the additive joint law (the reranker paper's)
+  coupled  L(N, D) = [(A / N)^(alpha / beta) + B / D]^beta + delta  Fang et al.'s joint law (a loss)
+  power    y       = a + b * x^c                                  downstream metrics against N or D
 
-Losses (n, d, nd) are fitted on log(y), as they span orders of magnitude; downstream metrics (power) on y.
-Fits use scipy's `curve_fit` (trust-region, bounded) started where the law is easy: for fixed exponents (or
-a fixed delta) each law is linear, so the best of a grid of linear least-squares fits is the start. Scale
-parameters are fitted in log space (A, B span orders of magnitude).
+A loss falls with N and D, a metric (nDCG, MAP, Recall) rises. n, d and coupled are laws of a falling loss and
+refuse a rising field. nd takes either, with the reranker paper's bounds: for a rising metric a in [0, 1],
+b, d <= 0; for a falling loss a >= 0, b, d >= 0; c, e in [-5, 0] both ways. The direction comes from the
+field's name where it says (entropy, loss / ndcg, recall, map, mrr, auc, accuracy), else from the data's trend.
+Losses are fitted on log(y), as they span orders of magnitude; metrics on y. Fits use scipy's `curve_fit`
+(trust-region, bounded) started where the law is easy: for fixed exponents (or a fixed delta) each law is
+linear, so the best of a grid of linear least-squares fits is the start. Scale parameters are fitted in log
+space (A, B span orders of magnitude).
+
+Intervals (bootstrap over the fitted runs): `params_ci95`, and for each forecast `predicted_ci95`, the
+confidence interval of the fitted curve at that point, and `predicted_pi95`, the prediction interval of a new
+run there (the curve's uncertainty plus the scatter of runs around it, from the fit's residuals). A held-out
+run is to be judged against the prediction interval.
 """
 
 from __future__ import annotations
@@ -81,6 +91,40 @@ def _joint_starts(x, y):
   return [best] if best else [(float(np.min(y)), 1.0, -0.3, 1.0, -0.3)]
 
 
+def _joint_starts_rising(x, y):
+  """As _joint_starts, for a rising metric: a in [0, 1], b <= 0, d <= 0."""
+  best, best_sse = None, np.inf
+  for c in EXPONENTS[EXPONENTS < 0][::2]:
+    for e in EXPONENTS[EXPONENTS < 0][::2]:
+      (a, b, d), sse = _linear_start([np.ones_like(y), x[0] ** c, x[1] ** e], y)
+      if 0 <= a <= 1 and b <= 0 and d <= 0 and sse < best_sse:
+        best, best_sse = (a, b, c, d, e), sse
+  return [best] if best else [(float(min(np.max(y), 1.0)), -1.0, -0.3, -1.0, -0.3)]
+
+
+def _coupled(x, log_a, alpha, log_b, beta, delta):
+  return (np.exp(alpha / beta * (log_a - np.log(x[0]))) + np.exp(log_b - np.log(x[1]))) ** beta + delta
+
+
+def _coupled_starts(x, y):
+  """For fixed (alpha, beta, delta) the coupled law is linear after a power: (L - delta)^(1/beta) =
+  u * N^(-alpha/beta) + B / D with u = A^(alpha/beta). The best of a grid of such fits (u, B > 0) starts it."""
+  lo, best, best_sse = float(np.min(y)), None, np.inf
+  for alpha in np.geomspace(0.05, 1.5, 12):
+    for beta in np.geomspace(0.05, 2.0, 12):
+      for delta in lo * np.linspace(0.0, 0.95, 8):
+        k = alpha / beta
+        (u, b), _ = _linear_start([x[0] ** -k, 1.0 / x[1]], (y - delta) ** (1 / beta))
+        if u <= 0 or b <= 0:
+          continue
+        q = (float(np.log(u) / k), alpha, float(np.log(b)), beta, delta)
+        sse = float(np.sum((np.log(_coupled(x, *q)) - np.log(y)) ** 2))
+        if np.isfinite(sse) and sse < best_sse:
+          best, best_sse = q, sse
+  return ([best] if best else []) + [(float(np.log(np.median(x[0]))), 0.3, float(np.log(np.median(x[1]))), 0.3,
+                                      0.5 * lo)]
+
+
 def _power(x, a, b, c):
   return a + b * x[0] ** c
 
@@ -98,10 +142,34 @@ LAWS = {
     "d": Law("d", ("B", "beta", "delta"), _saturating, _sat_starts, _sat_bounds,
              lambda p: (math.exp(p[0]), p[1], p[2]), log=True),
     "nd": Law("nd", ("a", "b", "c", "d", "e"), _joint, _joint_starts,  # a loss: a >= 0, falling in N and D
-              lambda x, y: ([0.0, 0.0, -3.0, 0.0, -3.0], [float(np.min(y)), np.inf, 0.0, np.inf, 0.0]), tuple,
+              lambda x, y: ([0.0, 0.0, -5.0, 0.0, -5.0], [float(np.min(y)), np.inf, 0.0, np.inf, 0.0]), tuple,
               log=True),
+    "coupled": Law("coupled", ("A", "alpha", "B", "beta", "delta"), _coupled, _coupled_starts,
+                   lambda x, y: ([-50.0, 1e-3, -50.0, 1e-3, 0.0], [100.0, 5.0, 100.0, 5.0, float(np.min(y))]),
+                   lambda p: (math.exp(p[0]), p[1], math.exp(p[2]), p[3], p[4]), log=True),
     "power": Law("power", ("a", "b", "c"), _power, _power_starts, lambda x, y: (-np.inf, np.inf), tuple, log=False),
 }
+# The additive joint law of a rising metric (nDCG, MAP): a in [0, 1], b, d <= 0 (`fit` picks it for "nd").
+ND_RISING = Law("nd", ("a", "b", "c", "d", "e"), _joint, _joint_starts_rising,
+                lambda x, y: ([0.0, -np.inf, -5.0, -np.inf, -5.0], [1.0, 0.0, 0.0, 0.0, 0.0]), tuple, log=False)
+FALLING_ONLY = ("n", "d", "coupled")
+RISING_NAMES, FALLING_NAMES = ("ndcg", "recall", "map", "mrr", "auc", "accuracy"), ("entropy", "loss")
+
+
+def trend_rises(x_KxN: np.ndarray, y_N: np.ndarray) -> bool:
+  """Whether y grows with the sizes: the sign of the summed slopes of y on log N (and log D)."""
+  coef, *_ = np.linalg.lstsq(np.column_stack([np.ones_like(y_N), *np.log(x_KxN)]), y_N, rcond=None)
+  return float(np.sum(coef[1:])) > 0
+
+
+def direction_of(field: str, x_KxN: np.ndarray, y_N: np.ndarray) -> str:
+  """'rising' or 'falling': from the field's name where it says, else from the data."""
+  name = field.lower()
+  if any(k in name for k in FALLING_NAMES):
+    return "falling"
+  if any(k in name for k in RISING_NAMES):
+    return "rising"
+  return "rising" if trend_rises(x_KxN, y_N) else "falling"
 
 
 def fit_law(law: Law, x_KxN: np.ndarray, y_N: np.ndarray) -> np.ndarray:
@@ -128,18 +196,29 @@ def r_squared(y_N: np.ndarray, pred_N: np.ndarray) -> float:
 
 
 def fit(law_name: str, x_KxN: np.ndarray, y_N: np.ndarray, *, bootstrap: int = 200, seed: int = 0,
-        holdout: np.ndarray | None = None) -> dict:
+        holdout: np.ndarray | None = None, direction: str | None = None) -> dict:
   """Fits `law_name` to (x, y); `bootstrap` resamples the points for 95% intervals of the parameters. With
-  `holdout` (a boolean mask), fits on the other points and forecasts the held-out ones, with intervals."""
-  law = LAWS[law_name]
+  `holdout` (a boolean mask), fits on the other points and forecasts the held-out ones, with intervals.
+  `direction` ('rising' / 'falling'; default: the data's trend) picks the nd law's bounds; a falling-only law
+  refuses a rising metric rather than fitting it silently wrong."""
   x_KxN, y_N = np.asarray(x_KxN, np.float64).reshape(len(x_KxN), -1), np.asarray(y_N, np.float64)
   train = ~holdout if holdout is not None else np.ones(len(y_N), bool)
+  direction = direction or ("rising" if trend_rises(x_KxN[:, train], y_N[train]) else "falling")
+  if law_name in FALLING_ONLY and direction == "rising":
+    raise ValueError(f"law {law_name!r} is a law of a falling loss; this field rises with the sizes: fit it with "
+                     "--law nd (a + b N^c + d D^e, b, d <= 0) or --law power")
+  law = ND_RISING if (law_name == "nd" and direction == "rising") else LAWS[law_name]
   p = fit_law(law, x_KxN[:, train], y_N[train])
-  out = {"law": law_name, "params": dict(zip(law.params, map(float, law.report(p)))), "num_points": int(train.sum()),
-         "r2": r_squared(y_N[train], law.fn(x_KxN[:, train], *p))}
+  out = {"law": law_name, "direction": direction, "params": dict(zip(law.params, map(float, law.report(p)))),
+         "num_points": int(train.sum()), "r2": r_squared(y_N[train], law.fn(x_KxN[:, train], *p))}
   rng = np.random.default_rng(seed)
   idx = np.flatnonzero(train)
-  boot, boot_pred = [], []
+  # The scatter of runs around the curve, in the space the law is fitted in, for prediction intervals
+  # (inflated by n / (n - p): residuals of a fit are smaller than the noise).
+  space = (lambda v: np.log(np.maximum(v, 1e-30)), np.exp) if law.log else (lambda v: v, lambda v: v)
+  resid = space[0](y_N[train]) - space[0](law.fn(x_KxN[:, train], *p))
+  resid = resid * math.sqrt(len(idx) / max(len(idx) - len(law.params), 1))
+  boot, boot_pred, boot_new = [], [], []
   for _ in range(bootstrap):
     pick = rng.choice(idx, size=len(idx), replace=True)
     if len(np.unique(x_KxN[:, pick], axis=1).T) < len(law.params):  # too few distinct points to fit
@@ -150,13 +229,15 @@ def fit(law_name: str, x_KxN: np.ndarray, y_N: np.ndarray, *, bootstrap: int = 2
       continue
     boot.append(law.report(bp))
     if holdout is not None:
-      boot_pred.append(law.fn(x_KxN[:, holdout], *bp))
+      pred = law.fn(x_KxN[:, holdout], *bp)
+      boot_pred.append(pred)
+      boot_new.append(space[1](space[0](pred) + rng.choice(resid, size=len(pred))))
   if bootstrap:
     out["bootstrap_fits"] = len(boot)
   if len(boot) < bootstrap / 2:
     # The few resamples that do fit sit next to the point fit: their spread would be a narrow, false interval.
     out["warning"] = f"only {len(boot)} of {bootstrap} bootstrap resamples could be fitted: no intervals"
-    boot, boot_pred = [], []
+    boot, boot_pred, boot_new = [], [], []
   if boot:
     lo, hi = np.percentile(np.asarray(boot, np.float64), [2.5, 97.5], axis=0)
     out["params_ci95"] = {k: [float(a), float(b)] for k, a, b in zip(law.params, lo, hi)}
@@ -167,8 +248,10 @@ def fit(law_name: str, x_KxN: np.ndarray, y_N: np.ndarray, *, bootstrap: int = 2
                        for i, v in zip(np.flatnonzero(holdout), pred)]
     if boot_pred:
       lo, hi = np.percentile(np.asarray(boot_pred), [2.5, 97.5], axis=0)
-      for row, a, b in zip(out["forecast"], lo, hi):
-        row["predicted_ci95"] = [float(a), float(b)]
+      new_lo, new_hi = np.percentile(np.asarray(boot_new), [2.5, 97.5], axis=0)
+      for row, a, b, c, d in zip(out["forecast"], lo, hi, new_lo, new_hi):
+        row["predicted_ci95"] = [float(a), float(b)]  # where the mean curve lies
+        row["predicted_pi95"] = [float(c), float(d)]  # where a new run lands
   out["_fit"] = p  # fitting parameterisation, for plots (dropped from JSON)
   return out
 
@@ -207,7 +290,8 @@ def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str,
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  law, p = LAWS[result["law"]], result["_fit"]
+  law = ND_RISING if (result["law"] == "nd" and result["direction"] == "rising") else LAWS[result["law"]]
+  p = result["_fit"]
   fig, ax = plt.subplots(figsize=(6, 4.2))
   train = ~holdout if holdout is not None else np.ones(len(y_N), bool)
   if x_KxN.shape[0] == 1:
@@ -221,9 +305,12 @@ def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str,
       ax.plot(grid, law.fn(np.stack([grid, np.full_like(grid, d)]), *p), alpha=0.6)
       ax.scatter(x_KxN[0, sel & train], y_N[sel & train], label=f"D={d:.3g}")
   for i, row in enumerate(result.get("forecast", [])):
-    ci = row.get("predicted_ci95", [row["predicted"]] * 2)
-    ax.errorbar(row["x"][0], row["predicted"], yerr=[[row["predicted"] - ci[0]], [ci[1] - row["predicted"]]],
-                fmt="s", color="red", capsize=4, label="forecast (95% CI)" if i == 0 else None)
+    for key, width, label in (("predicted_pi95", 1, "forecast, 95% prediction interval"),
+                              ("predicted_ci95", 4, "95% CI of the curve")):
+      lo, hi = row.get(key, [row["predicted"]] * 2)
+      ax.errorbar(row["x"][0], row["predicted"], yerr=[[row["predicted"] - lo], [hi - row["predicted"]]],
+                  fmt="s", color="red", capsize=4 if width == 1 else 0, elinewidth=width,
+                  label=label if i == 0 else None)
     ax.scatter(row["x"][0], row["measured"], marker="*", s=120, color="black", label="held-out run" if i == 0 else None)
   ax.set_xscale("log")
   from matplotlib.ticker import EngFormatter, LogLocator
@@ -243,12 +330,15 @@ def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str,
 
 
 def run(path: str, *, law: str, y: str, x: str | None = None, holdout_largest: bool = True, bootstrap: int = 200,
-        plot_path: str | None = None, where: dict[str, float] | None = None) -> dict:
+        plot_path: str | None = None, where: dict[str, float] | None = None, direction: str = "auto") -> dict:
   """`scalingnote fit-scaling`: the fit of `law` to field `y` against `x` (default N for n / power, D for d,
-  both for nd), forecasting the run(s) with the largest N (or D for the d law) when `holdout_largest`."""
+  both for nd and coupled), forecasting the run(s) with the largest N (or D for the d law) when
+  `holdout_largest`. `direction`: 'rising', 'falling' or 'auto' (the field's name, else the data)."""
   if law not in LAWS:
     raise ValueError(f"law {law!r}: expected one of {', '.join(LAWS)}")
-  xs = ["N", "D"] if law == "nd" else [x or ("D" if law == "d" else "N")]
+  if direction not in ("auto", "rising", "falling"):
+    raise ValueError(f"direction {direction!r}: expected auto, rising or falling")
+  xs = ["N", "D"] if law in ("nd", "coupled") else [x or ("D" if law == "d" else "N")]
   cols = read_results(path, xs + [y], where)
   for name in xs:
     if np.any(cols[name] <= 0):
@@ -258,7 +348,9 @@ def run(path: str, *, law: str, y: str, x: str | None = None, holdout_largest: b
   if holdout is not None and (~holdout).sum() <= len(LAWS[law].params):
     raise ValueError(f"{path}: {int((~holdout).sum())} runs besides the largest; the {law} law needs more than "
                      f"{len(LAWS[law].params)} to fit")
-  result = fit(law, x_KxN, cols[y], bootstrap=bootstrap, holdout=holdout)
+  if direction == "auto":
+    direction = direction_of(y, x_KxN, cols[y])
+  result = fit(law, x_KxN, cols[y], bootstrap=bootstrap, holdout=holdout, direction=direction)
   if plot_path:
     plot(result, x_KxN, cols[y], holdout, xs[0], y, plot_path)
     result["plot"] = plot_path
