@@ -194,7 +194,7 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
         path("students", name), out, embeddings=path("embeddings", "documents"), backend=cfg.export.backend)["metrics"])
 
   def evaluate_all():
-    test, skipped = evaluate.load_split(data["path"], split)
+    test, counts = evaluate.load_split(data["path"], split)
     kw = dict(num_negatives=cfg.eval.num_negatives, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
     # Dense systems search with the serving index (the same backend as the bundles), encode + search timed.
     towers = lambda model, store_dir: evaluate.tower_system(model, test.corpus, store_dir,  # noqa: E731
@@ -222,7 +222,7 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
       results[name] = evaluate.evaluate(make(), test, **kw)
       if is_main():
         store.write_atomic(result_file, json.dumps(results[name], indent=1))
-    return {"systems": results, "qrels_skipped": len(skipped)}
+    return {"systems": results, **counts}
   evals = stages("eval", cfg.eval.to_dict(), evaluate_all)
 
   return stages("report", {}, lambda: report.write(workdir, cfg, evals, stages.timings))

@@ -7,15 +7,21 @@ from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, to_run
 
 
 def test_metrics_match_hand_computed_values():
-  qrels = {"q1": {"d1": 1, "d2": 2}, "q2": {"d9": 1}, "q3": {"d4": 0}}  # q3 has no relevant doc: not counted
-  run = {"q1": {"d3": 0.9, "d1": 0.5, "d2": 0.1}}  # q2 retrieved nothing: scores 0
+  # q3 is judged only non-relevant: BEIR and MTEB average it in with 0 (pytrec_eval returns it), as we do
+  qrels = {"q1": {"d1": 1, "d2": 2}, "q2": {"d9": 1}, "q3": {"d4": 0}}
+  run = {"q1": {"d3": 0.9, "d1": 0.5, "d2": 0.1}, "q3": {"d4": 0.3}}  # q2 retrieved nothing: scores 0
   m = ir_metrics(qrels, run)
   dcg = 1 / np.log2(3) + 2 / np.log2(4)  # trec_eval's gain is the grade itself, at ranks 2 and 3
   idcg = 2 / np.log2(2) + 1 / np.log2(3)
-  assert m["num_queries"] == 2
-  assert m["ndcg_at_10"] == pytest.approx((dcg / idcg + 0) / 2, abs=1e-6)
-  assert m["mrr_at_10"] == pytest.approx((1 / 2 + 0) / 2)
-  assert m["recall_at_100"] == pytest.approx((1 + 0) / 2)
+  assert m["num_queries"] == 3 and m["queries_without_relevant"] == 1
+  assert m["ndcg_at_10"] == pytest.approx((dcg / idcg + 0 + 0) / 3, abs=1e-6)
+  assert m["mrr_at_10"] == pytest.approx((1 / 2 + 0 + 0) / 3)
+  assert m["recall_at_100"] == pytest.approx((1 + 0 + 0) / 3)
+  # BEIR's own arithmetic: pytrec_eval over the qrels and the run, the mean over the queries it returns
+  import pytrec_eval
+
+  beir = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate({**run, "q2": {"d7": 0.1}})
+  assert m["ndcg_at_10"] == pytest.approx(np.mean([s["ndcg_cut_10"] for s in beir.values()]), abs=1e-12)
 
 
 def test_mrr_only_looks_at_the_first_ten():
@@ -79,19 +85,26 @@ def test_eval_command_follows_beir_conventions(tmp_path, capsys):
   corpus = {"a1": "solar panels cut household energy bills", "a2": "panels on roofs reduce the energy bills",
             "a3": "wind turbines kill migrating birds", "a4": "birds avoid modern wind turbines",
             "a5": "an unrelated text about cheese"}
-  queries = {"a1": "solar panels cut household energy bills", "a3": "wind turbines kill migrating birds"}
+  queries = {"a1": "solar panels cut household energy bills", "a3": "wind turbines kill migrating birds",
+             "q5": "cheese", "q6": "who asked this"}
   data = write_tiny_beir(tmp_path / "argu", corpus, queries,
-                         [("a1", "a2", 1), ("a3", "a4", 1), ("a3", "missing-doc", 1)])
+                         [("a1", "a2", 1), ("a3", "a4", 1), ("a3", "missing-doc", 1), ("q5", "gone", 1),
+                          ("nobody", "a1", 1)])
   assert main(["eval", "--bm25", "--data", data]) == 0
   out = capsys.readouterr()
   m = json.loads(out.out)
-  assert m["qrels_skipped"] == 1 and "missing-doc" in out.err and "qrels/test.tsv:4" in out.err
-  assert m["num_queries"] == 2 and m["num_docs"] == 5
-  # each query's own document is dropped, so its counter-argument ranks first
-  assert m["mrr_at_10"] == 1.0 and m["ndcg_at_10"] == 1.0
+  # as BEIR and MTEB count them: judged documents missing from the corpus are kept (relevant, never found), so
+  # q5, whose only relevant document is missing, scores 0 and counts; a qrels line naming an unknown query is
+  # dropped (it cannot be asked); q6, unjudged, is not part of the split
+  assert m["qrels_unknown_documents"] == 2 and m["queries_relevant_not_in_corpus"] == 1
+  assert m["qrels_unknown_queries"] == 1 and "qrels/test.tsv:6" in out.err and "missing-doc" in out.err
+  assert m["num_queries"] == 3 and m["num_docs"] == 5
+  # each query's own document is dropped, so its counter-argument ranks first; a3 lacks one of its two
+  assert m["mrr_at_10"] == pytest.approx(2 / 3)
+  assert m["ndcg_at_10"] == pytest.approx((1 + 1 / (1 + 1 / np.log2(3)) + 0) / 3)
   assert main(["eval", "--bm25", "--data", data, "--keep-self"]) == 0
   kept = json.loads(capsys.readouterr().out)
-  assert kept["mrr_at_10"] == 0.5  # the query's own id ranks first and is an unjudged (non-relevant) result
+  assert kept["mrr_at_10"] == pytest.approx(1 / 3)  # the query's own id ranks first: unjudged, non-relevant
 
 
 @pytest.fixture(scope="module")

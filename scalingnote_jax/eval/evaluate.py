@@ -10,9 +10,11 @@ Any system's ranking can be written as a run file with --save-run FILE.
 
 Metrics: nDCG@10, Recall@10/100, MRR@10 and MAP by pytrec_eval; AUC of judged-relevant against sampled
 documents; contrastive entropy (dense systems: cosine / temperature); throughput of the whole search
-(encode + index) batched and one query at a time. BEIR conventions: unjudged documents are non-relevant, a
-document with the query's own id is removed from its results (ArguAna-style corpora), and qrels naming
-documents that are not in the corpus are dropped and reported (`qrels_skipped`), not crashed on.
+(encode + index) batched and one query at a time. BEIR and MTEB conventions: every query of the split's
+qrels is searched and averaged in; unjudged documents are non-relevant; a query judged only with grade 0
+scores 0 (`queries_without_relevant`); a document with the query's own id is removed from its results
+(ArguAna-style corpora); qrels naming documents that are not in the corpus are kept, relevant and never
+retrieved, and reported (`qrels_unknown_documents`, `queries_relevant_not_in_corpus`), not crashed on.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100
              save_run: str | None = None) -> dict:
   """The system's metrics on `data` (queries and qrels of one split; corpus = what the system searches);
   `save_run`: also write its run (TREC format, what `scalingnote rerank` takes)."""
-  qids = [q for q, judged in data.qrels.items() if any(g > 0 for g in judged.values())]
+  qids = list(data.qrels)  # every query of the split, as BEIR and MTEB search and average them
   texts = [data.queries[q] for q in qids]
   ids, scores = [], []
   for i in range(0, len(texts), batch_size):  # one more than k: the query's own id may be among them
@@ -149,24 +151,36 @@ def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100
   return metrics
 
 
-def load_split(data_dir: str, split: str) -> tuple[beir.Dataset, list[str]]:
-  """The split, with qrels naming unknown queries or documents dropped; returns (data, what was dropped)."""
+def load_split(data_dir: str, split: str) -> tuple[beir.Dataset, dict]:
+  """The split for evaluation as BEIR and MTEB score it: qrels naming a query that queries.jsonl lacks are
+  dropped (it cannot be asked); qrels naming a document the corpus lacks are kept (relevant, never retrieved).
+  Returns (data, counts of both)."""
+  corpus = beir.load_corpus(os.path.join(data_dir, "corpus.jsonl"))
+  queries = beir.load_queries(os.path.join(data_dir, "queries.jsonl"))
   skipped: list[str] = []
-  data = beir.load_beir(data_dir, split, unknown="skip", skipped=skipped)
+  qrels = beir.load_qrels(os.path.join(data_dir, "qrels", f"{split}.tsv"), query_ids=queries, unknown="skip",
+                          skipped=skipped)
+  unknown = [(q, d) for q, judged in qrels.items() for d in judged if d not in corpus]
+  for q, d in unknown[:5]:
+    print(f"warning: qrels/{split}.tsv judges document {d!r} (query {q!r}), which {data_dir}/corpus.jsonl lacks: "
+          "kept, as BEIR and MTEB keep it (relevant, never retrieved)", file=sys.stderr)
+  if len(unknown) > 5:
+    print(f"warning: ... {len(unknown) - 5} more judged documents not in the corpus", file=sys.stderr)
   for line in skipped[:5]:
-    print(f"warning: {line} (dropped: BEIR counts it as not retrievable)", file=sys.stderr)
-  if len(skipped) > 5:
-    print(f"warning: ... {len(skipped) - 5} more qrels naming unknown ids dropped", file=sys.stderr)
-  return data, skipped
+    print(f"warning: {line} (dropped: it cannot be searched)", file=sys.stderr)
+  lost = sum(not any(g > 0 and d in corpus for d, g in judged.items()) and any(g > 0 for g in judged.values())
+             for judged in qrels.values())
+  counts = {"qrels_unknown_queries": len(skipped), "qrels_unknown_documents": len(unknown),
+            "queries_relevant_not_in_corpus": lost}
+  return beir.Dataset(corpus, {q: queries[q] for q in qrels}, qrels), counts
 
 
 def evaluate_run_file(path: str, data: beir.Dataset, *, drop_self: bool = True, k: int = 100) -> dict:
   """The IR metrics of a run file (a reranker's output, another toolkit's run); judged queries it lacks
   score 0 and are counted."""
   run = read_run(path)
-  judged = [q for q, r in data.qrels.items() if any(g > 0 for g in r.values())]
   metrics = ir_metrics(data.qrels, beir_run(run, drop_self=drop_self, k=k))
-  return {**metrics, "queries_not_in_run": sum(q not in run for q in judged)}
+  return {**metrics, "queries_not_in_run": sum(q not in run for q in data.qrels)}
 
 
 def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str | None = None, bm25: bool = False,
@@ -174,13 +188,13 @@ def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str
   """`scalingnote eval`: exactly one of bundle / checkpoint / bm25 / run_file."""
   if sum([bool(bundle), bool(checkpoint), bm25, bool(run_file)]) != 1:
     raise ValueError("eval: give exactly one of --bundle, --checkpoint, --bm25, --run")
-  data, skipped = load_split(data_dir, split)
+  data, counts = load_split(data_dir, split)
   if run_file:
     if kw.get("save_run"):
       raise ValueError("eval: --save-run with --run would only copy the run file")
     metrics = evaluate_run_file(run_file, data, drop_self=kw.get("drop_self", True), k=kw.get("k", 100))
     return {"system": os.path.abspath(run_file), "data": os.path.abspath(data_dir), "split": split, **metrics,
-            "qrels_skipped": len(skipped)}
+            **counts}
   with tempfile.TemporaryDirectory(prefix="scalingnote-eval-") as tmp:
     if bundle:
       system, name = bundle_system(bundle), os.path.abspath(bundle)
@@ -194,5 +208,5 @@ def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str
     if missing:
       print(f"warning: {missing} documents of {data_dir}/corpus.jsonl are not in the system's index", file=sys.stderr)
     metrics = evaluate(system, data, **kw)
-  return {"system": name, "data": os.path.abspath(data_dir), "split": split, **metrics,
-          "qrels_skipped": len(skipped), "corpus_docs_not_indexed": missing}
+  return {"system": name, "data": os.path.abspath(data_dir), "split": split, **metrics, **counts,
+          "corpus_docs_not_indexed": missing}

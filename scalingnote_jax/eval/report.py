@@ -16,6 +16,8 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from scalingnote_jax.index import corpus as store  # noqa: E402
 
+QRELS_COUNTS = ("qrels_unknown_queries", "qrels_unknown_documents", "queries_relevant_not_in_corpus")
+
 COLUMNS = [("ndcg_at_10", "nDCG@10"), ("recall_at_10", "R@10"), ("recall_at_100", "R@100"), ("mrr_at_10", "MRR@10"),
            ("map", "MAP"), ("auc", "AUC"), ("contrastive_entropy", "CE"), ("qps", "queries/s"),
            ("latency_ms_p50", "1 query (ms)")]
@@ -98,7 +100,7 @@ def write(workdir: str, cfg, evals: dict, timings: dict[str, float]) -> dict:
                       for key in ("ndcg_at_10", "recall_at_10", "recall_at_100")} for name in students}
   report = {"systems": systems, "student_retention": retention,
             "teacher_minus_baseline": {k: teacher[k] - systems["baseline"][k] for k in ("ndcg_at_10", "recall_at_100")},
-            "stage_seconds": timings, "qrels_skipped": evals["qrels_skipped"],
+            "stage_seconds": timings, **{k: evals.get(k, 0) for k in QRELS_COUNTS},
             "figures": ["quality_vs_speed.png", "training.png"], "config": cfg.to_dict()}
   plot_quality_vs_speed(systems, os.path.join(workdir, "quality_vs_speed.png"))
   plot_training(workdir, students, os.path.join(workdir, "training.png"))
@@ -106,7 +108,10 @@ def write(workdir: str, cfg, evals: dict, timings: dict[str, float]) -> dict:
   first = next(iter(systems.values()))
   lines = [f"# ScalingNote pipeline report: {workdir}", "",
            f"{first['num_queries']} test queries over {first['num_docs']} documents "
-           f"(split `{cfg.data.split}`; qrels naming unknown ids dropped: {evals['qrels_skipped']}).", "",
+           f"(split `{cfg.data.split}`; as BEIR and MTEB count them: every query of the qrels, "
+           f"{first.get('queries_without_relevant', 0)} of them judged only non-relevant; "
+           f"{evals.get('qrels_unknown_documents', 0)} judged documents missing from the corpus, kept; "
+           f"{evals.get('qrels_unknown_queries', 0)} qrels naming unknown queries, dropped).", "",
            "| system | " + " | ".join(label for _, label in COLUMNS) + " |",
            "|---|" + "---|" * len(COLUMNS)]
   lines += [f"| {name} | " + " | ".join(fmt(m.get(key)) for key, _ in COLUMNS) + " |" for name, m in systems.items()]

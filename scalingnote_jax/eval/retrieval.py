@@ -1,9 +1,10 @@
 """IR metrics (nDCG@10, Recall@10/100, MRR@10, MAP) computed by pytrec_eval, and the pairwise ones (AUC,
 contrastive entropy) over judged-relevant vs sampled documents.
 
-BEIR conventions: unjudged documents are non-relevant; a document whose id equals the query's id is removed
-from that query's results (ArguAna-style corpora); qrels naming documents outside the corpus are reported by
-the caller (`load_beir(unknown="skip")`), never crashed on.
+BEIR conventions (BEIR's and MTEB's `evaluate`: pytrec_eval over every query of the qrels, mean over them):
+unjudged documents are non-relevant; a document whose id equals the query's id is removed from that query's
+results (ArguAna-style corpora); a query judged only with grade 0 counts, scoring 0; qrels naming documents
+outside the corpus are kept (relevant, never retrieved: they count against recall), and reported by the caller.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def to_run(qids: list[str], doc_ids: list[str], scores_QxK, indices_QxK, *, drop
 
 
 def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
-  """Means over the judged queries (a judged query missing from the run scores 0)."""
-  judged = {q: r for q, r in qrels.items() if any(g > 0 for g in r.values())}
+  """Means over every query of the qrels, as BEIR and MTEB average them: one judged only with grade 0 scores
+  0 (`queries_without_relevant` counts them), and so does a query missing from the run."""
+  judged = qrels
   full_run = {q: run.get(q) or {"__none__": 0.0} for q in judged}
   per_query = pytrec_eval.RelevanceEvaluator(judged, MEASURES).evaluate(full_run)
   # MRR@10 = reciprocal rank over each query's first 10 results
@@ -35,7 +37,8 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
   mean = lambda key, table: float(np.mean([table[q][key] for q in judged]))  # noqa: E731
   return {"ndcg_at_10": mean("ndcg_cut_10", per_query), "recall_at_10": mean("recall_10", per_query),
           "recall_at_100": mean("recall_100", per_query), "map": mean("map", per_query),
-          "mrr_at_10": mean("recip_rank", rr), "num_queries": len(judged)}
+          "mrr_at_10": mean("recip_rank", rr), "num_queries": len(judged),
+          "queries_without_relevant": sum(not any(g > 0 for g in r.values()) for r in judged.values())}
 
 
 def pair_metrics(score_fn, qids: list[str], qrels: dict[str, dict[str, int]], doc_ids: list[str], *,
