@@ -64,7 +64,7 @@ def get_config(variant: str = ""):
   c.student_layers = (1, 2)
 
   c.export = ConfigDict(dict(backend="scann"))
-  c.eval = ConfigDict(dict(num_negatives=255, temperature=0.05, batch_size=64, zero_shot=()))
+  c.eval = ConfigDict(dict(num_negatives=256, temperature=None, batch_size=64, zero_shot=()))  # CE: Fang et al.
   if variant == "smoke":
     c.data.num_docs, c.data.unlabelled_per_doc = 64, 1
     c.teacher = tiny_config()  # a random 2-layer decoder: loads in no time
@@ -76,7 +76,6 @@ def get_config(variant: str = ""):
       stage.checkpoint.every = 2
     c.mining.update(dict(num_steps=2, range_min=1, range_max=10, num_negatives=2))
     c.student_layers = (1,)
-    c.eval.num_negatives = 15
   elif variant:
     raise ValueError(f"configs/demo.py: unknown variant {variant!r} (known: smoke)")
   return c

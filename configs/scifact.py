@@ -34,7 +34,7 @@ def get_config(variant: str = "", *, name: str = "scifact"):
   c.student = distill_config()
   c.student_layers = (1, 2, 3)
   c.export = ConfigDict(dict(backend="scann"))
-  c.eval = ConfigDict(dict(num_negatives=255, temperature=0.05, batch_size=64, zero_shot=("all-MiniLM-L6-v2",)))
+  c.eval = ConfigDict(dict(num_negatives=256, temperature=None, batch_size=64, zero_shot=("all-MiniLM-L6-v2",)))
   if variant not in ("", "minilm"):
     raise ValueError(f"configs/{name}.py: unknown variant {variant!r} (known: minilm)")
   return c

@@ -30,5 +30,5 @@ def base() -> ConfigDict:
                            n_neg=1, query_len=32, doc_len=64, train_fraction=1.0))
   c.checkpoint = ConfigDict(dict(every=50, keep=3))
   # at_start: also evaluate the initial towers (step 0); off when that number is already known.
-  c.eval = ConfigDict(dict(every=50, at_start=True, num_negatives=31, max_docs=0, seed=0, batch_size=64))
+  c.eval = ConfigDict(dict(every=50, at_start=True, num_negatives=256, max_docs=0, seed=0, batch_size=64))
   return c

@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--save-run", default=None, help="also write the system's top 100 per query as a TREC run file "
                                                   "(the input of `scalingnote rerank`)")
   p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
-  p.add_argument("--num-negatives", type=int, default=255, help="sampled documents per query for AUC and "
-                                                                 "contrastive entropy")
-  p.add_argument("--temperature", type=float, default=0.05, help="of the contrastive entropy")
+  p.add_argument("--num-negatives", type=int, default=256, help="sampled documents per query for AUC and "
+                                                                 "contrastive entropy (Fang et al.'s 256)")
+  p.add_argument("--temperature", type=float, default=None, help="of the contrastive entropy (default: the "
+                                                                 "model's own for a Stage 1 workdir, else 0.05)")
 
   p = sub.add_parser("sweep", help="Stage 1 over a ladder of model sizes x data sizes, resumable run by run; "
                                     "writes WORKDIR/results.jsonl for fit-scaling")

@@ -56,11 +56,13 @@ def test_pair_metrics_auc_and_contrastive_entropy():
                    rng=np.random.default_rng(0))
   # negatives = all four others (d2..d5); d0 beats every one, d1 loses to d5 only: (4 + 3) / 8
   assert m["auc"] == pytest.approx(7 / 8)
-  logits = 10 * np.array([0.9, 0.1, 0.2, 0.3, 0.8])
-  assert m["contrastive_entropy"] == pytest.approx(np.logaddexp.reduce(logits) - logits[0])
+  # Fang et al.: every (query, relevant) pair against the same negatives, averaged over the pairs
+  negatives = 10 * np.array([0.1, 0.2, 0.3, 0.8])
+  ce = [np.logaddexp.reduce(np.r_[10 * p, negatives]) - 10 * p for p in (0.9, 0.7)]
+  assert m["contrastive_entropy"] == pytest.approx(np.mean(ce)) and m["contrastive_pairs"] == 2
   ties = pair_metrics(lambda row, cols: np.zeros(len(cols)), ["q"], qrels, doc_ids, num_negatives=4, scale=None,
                       rng=np.random.default_rng(0))
-  assert ties == {"auc": 0.5, "contrastive_entropy": None}
+  assert ties == {"auc": 0.5, "contrastive_entropy": None, "contrastive_pairs": 0}
 
 
 def write_tiny_beir(root, corpus, queries, qrels_rows):

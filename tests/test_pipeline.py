@@ -36,9 +36,12 @@ def test_pipeline_runs_every_stage_and_reports(uninterrupted):
   for name, m in systems.items():
     assert m["num_queries"] == 8 and m["num_docs"] == 64 and m["qps"] > 0, name
     assert (m["contrastive_entropy"] is None) == (name == "bm25")
-  # the teacher's numbers are those its own validation computed on the same split and corpus
+  # the teacher's numbers are those its own validation computed on the same split and corpus: the same
+  # contrastive entropy too (one definition, the same sampled negatives, the model's own temperature)
   final = json.loads((workdir / "stages" / "teacher_mined.json").read_text())["result"]["final"]
   assert systems["teacher"]["ndcg_at_10"] == pytest.approx(final["ndcg_at_10"], abs=1e-6)
+  assert systems["teacher"]["contrastive_entropy"] == pytest.approx(final["contrastive_entropy"], abs=1e-4)
+  assert systems["teacher"]["contrastive_pairs"] == final["contrastive_pairs"] > 0
   r = report["student_retention"]["L1"]["recall_at_10"]
   assert r == pytest.approx(systems["student L1"]["recall_at_10"] / systems["teacher"]["recall_at_10"])
   md = (workdir / "report.md").read_text()

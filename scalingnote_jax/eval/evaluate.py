@@ -29,7 +29,7 @@ import numpy as np
 
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.runs import read_run, write_run
-from scalingnote_jax.eval.retrieval import ir_metrics, pair_metrics
+from scalingnote_jax.eval.retrieval import CONTRASTIVE_NEGATIVES, DEFAULT_TEMPERATURE, ir_metrics, pair_metrics
 from scalingnote_jax.index import corpus as store
 
 
@@ -37,11 +37,12 @@ from scalingnote_jax.index import corpus as store
 # Systems: `search(queries, k) -> (ids [Q][k], scores [Q, k])` and `scorer(queries)` for the pairwise metrics.
 
 class Dense:
-  """A query encoder over document embeddings and their index (`serve.retriever.Retriever`)."""
+  """A query encoder over document embeddings and their index (`serve.retriever.Retriever`); `temperature`:
+  the one its towers were trained at, where known (the contrastive entropy's)."""
   cosine = True
 
-  def __init__(self, retriever, doc_ids: list[str], d_NxD: np.ndarray):
-    self.retriever, self.doc_ids, self.d_NxD = retriever, doc_ids, d_NxD
+  def __init__(self, retriever, doc_ids: list[str], d_NxD: np.ndarray, temperature: float | None = None):
+    self.retriever, self.doc_ids, self.d_NxD, self.temperature = retriever, doc_ids, d_NxD, temperature
 
   def search(self, queries: Sequence[str], k: int):
     return self.retriever.search(queries, k)
@@ -88,11 +89,11 @@ def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str, *, b
   from scalingnote_jax.serve.retriever import Retriever
   from scalingnote_jax.train.checkpoint import fingerprint
 
-  q_enc, d_enc = store.towers(checkpoint, sharding.make_mesh(devices=jax.local_devices()))
+  q_enc, d_enc, temperature = store.towers(checkpoint, sharding.make_mesh(devices=jax.local_devices()))
   store.encode_corpus(d_enc, corpus, embeddings, batch_size=batch_size, fingerprint=fingerprint(nnx.state(d_enc.tower)))
   doc_ids, d_NxD = store.load_embeddings(embeddings)
   return Dense(Retriever(q_enc, Index.build(d_NxD, doc_ids, backend=backend), max_batch=batch_size),
-               doc_ids, d_NxD)
+               doc_ids, d_NxD, temperature)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,11 +126,12 @@ def beir_run(run: dict[str, dict[str, float]], *, drop_self: bool = True, k: int
   return out
 
 
-def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100, num_negatives: int = 255,
-             temperature: float = 0.05, seed: int = 0, batch_size: int = 64, measure_speed: bool = True,
-             save_run: str | None = None) -> dict:
+def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100,
+             num_negatives: int = CONTRASTIVE_NEGATIVES, temperature: float | None = None, seed: int = 0,
+             batch_size: int = 64, measure_speed: bool = True, save_run: str | None = None) -> dict:
   """The system's metrics on `data` (queries and qrels of one split; corpus = what the system searches);
-  `save_run`: also write its run (TREC format, what `scalingnote rerank` takes)."""
+  `save_run`: also write its run (TREC format, what `scalingnote rerank` takes). The contrastive entropy's
+  temperature: `temperature`, else the system's own, else DEFAULT_TEMPERATURE."""
   qids = list(data.qrels)  # every query of the split, as BEIR and MTEB search and average them
   texts = [data.queries[q] for q in qids]
   ids, scores = [], []
@@ -143,8 +145,10 @@ def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100
   if save_run:
     write_run(save_run, run)
   metrics = ir_metrics(data.qrels, run)
+  temperature = temperature or getattr(system, "temperature", None) or DEFAULT_TEMPERATURE
   metrics.update(pair_metrics(system.scorer(texts), qids, data.qrels, system.doc_ids, num_negatives=num_negatives,
                               scale=1.0 / temperature if system.cosine else None, rng=np.random.default_rng(seed)))
+  metrics["temperature"] = temperature if system.cosine else None
   metrics["num_docs"] = len(system.doc_ids)
   if measure_speed:
     metrics.update(throughput(system, texts, batch_size=batch_size, k=k))

@@ -15,6 +15,14 @@ import pytrec_eval
 from scalingnote_jax.index.exact import exact_search  # noqa: F401  (one exact search for eval and the index)
 
 MEASURES = {"ndcg_cut.10", "recall.10", "recall.100", "map"}
+# Contrastive entropy as Fang et al. ("Scaling Laws for Dense Retrieval", 2024) define it, the metric of
+# ScalingNote's scaling figures: each judged (query, relevant document) pair against CONTRASTIVE_NEGATIVES
+# documents drawn uniformly from the corpus minus the query's relevant ones, cross-entropy of the relevant one
+# at logits score / temperature, averaged over all pairs. The temperature is the model's own (a Stage 1
+# model's fixed or learned one); DEFAULT_TEMPERATURE for encoders trained elsewhere. Stage 1 validation and
+# `scalingnote eval` both compute it here, with the same negatives for the same seed.
+CONTRASTIVE_NEGATIVES = 256
+DEFAULT_TEMPERATURE = 0.05
 
 
 def to_run(qids: list[str], doc_ids: list[str], scores_QxK, indices_QxK, *, drop_self: bool = True):
@@ -44,8 +52,9 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
 def pair_metrics(score_fn, qids: list[str], qrels: dict[str, dict[str, int]], doc_ids: list[str], *,
                  num_negatives: int, scale: float | None, rng: np.random.Generator) -> dict[str, float]:
   """For each judged query, its relevant documents against `num_negatives` documents sampled from the rest
-  (unjudged = non-relevant): AUC = P(relevant scores above sampled), ties count half; contrastive entropy =
-  cross-entropy of the first relevant document among those negatives at logits `scale * score` (None: not
+  (unjudged = non-relevant): AUC = P(relevant scores above sampled), ties count half; contrastive entropy
+  (Fang et al., see CONTRASTIVE_NEGATIVES) = the cross-entropy of each relevant document among those
+  negatives at logits `scale * score`, averaged over all (query, relevant document) pairs (None: not
   computed, for scores that are not similarities). `score_fn(row, doc_rows)` scores query `qids[row]`."""
   index = {d: i for i, d in enumerate(doc_ids)}
   auc, entropy = [], []
@@ -58,7 +67,8 @@ def pair_metrics(score_fn, qids: list[str], qrels: dict[str, dict[str, int]], do
     s = np.asarray(score_fn(row, np.array(relevant + negs.tolist())), np.float64)
     pos_P, neg_N = s[:len(relevant)], s[len(relevant):]
     auc.append(float(np.mean((pos_P[:, None] > neg_N[None]) + 0.5 * (pos_P[:, None] == neg_N[None]))))
-    if scale is not None:
-      logits = scale * s[[0, *range(len(relevant), len(s))]]
-      entropy.append(float(np.logaddexp.reduce(logits) - logits[0]))
-  return {"auc": float(np.mean(auc)), "contrastive_entropy": float(np.mean(entropy)) if entropy else None}
+    if scale is not None:  # every relevant document, each against the same negatives
+      neg_logits = scale * neg_N
+      entropy += [float(np.logaddexp(scale * p, np.logaddexp.reduce(neg_logits)) - scale * p) for p in pos_P]
+  return {"auc": float(np.mean(auc)), "contrastive_entropy": float(np.mean(entropy)) if entropy else None,
+          "contrastive_pairs": len(entropy)}

@@ -48,16 +48,17 @@ def open_array(out_dir: str, shape=None, chunk_rows=None, *, create: bool):
   return ts.open(spec, create=create, open=True).result()
 
 
-def towers(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> tuple[Encoder, Encoder]:
-  """(query, document) encoders: a Stage 1 workdir's towers (latest checkpoint), or one HF dir / GGUF /
-  packaged model for both sides."""
+def towers(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> tuple[Encoder, Encoder, float | None]:
+  """(query, document) encoders and the temperature they were trained at: a Stage 1 workdir's towers
+  (latest checkpoint; its fixed or learned temperature), or one HF dir / GGUF / packaged model for both
+  sides (None: not trained here)."""
   from scalingnote_jax.train import stage1
 
   if stage1.is_stage1_workdir(checkpoint):
     model, tokenizer, _ = stage1.load_trained(checkpoint, mesh)
-    return Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
+    return Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh), 1.0 / float(model.scale())
   encoder = Encoder.from_pretrained(checkpoint, mesh=mesh)
-  return encoder, encoder
+  return encoder, encoder, None
 
 
 def document_encoder(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> Encoder:

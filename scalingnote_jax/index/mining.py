@@ -96,7 +96,7 @@ def mine_from_checkpoint(checkpoint: str, data_dir: str, split: str, out: str, c
     rankings, positive_scores = bm25_rankings(data.corpus, queries, cfg.range_max + max(map(len, data.qrels.values())))
   elif method == "dense":
     mesh = sharding.make_mesh()
-    q_enc, d_enc = towers(checkpoint, mesh)
+    q_enc, d_enc, _ = towers(checkpoint, mesh)
     embeddings_dir = embeddings_dir or f"{os.path.splitext(out)[0]}.embeddings"
     encode_corpus(d_enc, data.corpus, embeddings_dir, batch_size=batch_size)  # resumable, reused if complete
     doc_ids, d_NxD = load_embeddings(embeddings_dir)
