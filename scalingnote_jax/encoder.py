@@ -3,9 +3,13 @@
     enc = Encoder.from_pretrained("path/to/hf_dir_or.gguf")
     q_NxD = enc.encode_queries(["what is ...?"])
     d_NxD = enc.encode_documents([{"title": "...", "text": "..."}])
+    q_D = enc.encode_query("what is ...?")                         # sentence-transformers' names: a string
+    d_NxD = enc.encode_document(["...", "..."], normalize_embeddings=True)   # or a list
 
     reranker = CrossEncoder.from_workdir("runs/reranker")          # `scalingnote train-reranker`
     s_N = reranker.predict(["what is ...?"] * 2, [doc_a, doc_b])   # one score per (query, document) pair
+    s_N = reranker.predict([("what is ...?", doc_a), ("what is ...?", doc_b)])   # sentence-transformers' form
+    ranked = reranker.rank("what is ...?", [doc_a, doc_b], top_k=1)           # [{"corpus_id", "score"}]
 
 Inputs are sorted by length and padded to a few bucketed shapes so jit compiles a handful of programs; the
 caller's order is restored.
@@ -106,6 +110,27 @@ class Encoder:
     _check_items(texts, "texts", allow_dict=False)
     return self.encode_ids(self.tokenize(list(texts), truncate), batch_size, show_progress=show_progress)
 
+  # sentence-transformers' names (v5): one text or a list; a single text gives one vector [D].
+  def encode_query(self, queries: str | Sequence[str], batch_size: int = 32, **kw) -> np.ndarray:
+    """sentence-transformers' `encode_query`: the query prompt applied; [D] for one string, [N, D] for a list."""
+    return self._encode_st(self.query_texts, queries, batch_size, **kw)
+
+  def encode_document(self, docs: str | dict | Sequence[str | dict], batch_size: int = 32, **kw) -> np.ndarray:
+    """sentence-transformers' `encode_document`: the document prompt applied; documents as strings or
+    {"title", "text"} dicts; [D] for one, [N, D] for a list."""
+    return self._encode_st(self.document_texts, docs, batch_size, **kw)
+
+  def _encode_st(self, prompt, items, batch_size: int, *, show_progress_bar: bool | None = None,
+                 normalize_embeddings: bool = False) -> np.ndarray:
+    one = isinstance(items, (str, dict))
+    items = [items] if one else list(items)
+    if not items:  # as sentence-transformers: nothing in, nothing out
+      return np.zeros((0, self.dim), np.float32)
+    emb = self.encode(prompt(items), batch_size, show_progress=show_progress_bar)
+    if normalize_embeddings:
+      emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    return emb[0] if one else emb
+
   def encode_ids(self, ids: list[list[int]], batch_size: int = 32, *, show_progress: bool | None = None) -> np.ndarray:
     """Token id sequences -> [N, D], batched by length."""
     if batch_size < 1:
@@ -179,13 +204,36 @@ class CrossEncoder(Encoder):
     tower, tokenizer, _ = rerank.load(workdir, mesh)
     return cls(tower, tokenizer, mesh)
 
-  def predict(self, queries: Sequence[str], docs: Sequence[str | dict], batch_size: int = 32, *,
+  def predict(self, queries, docs: Sequence[str | dict] | None = None, batch_size: int = 32, *,
               show_progress: bool | None = None) -> np.ndarray:
-    """Scores [N] (float32) of the pairs (queries[i], docs[i]); documents as strings or {"title", "text"}."""
+    """Scores [N] (float32) of the pairs (queries[i], docs[i]), or, as sentence-transformers' CrossEncoder
+    takes them, of a list of (query, document) pairs: `predict([(q, d), ...])`. Documents as strings or
+    {"title", "text"} dicts."""
+    if isinstance(docs, int) and not isinstance(docs, bool):  # predict(pairs, 16): sentence-transformers' order
+      batch_size, docs = docs, None
+    if docs is None:
+      pairs = list(queries)
+      if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        raise TypeError("predict: expected a list of (query, document) pairs, or predict(queries, docs)")
+      if not pairs:
+        return np.zeros((0,), np.float32)
+      queries, docs = [q for q, _ in pairs], [d for _, d in pairs]
     if len(queries) != len(docs):
       raise ValueError(f"predict: {len(queries)} queries but {len(docs)} documents")
     ids = self.tokenize_pairs(self.query_texts(queries), self.document_texts(docs))
     return self.encode_ids(ids, batch_size, show_progress=show_progress)[:, 0]
+
+  def rank(self, query: str, documents: Sequence[str | dict], top_k: int | None = None, *,
+           return_documents: bool = False, batch_size: int = 32) -> list[dict]:
+    """sentence-transformers' `CrossEncoder.rank`: the documents scored against one query, best first, as
+    [{"corpus_id": index in `documents`, "score": float (, "text": the document)}], the top_k of them."""
+    docs = list(documents)
+    if not docs:
+      return []
+    scores = self.predict([query] * len(docs), docs, batch_size)
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    return [{"corpus_id": int(i), "score": float(scores[i]), **({"text": docs[i]} if return_documents else {})}
+            for i in order]
 
   def tokenize_pairs(self, query_texts: list[str], doc_texts: list[str]) -> list[list[int]]:
     """Token ids of prompted pairs as the reranker sees them (training batches use this too)."""

@@ -96,6 +96,27 @@ def test_bad_inputs_fail_clearly(minilm):
     minilm.encode_documents(["ok", {"title": "no text"}])
 
 
+def test_sentence_transformers_names_take_a_string_or_a_list(minilm):
+  batch = minilm.encode_queries(SENTENCES[:2])
+  np.testing.assert_array_equal(minilm.encode_query(SENTENCES[0]), batch[0])  # one string: one vector [D]
+  np.testing.assert_array_equal(minilm.encode_query(SENTENCES[:2]), batch)
+  docs = [{"title": "t", "text": SENTENCES[2]}, SENTENCES[3]]
+  np.testing.assert_array_equal(minilm.encode_document(docs[0]), minilm.encode_documents(docs)[0])
+  assert minilm.encode_document([]).shape == (0, minilm.dim)  # nothing in, nothing out
+
+
+
+def test_normalize_embeddings_as_sentence_transformers_does(decoder):
+  cfg = LLMConfig(vocab_size=49152, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                  intermediate_size=128, tie_word_embeddings=True, eos_token_id=decoder.tokenizer.eos_id)
+  raw = Encoder(Tower.create(cfg, TowerConfig(pooling="mean", normalize=False, max_length=64), nnx.Rngs(0)),
+                decoder.tokenizer)  # a tower that does not normalise
+  plain = raw.encode_query(SENTENCES[:2], show_progress_bar=False)
+  assert not np.allclose(np.linalg.norm(plain, axis=1), 1.0)
+  unit = raw.encode_query(SENTENCES[:2], normalize_embeddings=True)
+  np.testing.assert_allclose(unit, plain / np.linalg.norm(plain, axis=1, keepdims=True), rtol=1e-6)
+
+
 def test_progress_bar_for_long_inputs(minilm, capsys):
   minilm.encode(SENTENCES * 3, batch_size=2, show_progress=True)
   assert "encoding" in capsys.readouterr().err

@@ -103,6 +103,12 @@ def test_a_decoder_cross_encoder_scores_each_pair_as_on_its_own(smollm2_gguf):
   assert reranked == {"q1": dict(zip(("d0", "d1", "d2"), map(float, scores)))}
   with pytest.raises(KeyError, match="'d7'"):
     enc.rerank({"q1": {"d7": 1.0}}, {"q1": "beta"}, corpus)
+  # sentence-transformers' CrossEncoder forms: predict(pairs), rank(query, documents)
+  np.testing.assert_array_equal(enc.predict(list(zip(queries, docs)), 2), got)
+  texts = [corpus[d]["text"] for d in ("d0", "d1", "d2")]
+  ranked = enc.rank("beta", texts, top_k=2, return_documents=True)
+  order = np.argsort(-scores, kind="stable")[:2]
+  assert ranked == [{"corpus_id": int(i), "score": float(scores[i]), "text": texts[i]} for i in order]
 
 
 # ---------------------------------------------------------------------------------------------------------
