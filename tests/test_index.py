@@ -144,6 +144,27 @@ def test_tampered_manifest_is_refused(backend, corpus, scann_index, tmp_path):
     Index.load(path)
 
 
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_a_flipped_byte_is_refused_naming_the_file(backend, corpus, scann_index, tmp_path):
+  """Same-size corruption (the size check alone let a 40-byte flip in dataset.npy serve wrong results)."""
+  d_NxD, _, ids = corpus
+  index = scann_index if backend == "scann" else Index.build(d_NxD, ids, backend="exact")
+  path = tmp_path / "idx"
+  index.save(str(path))
+  biggest = max((p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"),
+                key=lambda p: p.stat().st_size)
+  for target in (biggest, path / "doc_ids.json"):
+    original = target.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    target.write_bytes(bytes(flipped))
+    rel = re.escape(str(target.relative_to(path)))
+    with pytest.raises(IndexFormatError, match=rf"file {rel} does not match its checksum"):
+      Index.load(str(path))
+    target.write_bytes(original)
+  assert Index.load(str(path)).size == len(ids)
+
+
 def test_backend_file_disagreeing_with_doc_ids_is_refused(tmp_path):
   rng = np.random.default_rng(3)
   path = str(tmp_path / "idx")

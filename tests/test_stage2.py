@@ -4,6 +4,7 @@ student's own results; a student and documents from different teachers are refus
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -114,6 +115,21 @@ def test_student_and_documents_from_different_teachers_are_refused(distilled, tm
   assert cli.main(["encode", "--checkpoint", other, "--corpus", str(_beir_corpus(tmp_path)), "--out", str(store)]) == 0
   with pytest.raises(bundle.BundleError, match="different embedding spaces"):
     bundle.export(distilled["workdir"], str(tmp_path / "b"), embeddings=str(store))
+  # a flipped byte in the student's parameters is refused, naming the file; a bundle of format 1 (no file
+  # checksums) still has its student checked against the fingerprint recorded at export
+  params = max((p for p in (good / "student" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  original = params.read_bytes()
+  flipped = bytearray(original)
+  flipped[len(flipped) // 2] ^= 0x01
+  params.write_bytes(bytes(flipped))
+  with pytest.raises(bundle.BundleError, match=rf"file {re.escape(str(params.relative_to(good)))} does not match"):
+    Retriever.load(str(good))
+  manifest = json.loads((good / "manifest.json").read_text())
+  (good / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1, "files": {}}))
+  with pytest.raises(bundle.BundleError, match="do not match the fingerprint recorded at export"):
+    Retriever.load(str(good))
+  params.write_bytes(original)
+  assert Retriever.load(str(good)).num_docs == 1024
   shutil.rmtree(good / "documents")  # a bundle assembled by hand from mismatched parts
   shutil.copytree(store, good / "documents")
   with pytest.raises(bundle.BundleError, match="different embedding spaces"):

@@ -6,7 +6,7 @@
   index = Index.load("runs/index", expect_dim=256)
 
 On disk an index is a directory: `manifest.json` (format version, backend, dim, size, params, the backend's
-files with their byte sizes), `doc_ids.json`, and the backend's files (exact: `embeddings.npy`; ScaNN: its
+files with their byte sizes and SHA-256, verified at load), `doc_ids.json`, and the backend's files (exact: `embeddings.npy`; ScaNN: its
 own serialized searcher under `scann/`). Nothing is pickled. A save writes everything into a temporary
 directory beside the target and renames it into place, so a reader never sees a half-written index and a
 save that dies midway leaves the previous index as it was.
@@ -24,10 +24,11 @@ import uuid
 
 import numpy as np
 
+from scalingnote_jax.artifacts.checksum import digest_tree, verify_tree
 from scalingnote_jax.index.exact import exact_search
 
 FORMAT = "scalingnote_jax.index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records each file's SHA-256 beside its size
 MANIFEST = "manifest.json"
 DOC_IDS = "doc_ids.json"
 
@@ -140,13 +141,8 @@ class Index:
       if self.size:
         self._write(tmp)
       _write_json(os.path.join(tmp, DOC_IDS), self.doc_ids)
-      files = {}
-      for root, _, names in os.walk(tmp):
-        for name in names:
-          rel = os.path.relpath(os.path.join(root, name), tmp)
-          files[rel] = os.path.getsize(os.path.join(tmp, rel))
       manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, backend=self.backend, dim=self.dim,
-                      size=self.size, params=self.params, files=files)
+                      size=self.size, params=self.params, files=digest_tree(tmp))
       _write_json(os.path.join(tmp, MANIFEST), manifest)  # written last: a directory without it is no index
       fsync_tree(tmp)
       replace_dir(tmp, path)
@@ -174,9 +170,9 @@ class Index:
         raise IndexFormatError(f"index {path}: {MANIFEST} is not valid JSON ({e.msg})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
       raise IndexFormatError(f"index {path}: {MANIFEST} is not a {FORMAT} manifest")
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in (1, FORMAT_VERSION):  # version 1 recorded sizes only
       raise IndexFormatError(f"index {path}: format version {m.get('format_version')!r} is unknown to this "
-                             f"code (it reads version {FORMAT_VERSION})")
+                             f"code (it reads versions 1 to {FORMAT_VERSION})")
     if m.get("backend") not in BACKENDS:
       raise IndexFormatError(f"index {path}: unknown backend {m.get('backend')!r}")
     for key in ("dim", "size"):
@@ -189,13 +185,7 @@ class Index:
       raise IndexFormatError(f"index {path}: holds {size} documents, expected {expect_size}")
     if not isinstance(m.get("files"), dict) or DOC_IDS not in m["files"]:
       raise IndexFormatError(f"index {path}: manifest lists no files (or not {DOC_IDS})")
-    for rel, nbytes in m["files"].items():
-      full = os.path.join(path, rel)
-      if not os.path.isfile(full):
-        raise IndexFormatError(f"index {path}: file {rel} listed in the manifest is missing")
-      if os.path.getsize(full) != nbytes:
-        raise IndexFormatError(f"index {path}: file {rel} has {os.path.getsize(full)} bytes, the manifest says "
-                               f"{nbytes} (truncated or replaced)")
+    verify_tree(path, m["files"], IndexFormatError, f"index {path}")  # sizes, and content since version 2
     with open(os.path.join(path, DOC_IDS), encoding="utf-8") as f:
       doc_ids = json.load(f)
     if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):

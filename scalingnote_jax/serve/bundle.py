@@ -1,6 +1,6 @@
 """The serving bundle: everything the online path needs, in one directory, written by `scalingnote export`.
 
-  manifest.json      format, versions, dimensions, evaluation metrics, fingerprints (written last)
+  manifest.json      format, versions, dimensions, evaluation metrics, fingerprints, every file's SHA-256 (last)
   student/           student.json (backbone + tower configs, the teacher's fingerprints), params/ (orbax),
                      tokenizer/ (tokenizer.json + special ids)
   documents/         the LLM document tower's embeddings and ids (an `index.corpus` store)
@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from scalingnote_jax import sharding
+from scalingnote_jax.artifacts.checksum import digest_tree, verify_tree
 from scalingnote_jax.artifacts.lock import LOCK_FILE
 from scalingnote_jax.data.beir import load_corpus
 from scalingnote_jax.encoder import Encoder
@@ -34,7 +35,7 @@ from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.train import stage1, stage2
 from scalingnote_jax.train.checkpoint import abstract_like, fingerprint
 
-FORMAT, FORMAT_VERSION, MANIFEST = "scalingnote_jax.bundle", 1, "manifest.json"
+FORMAT, FORMAT_VERSION, MANIFEST = "scalingnote_jax.bundle", 2, "manifest.json"  # 2: file checksums
 
 
 class BundleError(ValueError):
@@ -131,6 +132,7 @@ def export(student_dir: str, out: str, *, corpus_dir: str | None = None, embeddi
                       "corpus": os.path.abspath(corpus_dir) if corpus_dir else "the teacher's training corpus"},
         "index": {"backend": index.backend, "params": index.params},
         "metrics": _last_metrics(student_dir),
+        "files": digest_tree(tmp),  # every file of the bundle, verified at load (index/ also by its own manifest)
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)  # written last: a directory without it is no bundle
@@ -151,9 +153,9 @@ def read_manifest(bundle: str) -> dict:
       m = json.load(f)
     except json.JSONDecodeError as e:
       raise BundleError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-  if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+  if m.get("format") != FORMAT or m.get("format_version") not in (1, FORMAT_VERSION):  # 1: no file checksums
     raise BundleError(f"{path}: format {m.get('format')!r} version {m.get('format_version')!r}; this code reads "
-                      f"{FORMAT!r} version {FORMAT_VERSION}")
+                      f"{FORMAT!r} versions 1 to {FORMAT_VERSION}")
   return m
 
 
@@ -165,12 +167,16 @@ def load_parts(bundle: str, device: jax.Device | None = None):
   student_dir = os.path.join(bundle, "student")
   spec = stage2.read_spec(student_dir)
   check_same_teacher(spec, store.store_info(os.path.join(bundle, "documents")).get("fingerprint"), bundle)
+  verify_tree(bundle, manifest.get("files", {}), BundleError, bundle)  # every byte as exported
   graphdef, abstract = nnx.split(stage2.abstract_student(spec))
   place = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
   params = ocp.StandardCheckpointer().restore(os.path.join(student_dir, "params"),
                                               abstract_like(abstract, jax.tree.map(lambda _: place, abstract)))
   index = Index.load(os.path.join(bundle, "index"), expect_dim=manifest["dim"], expect_size=manifest["num_docs"])
   tokenizer = Tokenizer.from_pretrained(os.path.join(student_dir, "tokenizer"))
+  if fingerprint(params) != manifest["student"]["fingerprint"]:  # also for bundles without file checksums
+    raise BundleError(f"{bundle}: the student's parameters in student/params do not match the fingerprint "
+                      "recorded at export (corrupted or replaced)")
   student = nnx.merge(graphdef, params)
   if student.dim != manifest["dim"]:
     raise BundleError(f"{bundle}: the student embeds into {student.dim} dimensions, the index holds {manifest['dim']}")
