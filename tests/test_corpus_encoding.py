@@ -62,7 +62,9 @@ def test_data_parallel_encoding_equals_single_device(tmp_path):
   np.testing.assert_allclose(emb, single.encode_documents(list(data.corpus.values())), atol=1e-5)
   with pytest.raises(ValueError, match="fingerprint 'tower-a', not this tower's 'tower-b'"):  # another tower's store
     encode_corpus(parallel, data.corpus, str(tmp_path / "p"), fingerprint="tower-b")
-  with pytest.raises(ValueError, match="different corpus"):
-    shrunk = dict(list(data.corpus.items())[:50])
+  shrunk = dict(list(data.corpus.items())[:50])
+  with pytest.raises(ValueError, match="holds a finished encoding of a different corpus"):  # was: reused silently
+    encode_corpus(parallel, shrunk, str(tmp_path / "p"), chunk_size=16, fingerprint="tower-a")
+  with pytest.raises(ValueError, match="holds a partial encoding of a different corpus"):
     (tmp_path / "p" / "COMPLETE").unlink()
     encode_corpus(parallel, shrunk, str(tmp_path / "p"), chunk_size=32)

@@ -32,6 +32,7 @@ def test_real_scifact_loads():
     ('["not", "an", "object"]', r"corpus\.jsonl:2: expected a JSON object"),
     ('{"_id": "4", "text": "half a pair \\ud83d"}', r"corpus\.jsonl:2: a string holds a lone surrogate"),
     (b'{"_id": "5", "text": "caf\xe9"}', r"corpus\.jsonl:2: not UTF-8 \(byte 0xe9 at column 26\)"),  # Latin-1
+    ('{"_id": "doc 6", "text": "x"}', r"corpus\.jsonl:2: document id 'doc 6' contains whitespace"),  # no TREC id
 ])
 def test_bad_corpus_lines_name_file_and_line(tmp_path, line, message):
   first = '{"_id": "0", "title": "t", "text": "first \\ud83d\\ude00"}'  # an escaped pair (an emoji) is fine

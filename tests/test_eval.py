@@ -150,6 +150,19 @@ def test_metrics_match_a_second_implementation(scifact_bm25_run):
     assert ours[key] == pytest.approx(theirs[name], abs=1e-9), key
 
 
+def test_a_split_with_nothing_to_score_is_refused_before_any_work(tmp_path):
+  from scalingnote_jax.data.beir import DataError
+  from scalingnote_jax.eval.evaluate import load_split
+
+  corpus, queries = {"d1": "one", "d2": "two"}, {"q1": "one?"}
+  zeros = write_tiny_beir(tmp_path / "zeros", corpus, queries, [("q1", "d1", 0)])
+  with pytest.raises(DataError, match=r"qrels/test\.tsv: no query has a relevant \(grade > 0\) document"):
+    load_split(zeros, "test")  # was: ZeroDivisionError in BM25, or a failure after encoding the corpus
+  none = write_tiny_beir(tmp_path / "none", corpus, queries, [("q9", "d1", 1)])
+  with pytest.raises(DataError, match=r"qrels/test\.tsv: no judged query"):
+    load_split(none, "test")
+
+
 def test_cli_json_is_strict_json_even_for_a_diverged_model():
   import json as json_
 

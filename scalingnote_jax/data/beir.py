@@ -68,6 +68,8 @@ def _by_id(path: str, kind: str, parse) -> dict:
   for lineno, obj in read_jsonl(path):
     where = f"{path}:{lineno}"
     key = field(obj, "_id", where)
+    if any(ch.isspace() for ch in key):
+      raise DataError(f"{where}: {kind} id {key!r} contains whitespace, which TREC run files cannot hold")
     if key in out:
       raise DataError(f"{where}: duplicate {kind} id {key!r}")
     out[key] = parse(obj, where)

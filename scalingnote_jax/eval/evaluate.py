@@ -164,6 +164,11 @@ def load_split(data_dir: str, split: str) -> tuple[beir.Dataset, dict]:
   skipped: list[str] = []
   qrels = beir.load_qrels(os.path.join(data_dir, "qrels", f"{split}.tsv"), query_ids=queries, unknown="skip",
                           skipped=skipped)
+  where = os.path.join(data_dir, "qrels", f"{split}.tsv")
+  if not qrels:
+    raise beir.DataError(f"{where}: no judged query (of those in queries.jsonl): nothing to evaluate")
+  if not any(g > 0 for judged in qrels.values() for g in judged.values()):
+    raise beir.DataError(f"{where}: no query has a relevant (grade > 0) document: every metric would be 0")
   unknown = [(q, d) for q, judged in qrels.items() for d in judged if d not in corpus]
   for q, d in unknown[:5]:
     print(f"warning: qrels/{split}.tsv judges document {d!r} (query {q!r}), which {data_dir}/corpus.jsonl lacks: "

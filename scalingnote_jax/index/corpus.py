@@ -74,10 +74,12 @@ def encode_corpus(encoder: Encoder, corpus: dict[str, dict | str], out_dir: str,
   os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
   kind = "queries" if queries else "documents"
   encoder_info = {"fingerprint": fingerprint, "kind": kind}
+  ids = list(corpus)
   if os.path.exists(os.path.join(out_dir, COMPLETE)):
     _check_encoder(out_dir, _read_json(out_dir, COMPLETE), encoder_info)
+    if _read_json(out_dir, IDS) != ids:  # reused only for the corpus it holds, in the same order
+      raise ValueError(f"{out_dir}: holds a finished encoding of a different corpus; use a new --out")
     return out_dir
-  ids = list(corpus)
   ids_path, encoder_path = os.path.join(out_dir, IDS), os.path.join(out_dir, ENCODER)
   if os.path.exists(ids_path):
     if _read_json(out_dir, IDS) != ids:
