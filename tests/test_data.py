@@ -58,6 +58,9 @@ def test_bad_qrels_name_file_and_line(tmp_path):
     bad = write(tmp_path / "g.tsv", ["query-id\tcorpus-id\tscore", "q1\td0\t2.0", f"q1\td1\t{score}"])
     with pytest.raises(beir.DataError, match=rf"g\.tsv:3: score '{score}' is not an integer relevance grade"):
       beir.load_qrels(bad)
+  (tmp_path / "l.tsv").write_bytes(b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq\xe9\td2\t1\n")  # Latin-1
+  with pytest.raises(beir.DataError, match=r"l\.tsv:3: not UTF-8 \(byte 0xe9 at column 2\)"):
+    beir.load_qrels(str(tmp_path / "l.tsv"))  # was: a bare UnicodeDecodeError, no file, no line
   twice = write(tmp_path / "t.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q2\td1\t0", "q1\td1\t1"])
   assert beir.load_qrels(twice) == {"q1": {"d1": 1}, "q2": {"d1": 0}}  # a repeat that agrees is harmless
   clash = write(tmp_path / "c.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q2\td1\t0", "q1\td1\t2"])

@@ -23,30 +23,35 @@ class TrainExample:
   negative_ids: list[str]
 
 
-def read_jsonl(path: str):
+def utf8_lines(path: str):
+  """(line number, text) of each line of a file; bytes that are not UTF-8 are an error naming file:line."""
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file")
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
       try:
-        line = raw.decode("utf-8")
+        yield lineno, raw.decode("utf-8")
       except UnicodeDecodeError as e:
         raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
-      if not line.strip():
-        continue
+
+
+def read_jsonl(path: str):
+  for lineno, line in utf8_lines(path):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+      raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    if "\\ud" in line.lower():  # a \uXXXX surrogate escape: valid only as a pair (no tokenizer takes a lone one)
       try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-      if not isinstance(obj, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-      if "\\ud" in line.lower():  # a \uXXXX surrogate escape: valid only as a pair (no tokenizer takes a lone one)
-        try:
-          json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-          raise DataError(f"{path}:{lineno}: a string holds a lone surrogate (\\ud800-\\udfff escape without "
-                          "its pair): not Unicode text") from None
-      yield lineno, obj
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+      except UnicodeEncodeError:
+        raise DataError(f"{path}:{lineno}: a string holds a lone surrogate (\\ud800-\\udfff escape without "
+                        "its pair): not Unicode text") from None
+    yield lineno, obj
 
 
 def field(obj: dict, key: str, where: str, *, kind=str, allow_empty=False):
@@ -94,39 +99,37 @@ def load_qrels(path: str, *, query_ids=None, doc_ids=None, unknown: str = "error
   """qrels TSV (header `query-id corpus-id score`). Pairs naming ids outside `query_ids` / `doc_ids` raise
   (`unknown="error"`) or are dropped (`unknown="skip"`, for evaluation where BEIR reports them; each dropped
   pair is appended to `skipped` as "file:line: unknown document id 'x'")."""
-  if not os.path.exists(path):
-    raise DataError(f"{path}: no such file")
   qrels: dict[str, dict[str, int]] = {}
   first_line = {}  # (query, document) -> the line that judged it first: a repeat must agree with it
-  with open(path, encoding="utf-8", newline="") as f:
-    for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
-      if not row or (lineno == 1 and row[0] == "query-id"):
-        continue
-      where = f"{path}:{lineno}"
-      if len(row) < 3:
-        raise DataError(f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(row)}")
-      qid, doc_id, score = row[0], row[1], row[2]
-      try:
-        value = float(score)
-      except ValueError:
-        raise DataError(f"{where}: score {score!r} is not a number") from None
-      if not value.is_integer():  # nan, inf and 0.6 alike: relevance grades are integers
-        raise DataError(f"{where}: score {score!r} is not an integer relevance grade")
-      grade = int(value)
-      bad = ("query", qid) if query_ids is not None and qid not in query_ids else (
-          ("document", doc_id) if doc_ids is not None and doc_id not in doc_ids else None)
-      if bad and unknown == "error":
-        raise DataError(f"{where}: unknown {bad[0]} id {bad[1]!r}")
-      if bad:
-        if skipped is not None:
-          skipped.append(f"{where}: unknown {bad[0]} id {bad[1]!r}")
-        continue
-      judged = qrels.setdefault(qid, {})
-      if doc_id in judged and judged[doc_id] != grade:
-        raise DataError(f"{where}: ({qid!r}, {doc_id!r}) judged again with grade {grade} (first line: "
-                        f"{first_line[qid, doc_id]}, grade {judged[doc_id]})")
-      judged[doc_id] = grade
-      first_line.setdefault((qid, doc_id), lineno)
+  for lineno, line in utf8_lines(path):
+    row = next(csv.reader([line], delimiter="\t"), [])
+    if not row or (lineno == 1 and row[0] == "query-id"):
+      continue
+    where = f"{path}:{lineno}"
+    if len(row) < 3:
+      raise DataError(f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(row)}")
+    qid, doc_id, score = row[0], row[1], row[2]
+    try:
+      value = float(score)
+    except ValueError:
+      raise DataError(f"{where}: score {score!r} is not a number") from None
+    if not value.is_integer():  # nan, inf and 0.6 alike: relevance grades are integers
+      raise DataError(f"{where}: score {score!r} is not an integer relevance grade")
+    grade = int(value)
+    bad = ("query", qid) if query_ids is not None and qid not in query_ids else (
+        ("document", doc_id) if doc_ids is not None and doc_id not in doc_ids else None)
+    if bad and unknown == "error":
+      raise DataError(f"{where}: unknown {bad[0]} id {bad[1]!r}")
+    if bad:
+      if skipped is not None:
+        skipped.append(f"{where}: unknown {bad[0]} id {bad[1]!r}")
+      continue
+    judged = qrels.setdefault(qid, {})
+    if doc_id in judged and judged[doc_id] != grade:
+      raise DataError(f"{where}: ({qid!r}, {doc_id!r}) judged again with grade {grade} (first line: "
+                      f"{first_line[qid, doc_id]}, grade {judged[doc_id]})")
+    judged[doc_id] = grade
+    first_line.setdefault((qid, doc_id), lineno)
   return qrels
 
 
