@@ -140,7 +140,10 @@ class Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.noticed is not None
 
-  def stop(self, step: int, workdir: str):
+  def stop(self, step: int, ckpt: Checkpointer, workdir: str):
+    """Once this step's checkpoint is written: raise Preempted (the CLI exits 143)."""
+    ckpt.wait()
+    ckpt.close()
     raise Preempted(f"step {step}: stopped on a preemption notice ({self.noticed or 'SIGTERM'}) after saving "
                     f"checkpoint {step} in {workdir}; rerun with --resume to continue")
 

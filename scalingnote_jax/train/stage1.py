@@ -431,9 +431,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
       if save:
         ckpt.save(step, params, opt_state, batches.get_state())
       if preempted:
-        ckpt.wait()
-        ckpt.close()
-        preemption.stop(step, workdir)
+        preemption.stop(step, ckpt, workdir)
   ckpt.wait()
   ckpt.close()
   nnx.update(model, params)
