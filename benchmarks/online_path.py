@@ -26,12 +26,12 @@ import jax
 import numpy as np
 
 from scalingnote_jax import sharding
+from scalingnote_jax.artifacts import trained
 from scalingnote_jax.data.beir import load_beir
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.eval.retrieval import ir_metrics
 from scalingnote_jax.serve import bundle
 from scalingnote_jax.serve.retriever import Retriever
-from scalingnote_jax.train import stage1
 
 
 def timed(search, texts: list[str], single: int) -> tuple[float, list[float], object]:
@@ -84,7 +84,7 @@ def main():
     bundle.export(args.student, bundle_dir, corpus_dir=args.data, embeddings=args.embeddings)
   student = Retriever.load(bundle_dir, max_batch=args.batch)
   manifest = student.manifest
-  model, tokenizer, _ = stage1.load_trained(manifest["teacher"]["workdir"], sharding.make_mesh(devices=jax.devices()[:1]))
+  model, tokenizer, _ = trained.load_stage1(manifest["teacher"]["workdir"], sharding.make_mesh(devices=jax.devices()[:1]))
   teacher = Retriever(Encoder(model.query, tokenizer), student.index, manifest, max_batch=args.batch)
 
   data = load_beir(args.data, args.split, unknown="skip")

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from scalingnote_jax import sharding
+from scalingnote_jax.models.dual import DualEncoder
 from scalingnote_jax.models.llm import LLMConfig
 from scalingnote_jax.models.tower import Tower, TowerConfig
 from scalingnote_jax.train import common, stage1
@@ -70,12 +71,12 @@ def main():
                    num_kv_heads=heads, head_dim=64, intermediate_size=4 * args.hidden, dtype=args.dtype)
   tcfg = TowerConfig(pooling="last", max_length=args.seq)
   make = lambda: Tower.create(bcfg, tcfg, nnx.Rngs(0))  # noqa: E731
-  model = stage1.DualEncoder(sharding.create_sharded(make, mesh, sharding.DEFAULT_RULES),
+  model = DualEncoder(sharding.create_sharded(make, mesh, sharding.DEFAULT_RULES),
                              sharding.create_sharded(make, mesh, sharding.DEFAULT_RULES), 0.05, False)
   graphdef, params = nnx.split(model)
   optim = ConfigDict(dict(lr=1e-4, warmup_steps=10, schedule="cosine", final_lr_fraction=0.1, weight_decay=0.01,
                           clip_norm=1.0, b1=0.9, b2=0.999))
-  tx = stage1.make_optimizer(optim, 1000)
+  tx = common.make_optimizer(optim, 1000)
   opt_state = sharding.init_optimizer(tx, params, mesh)
   rng = np.random.default_rng(0)
   b, t = args.batch, args.seq

@@ -43,8 +43,10 @@ from jax.experimental import topologies
 from ml_collections import ConfigDict
 
 from scalingnote_jax import sharding
+from scalingnote_jax.artifacts.checkpoint import abstract_like
+from scalingnote_jax.artifacts.trained import abstract_dual_encoder
 from scalingnote_jax.train import stage1
-from scalingnote_jax.train.checkpoint import abstract_like
+from scalingnote_jax.train.common import make_optimizer
 
 GiB = 1024**3
 # Width of the batch's `pos_ids` (the most positives of one query: data-dependent, a few integers per row).
@@ -191,7 +193,7 @@ def _bytes_per_device(tree) -> int:
 
 def abstract_inputs(cfg: ConfigDict, mesh, tx):
   """(graphdef, params, opt_state, batch): ShapeDtypeStructs with this mesh's shardings, nothing allocated."""
-  graphdef, abstract = nnx.split(stage1.abstract_model(cfg))
+  graphdef, abstract = nnx.split(abstract_dual_encoder(cfg))
   params = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
   opt_state = sharding.abstract_optimizer(tx, params, mesh)
   b, g, d = cfg.batch_size, 1 + cfg.data.n_neg, cfg.data
@@ -212,7 +214,7 @@ def compile_report(cfg: ConfigDict, topology: str) -> dict:
   except ValueError as e:
     raise ValueError(f"config field `mesh` {tuple(cfg.mesh)} does not fit --topology {topology} ({len(devices)} "
                      f"devices): {e}. Override it, e.g. --config.mesh='(1,-1,1)'") from e
-  tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
+  tx = make_optimizer(cfg.optim, cfg.num_steps)
   graphdef, params, opt_state, batch = abstract_inputs(cfg, mesh, tx)
   t0 = time.perf_counter()
   lowered = stage1.jit_train_step(cfg, graphdef, tx, mesh, params, opt_state).lower(params, opt_state, batch)

@@ -244,18 +244,14 @@ def run(argv: list[str]) -> int:
     import jax
 
     from scalingnote_jax import sharding
+    from scalingnote_jax.artifacts.store import encode_corpus
     from scalingnote_jax.data.beir import load_corpus
-    from scalingnote_jax.index.corpus import document_encoder, encode_corpus
+    from scalingnote_jax.encoder import towers
 
     # Each process encodes its own chunks with the tower on its own devices: no cross-host traffic.
-    encoder = document_encoder(args.checkpoint, sharding.make_mesh(devices=jax.local_devices()))
-    from flax import nnx
-
-    from scalingnote_jax.train.checkpoint import fingerprint
-
+    encoder = towers(args.checkpoint, sharding.make_mesh(devices=jax.local_devices()))[1]
     encode_corpus(encoder, load_corpus(os.path.join(args.corpus, "corpus.jsonl")), args.out,
-                  chunk_size=args.chunk_size, batch_size=args.batch_size,
-                  fingerprint=fingerprint(nnx.state(encoder.tower)))  # export checks it against the student's teacher
+                  chunk_size=args.chunk_size, batch_size=args.batch_size)
     if distributed.is_main():
       print(to_json({"out": args.out, "dim": encoder.dim}))
     return 0

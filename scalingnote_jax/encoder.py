@@ -6,6 +6,8 @@
     q_D = enc.encode_query("what is ...?")                         # sentence-transformers' names: a string
     d_NxD = enc.encode_document(["...", "..."], normalize_embeddings=True)   # or a list
 
+    q_enc, d_enc, temperature = towers("runs/teacher")          # a Stage 1 workdir's two towers
+
     reranker = CrossEncoder.from_workdir("runs/reranker")          # `scalingnote train-reranker`
     s_N = reranker.predict(["what is ...?"] * 2, [doc_a, doc_b])   # one score per (query, document) pair
     s_N = reranker.predict([("what is ...?", doc_a), ("what is ...?", doc_b)])   # sentence-transformers' form
@@ -18,6 +20,8 @@ caller's order is restored.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 
@@ -27,6 +31,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from scalingnote_jax import sharding
+from scalingnote_jax.artifacts import trained
+from scalingnote_jax.artifacts.checkpoint import fingerprint
 from scalingnote_jax.models import load_backbone, resolve_path
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
@@ -50,6 +56,7 @@ class Encoder:
     parameters keep whatever sharding they have."""
     self.tower, self.tokenizer, self.cfg, self.mesh = tower, tokenizer, tower.cfg, mesh
     graphdef, self._state = nnx.split(tower)
+    self._fingerprint = None
     # A mesh over several processes (evaluation during multi-process training): every process passes the
     # same batch and gets the whole result back.
     self.spans_processes = mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
@@ -74,9 +81,21 @@ class Encoder:
   def dim(self) -> int:
     return self.tower.dim
 
+  @property
+  def fingerprint(self) -> str:
+    """What identifies the embeddings this encoder makes: a content hash of the tower's parameters
+    (`artifacts.checkpoint.fingerprint`: the same on any mesh) and of its config (pooling, prompts, length,
+    normalisation). An embedding store records it of the tower that wrote it; a student records its
+    teacher's."""
+    if self._fingerprint is None:
+      h = hashlib.sha256(fingerprint(self._state).encode())
+      h.update(json.dumps(dataclasses.asdict(self.cfg), sort_keys=True).encode())
+      self._fingerprint = h.hexdigest()[:32]
+    return self._fingerprint
+
   def update(self, tower: Tower) -> None:
     """Use `tower`'s current parameters (same structure; e.g. during training): no recompilation."""
-    self._state = nnx.state(tower)
+    self._state, self._fingerprint = nnx.state(tower), None
 
   def query_texts(self, queries: Sequence[str]) -> list[str]:
     """Queries with the query prompt applied."""
@@ -175,6 +194,17 @@ class Encoder:
     return ids, mask
 
 
+def towers(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> tuple[Encoder, Encoder, float | None]:
+  """(query, document) encoders and the temperature they were trained at: a Stage 1 workdir's towers
+  (latest checkpoint; its fixed or learned temperature), or one HF dir / GGUF / packaged model for both
+  sides (None: not trained here)."""
+  if trained.is_stage1_workdir(checkpoint):
+    model, tokenizer, _ = trained.load_stage1(checkpoint, mesh)
+    return Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh), 1.0 / float(model.scale())
+  encoder = Encoder.from_pretrained(checkpoint, mesh=mesh)
+  return encoder, encoder, None
+
+
 def _check_items(items, what: str, *, allow_dict: bool):
   if isinstance(items, (str, dict)) or not isinstance(items, Sequence):
     raise TypeError(f"{what}: expected a list, got {type(items).__name__}")
@@ -197,11 +227,9 @@ class CrossEncoder(Encoder):
   1, no normalisation). Prompts, lengths and batching are the encoder's."""
 
   @classmethod
-  def from_workdir(cls, workdir: str, mesh: jax.sharding.Mesh | None = None) -> CrossEncoder:
+  def from_workdir(cls, path: str, mesh: jax.sharding.Mesh | None = None) -> CrossEncoder:
     """The latest checkpoint of a `scalingnote train-reranker` workdir."""
-    from scalingnote_jax.train import rerank
-
-    tower, tokenizer, _ = rerank.load(workdir, mesh)
+    tower, tokenizer, _ = trained.load_tower(path, mesh, spec_file=trained.RERANKER_FILE)
     return cls(tower, tokenizer, mesh)
 
   def predict(self, queries, docs: Sequence[str | dict] | None = None, batch_size: int = 32, *,

@@ -23,51 +23,21 @@ the name of the stage that differs instead of mixing results.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
 
+import numpy as np
 from ml_collections import ConfigDict
 
+from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
+from scalingnote_jax.artifacts.stages import Stages
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.distributed import is_main
-from scalingnote_jax.index import corpus as store
-
-STAGES_DIR = "stages"
-
-
-class Stages:
-  """Runs each stage once: a stage whose marker exists (with the same config hash) is skipped."""
-
-  def __init__(self, workdir: str, label: str = "pipeline"):
-    self.workdir, self.dir, self.label = workdir, os.path.join(workdir, STAGES_DIR), label
-    os.makedirs(self.dir, exist_ok=True)
-    self.timings: dict[str, float] = {}
-
-  def __call__(self, name: str, config, fn) -> dict:
-    marker = os.path.join(self.dir, f"{name}.json")
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    if os.path.exists(marker):
-      with open(marker) as f:
-        done = json.load(f)
-      if done["config_hash"] != digest:
-        raise ValueError(f"{marker}: stage {name!r} completed with another configuration than this one; use a new "
-                         f"--workdir, or delete that file and the stage's output to redo it")
-      print(f"[{self.label}] {name}: done ({done['seconds']:.0f} s), skipped", flush=True)
-      self.timings[name] = done["seconds"]
-      return done["result"]
-    print(f"[{self.label}] {name}: running", flush=True)
-    t0 = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - t0
-    if is_main():
-      store.write_atomic(marker, json.dumps({"config_hash": digest, "seconds": seconds, "result": result}, indent=1))
-    self.timings[name] = seconds
-    print(f"[{self.label}] {name}: done in {seconds:.0f} s", flush=True)
-    return result
-
+from scalingnote_jax.eval import evaluate, report
+from scalingnote_jax.index import mining
+from scalingnote_jax.serve import bundle
+from scalingnote_jax.train import stage1, stage2
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: a BEIR directory for every later stage.
@@ -85,12 +55,10 @@ def prepare_data(d: ConfigDict, out: str) -> dict:
       if is_main():
         os.makedirs(out, exist_ok=True)
         titles = [t for doc in train.corpus.values() if (t := doc["title"].strip())]
-        store.write_atomic(query_log, "\n".join(titles) + "\n")
+        write_atomic(query_log, "\n".join(titles) + "\n")
     return {"path": os.path.abspath(d.path), "query_log": os.path.abspath(query_log) if query_log else ""}
   if d.source != "synthetic":
     raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
-  import numpy as np
-
   data = synthetic.generate(d.num_docs, queries_per_doc=d.queries_per_doc, seed=d.seed, noise=d.noise,
                             unlabelled_per_doc=d.unlabelled_per_doc)
   qids = list(data.queries)
@@ -99,7 +67,7 @@ def prepare_data(d: ConfigDict, out: str) -> dict:
     for name, keep in (("train", lambda q: q not in test), (d.split, lambda q: q in test)):
       qrels = {q: r for q, r in data.qrels.items() if keep(q)}
       beir.write_beir(synthetic.Dataset(data.corpus, data.queries, qrels), out, name)
-    store.write_atomic(os.path.join(out, "query_log.txt"), "\n".join(data.unlabelled) + "\n")
+    write_atomic(os.path.join(out, "query_log.txt"), "\n".join(data.unlabelled) + "\n")
   return {"path": os.path.abspath(out), "query_log": os.path.abspath(os.path.join(out, "query_log.txt"))}
 
 
@@ -132,11 +100,6 @@ def student_config(cfg: ConfigDict, layers: int, teacher: str, cache: str, query
 
 @holds_lock("workdir")  # one pipeline per workdir (each stage also locks its own directory)
 def run(cfg: ConfigDict, workdir: str) -> dict:
-  from scalingnote_jax.eval import evaluate, report
-  from scalingnote_jax.index import mining
-  from scalingnote_jax.serve import bundle
-  from scalingnote_jax.train import stage1, stage2
-
   os.makedirs(workdir, exist_ok=True)
   path = lambda *parts: os.path.join(workdir, *parts)  # noqa: E731
   stages = Stages(workdir)
@@ -221,7 +184,7 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
       print(f"[pipeline] eval: {name}", flush=True)
       results[name] = evaluate.evaluate(make(), test, **kw)
       if is_main():
-        store.write_atomic(result_file, json.dumps(results[name], indent=1))
+        write_atomic(result_file, json.dumps(results[name], indent=1))
     return {"systems": results, **counts}
   evals = stages("eval", cfg.eval.to_dict(), evaluate_all)
 

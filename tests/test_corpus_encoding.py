@@ -16,7 +16,7 @@ from scalingnote_jax import sharding
 from scalingnote_jax.data import synthetic
 from scalingnote_jax.data.beir import write_beir
 from scalingnote_jax.encoder import Encoder
-from scalingnote_jax.index.corpus import encode_corpus, load_embeddings
+from scalingnote_jax.artifacts.store import encode_corpus, load_embeddings
 
 
 def encode_cmd(corpus_dir, out):
@@ -56,15 +56,19 @@ def test_data_parallel_encoding_equals_single_device(tmp_path):
   mesh = sharding.make_mesh((8, 1, 1))
   single = Encoder.from_pretrained("all-MiniLM-L6-v2")
   parallel = Encoder.from_pretrained("all-MiniLM-L6-v2", mesh=mesh)
-  encode_corpus(parallel, data.corpus, str(tmp_path / "p"), chunk_size=32, batch_size=12, fingerprint="tower-a")
+  encode_corpus(parallel, data.corpus, str(tmp_path / "p"), chunk_size=32, batch_size=12)
   ids, emb = load_embeddings(str(tmp_path / "p"))
   assert ids == list(data.corpus) and jax.device_count() == 8
   np.testing.assert_allclose(emb, single.encode_documents(list(data.corpus.values())), atol=1e-5)
-  with pytest.raises(ValueError, match="fingerprint 'tower-a', not this tower's 'tower-b'"):  # another tower's store
-    encode_corpus(parallel, data.corpus, str(tmp_path / "p"), fingerprint="tower-b")
+  assert single.fingerprint == parallel.fingerprint  # the same tower on any mesh: the store is reused
+  assert encode_corpus(single, data.corpus, str(tmp_path / "p")) == str(tmp_path / "p")
+  other = Encoder.from_pretrained("all-MiniLM-L6-v2", pooling="cls")  # same weights, other embeddings
+  with pytest.raises(ValueError, match=f"fingerprint '{parallel.fingerprint}', not this tower's "
+                                       f"'{other.fingerprint}'"):  # another tower's store
+    encode_corpus(other, data.corpus, str(tmp_path / "p"))
   shrunk = dict(list(data.corpus.items())[:50])
   with pytest.raises(ValueError, match="holds a finished encoding of a different corpus"):  # was: reused silently
-    encode_corpus(parallel, shrunk, str(tmp_path / "p"), chunk_size=16, fingerprint="tower-a")
+    encode_corpus(parallel, shrunk, str(tmp_path / "p"), chunk_size=16)
   with pytest.raises(ValueError, match="holds a partial encoding of a different corpus"):
     (tmp_path / "p" / "COMPLETE").unlink()
     encode_corpus(parallel, shrunk, str(tmp_path / "p"), chunk_size=32)

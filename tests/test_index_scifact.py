@@ -15,7 +15,7 @@ from conftest import BEIR
 from scalingnote_jax.data.beir import load_beir
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.index import Index, mining
-from scalingnote_jax.index.corpus import encode_corpus, load_embeddings
+from scalingnote_jax.artifacts.store import encode_corpus, load_embeddings
 
 SCIFACT = os.path.join(BEIR, "scifact")  # ../shared beside the checkout, in CI too: missing data is a failure
 

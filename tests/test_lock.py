@@ -15,7 +15,7 @@ from scalingnote_jax.artifacts.lock import LOCK_FILE, DirectoryInUse, locked
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
   from scalingnote_jax.config import load_config
-  from scalingnote_jax.index import corpus as store
+  from scalingnote_jax.artifacts import store
   from scalingnote_jax.train import stage1
 
   workdir = tmp_path / "run"

@@ -116,7 +116,7 @@ def test_two_processes_equal_one_then_kill_and_resume(single, tmp_path):
 
 def test_two_processes_encode_the_same_corpus_as_one(single, tmp_path):
   from scalingnote_jax.data import synthetic
-  from scalingnote_jax.index.corpus import load_embeddings
+  from scalingnote_jax.artifacts.store import load_embeddings
 
   data = synthetic.generate(40, queries_per_doc=1, seed=3)
   beir_dir = tmp_path / "beir"

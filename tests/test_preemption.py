@@ -24,7 +24,7 @@ def losses(workdir) -> dict[int, float]:
 
 
 def test_sigterm_saves_the_step_reached_and_resume_equals_uninterrupted(tmp_path):
-  from scalingnote_jax.train import stage1
+  from scalingnote_jax.artifacts import trained
 
   whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
   run_cli(*ARGS, "--workdir", whole)
@@ -49,7 +49,7 @@ def test_sigterm_saves_the_step_reached_and_resume_equals_uninterrupted(tmp_path
   want, got = losses(whole), losses(cut)
   assert sorted(got) == list(range(1, 17))
   np.testing.assert_allclose([got[s] for s in range(1, 17)], [want[s] for s in range(1, 17)], rtol=1e-6)
-  a, _, _ = stage1.load_trained(whole)
-  b, _, _ = stage1.load_trained(cut)
+  a, _, _ = trained.load_stage1(whole)
+  b, _, _ = trained.load_stage1(cut)
   for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)

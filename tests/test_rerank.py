@@ -170,11 +170,11 @@ def first_stage(tiny_teacher):
   """(BEIR dir, train run, test run, the first stage's test metrics) from the tiny teacher."""
   def make(path):
     from scalingnote_jax.config import load_config
+    from scalingnote_jax.data.training import load_data
     from scalingnote_jax.pipeline import prepare_data
-    from scalingnote_jax.train import stage1
 
     prepare_data(load_config(f"{ROOT}/configs/demo.py").data, os.path.join(path, "data"))
-    _, held_out, _ = stage1.load_data(load_config(f"{ROOT}/configs/tiny.py"))
+    _, held_out, _ = load_data(load_config(f"{ROOT}/configs/tiny.py").data)
     with open(os.path.join(path, "data", "qrels", "test.tsv")) as f:
       assert {line.split("\t")[0] for line in list(f)[1:]} == set(held_out.queries)
     for split in ("train", "test"):

@@ -14,6 +14,7 @@ from conftest import read_metrics
 from scalingnote_jax import sharding
 from scalingnote_jax.config import load_config
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
+from scalingnote_jax.data.training import load_data
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.train import common, stage1
 
@@ -22,7 +23,7 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def one_batch(cfg, mesh):
   model, tok = stage1.build_model(cfg, mesh)
-  examples, _, corpus = stage1.load_data(cfg)
+  examples, _, corpus = load_data(cfg.data)
   enc = Encoder(model.query, tok)
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
   data = TrainData(examples, corpus, lambda qs: enc.tokenize(enc.query_texts(qs)),
@@ -36,7 +37,7 @@ def run_steps(overrides, mesh_shape, devices, steps=3):
   mesh = sharding.make_mesh(mesh_shape, devices)
   model, local = one_batch(cfg, mesh)
   graphdef, params = nnx.split(model)
-  tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
+  tx = common.make_optimizer(cfg.optim, cfg.num_steps)
   opt_state = sharding.init_optimizer(tx, params, mesh)
   kw = dict(chunks=cfg.chunks, symmetric=cfg.loss.symmetric)
   batch = sharding.global_batch(mesh, local)

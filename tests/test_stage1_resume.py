@@ -16,6 +16,7 @@ from conftest import ROOT
 
 def test_refused_runs_leave_the_workdir_intact_and_resume_onto_a_different_mesh(tmp_path, monkeypatch):
   from scalingnote_jax.config import load_config
+  from scalingnote_jax.artifacts import trained
   from scalingnote_jax.train import stage1
 
   monkeypatch.chdir(tmp_path)  # a relative --workdir, as users type it
@@ -44,7 +45,7 @@ def test_refused_runs_leave_the_workdir_intact_and_resume_onto_a_different_mesh(
   kernel = out["model"].query.backbone.layers[0].mlp.up.kernel[...]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   # what later stages load: the towers of the latest checkpoint, rebuilt from the workdir alone
-  model, tok, saved_cfg = stage1.load_trained("run")
+  model, tok, saved_cfg = trained.load_stage1("run")
   assert saved_cfg.num_steps == 5 and tok.eos_id == 2
   np.testing.assert_array_equal(np.asarray(model.doc.backbone.embed[...]),
                                 np.asarray(out["model"].doc.backbone.embed[...]))
@@ -55,6 +56,7 @@ def test_a_non_finite_update_stops_the_run_before_it_is_saved(tmp_path):
   """lr 1e30: the loss of a step (computed before its update) is still finite when the update has already
   made the parameters non-finite; the guard checks what a checkpoint would save."""
   from scalingnote_jax.config import load_config
+  from scalingnote_jax.artifacts import trained
   from scalingnote_jax.train import stage1
 
   cfg = load_config(f"{ROOT}/configs/tiny.py:smoke", ["--config.num_steps=12", "--config.optim.lr=1e30",
@@ -67,5 +69,5 @@ def test_a_non_finite_update_stops_the_run_before_it_is_saved(tmp_path):
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert saved and saved[-1] == last
   for step in saved:  # every checkpoint loads, and holds finite parameters
-    model, _, _ = stage1.load_trained(str(tmp_path), step=step)
+    model, _, _ = trained.load_stage1(str(tmp_path), step=step)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))

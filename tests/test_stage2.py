@@ -17,9 +17,11 @@ from scalingnote_jax import cli
 from scalingnote_jax.config import load_config
 from scalingnote_jax.data import synthetic
 from scalingnote_jax.data.beir import DataError
+from scalingnote_jax.data.training import load_data
 from scalingnote_jax.eval.retrieval import ir_metrics
 from scalingnote_jax.serve import bundle
 from scalingnote_jax.serve.retriever import Retriever
+from scalingnote_jax.artifacts import trained
 from scalingnote_jax.train import stage1, stage2
 
 DISTILL = f"{ROOT}/configs/distill_tiny.py"
@@ -36,7 +38,7 @@ def distilled(tiny_teacher, tmp_path_factory):
   log given as a JSONL file."""
   tmp = tmp_path_factory.mktemp("stage2")
   t_cfg = load_config(f"{ROOT}/configs/tiny.py")
-  _, held_out, _ = stage1.load_data(t_cfg)
+  _, held_out, _ = load_data(t_cfg.data)
   log = synthetic.generate(t_cfg.data.num_docs, queries_per_doc=1, seed=t_cfg.data.seed,
                            unlabelled_per_doc=4).unlabelled
   leaked = next(iter(held_out.queries.values()))  # a held-out query in the log must not be trained on
@@ -60,7 +62,7 @@ def test_student_keeps_95_percent_of_the_teachers_recall(distilled):
   with open(os.path.join(distilled["workdir"], "teacher", "queries", "ids.json")) as f:
     trained_on = json.load(f)
   labelled = [q for q in trained_on if not q.startswith("unlabelled:")]
-  examples, held_out, _ = stage1.load_data(load_config(f"{ROOT}/configs/tiny.py"))
+  examples, held_out, _ = load_data(load_config(f"{ROOT}/configs/tiny.py").data)
   assert sorted(labelled) == sorted(ex.query_id for ex in examples)
   texts = {*(ex.query for ex in examples), *held_out.queries.values()}
   assert len(trained_on) - len(labelled) == len(set(distilled["log"]) - texts)  # duplicates and held-out dropped
@@ -74,7 +76,7 @@ def test_export_then_retriever_and_service_answer_like_the_student(distilled, tm
   out = tmp_path / "bundle"
   assert cli.main(["export", distilled["workdir"], "--out", str(out)]) == 0
   manifest = bundle.read_manifest(str(out))
-  spec = stage2.read_spec(distilled["workdir"])
+  spec = trained.read_spec(distilled["workdir"])
   assert manifest["num_docs"] == 1024 and manifest["dim"] == spec["teacher"]["dim"] == 64
   assert manifest["documents"]["fingerprint"] == spec["teacher"]["doc_fingerprint"]
   assert manifest["index"]["backend"] == "scann" and manifest["student"]["num_layers"] == 1
@@ -84,7 +86,7 @@ def test_export_then_retriever_and_service_answer_like_the_student(distilled, tm
   held_out = distilled["held_out"]
   qids = list(held_out.queries)
   texts = [held_out.queries[q] for q in qids]
-  student, tokenizer, _ = stage2.load_student(distilled["workdir"])  # the training workdir's own student
+  student, tokenizer, _ = trained.load_tower(distilled["workdir"])  # the training workdir's own student
   from scalingnote_jax.encoder import Encoder
 
   np.testing.assert_allclose(retriever.encode(texts), Encoder(student, tokenizer).encode_queries(texts), atol=1e-5)
@@ -139,7 +141,7 @@ def test_student_and_documents_from_different_teachers_are_refused(distilled, tm
 def _beir_corpus(tmp_path):
   d = tmp_path / "beir"
   d.mkdir()
-  corpus = stage1.load_data(load_config(f"{ROOT}/configs/tiny.py"))[2]
+  corpus = load_data(load_config(f"{ROOT}/configs/tiny.py").data)[2]
   with open(d / "corpus.jsonl", "w") as f:
     for doc_id, doc in corpus.items():
       f.write(json.dumps({"_id": doc_id, **doc}) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.data.beir import DataError
 
 
@@ -48,7 +49,5 @@ def format_run(run: dict[str, dict[str, float]], tag: str = "scalingnote") -> st
 
 def write_run(path: str, run: dict[str, dict[str, float]], tag: str = "scalingnote") -> None:
   """Written atomically: a reader never sees half a run."""
-  from scalingnote_jax.index.corpus import write_atomic
-
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   write_atomic(path, format_run(run, tag))

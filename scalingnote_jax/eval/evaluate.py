@@ -25,12 +25,18 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
+from scalingnote_jax import sharding
+from scalingnote_jax.artifacts import store
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.runs import read_run, write_run
+from scalingnote_jax.encoder import towers
 from scalingnote_jax.eval.retrieval import CONTRASTIVE_NEGATIVES, DEFAULT_TEMPERATURE, ir_metrics, pair_metrics
-from scalingnote_jax.index import corpus as store
+from scalingnote_jax.index.bm25 import BM25
+from scalingnote_jax.index.index import Index
+from scalingnote_jax.serve.retriever import Retriever
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,8 +63,6 @@ class Lexical:
   cosine = False
 
   def __init__(self, corpus: dict[str, dict]):
-    from scalingnote_jax.index.bm25 import BM25
-
     self.bm25 = BM25(corpus)
     self.doc_ids = self.bm25.doc_ids
 
@@ -71,8 +75,6 @@ class Lexical:
 
 def bundle_system(bundle: str) -> Dense:
   """The online path of a serving bundle (`scalingnote export`)."""
-  from scalingnote_jax.serve.retriever import Retriever
-
   retriever = Retriever.load(bundle)
   return Dense(retriever, *store.load_embeddings(os.path.join(bundle, "documents")))
 
@@ -81,16 +83,8 @@ def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str, *, b
                  batch_size: int = 64) -> Dense:
   """A Stage 1 workdir's query and document towers, or one HF / GGUF / packaged encoder for both sides.
   The corpus is encoded into the store `embeddings` (resumable; reused when complete and of this tower)."""
-  import jax
-  from flax import nnx
-
-  from scalingnote_jax import sharding
-  from scalingnote_jax.index.index import Index
-  from scalingnote_jax.serve.retriever import Retriever
-  from scalingnote_jax.train.checkpoint import fingerprint
-
-  q_enc, d_enc, temperature = store.towers(checkpoint, sharding.make_mesh(devices=jax.local_devices()))
-  store.encode_corpus(d_enc, corpus, embeddings, batch_size=batch_size, fingerprint=fingerprint(nnx.state(d_enc.tower)))
+  q_enc, d_enc, temperature = towers(checkpoint, sharding.make_mesh(devices=jax.local_devices()))
+  store.encode_corpus(d_enc, corpus, embeddings, batch_size=batch_size)
   doc_ids, d_NxD = store.load_embeddings(embeddings)
   return Dense(Retriever(q_enc, Index.build(d_NxD, doc_ids, backend=backend), max_batch=batch_size),
                doc_ids, d_NxD, temperature)

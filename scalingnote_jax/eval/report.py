@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from scalingnote_jax.index import corpus as store  # noqa: E402
+from scalingnote_jax.artifacts.files import write_atomic  # noqa: E402
 
 QRELS_COUNTS = ("qrels_unknown_queries", "qrels_unknown_documents", "queries_relevant_not_in_corpus")
 
@@ -127,6 +127,6 @@ def write(workdir: str, cfg, evals: dict, timings: dict[str, float]) -> dict:
             "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
             "CE = contrastive entropy (cosine / temperature; not defined for BM25). Throughput: encode + search of "
             "the test queries in batches, one process, this machine."]
-  store.write_atomic(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
-  store.write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=1))
+  write_atomic(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
+  write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=1))
   return {k: report[k] for k in ("student_retention", "teacher_minus_baseline")}

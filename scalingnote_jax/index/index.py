@@ -20,11 +20,11 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 
 import numpy as np
 
 from scalingnote_jax.artifacts.checksum import digest_tree, verify_tree
+from scalingnote_jax.artifacts.files import fsync_tree, replace_dir
 from scalingnote_jax.index.exact import exact_search
 
 FORMAT = "scalingnote_jax.index"
@@ -358,43 +358,3 @@ def _is_index_dir(path: str) -> bool:
 def _write_json(path: str, obj) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1 if isinstance(obj, dict) else None)
-
-
-def fsync_tree(directory: str) -> None:
-  """Flush file contents and directory entries to disk before the rename makes them visible."""
-  for root, _, names in os.walk(directory):
-    for name in names:
-      with open(os.path.join(root, name), "rb") as f:
-        os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(directory: str) -> None:
-  fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def replace_dir(src: str, dst: str) -> None:
-  """Move the complete directory `src` to `dst`, replacing an index there.
-
-  rename(2) cannot replace a non-empty directory, so an old index is first renamed aside and deleted only
-  once the new one is in place. A crash between the two renames leaves the old index complete under
-  `.NAME.old-*` beside `dst`.
-  """
-  parent = os.path.dirname(dst)
-  old = None
-  if os.path.lexists(dst):
-    old = os.path.join(parent, f".{os.path.basename(dst)}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(dst, old)
-  try:
-    os.rename(src, dst)
-  except BaseException:
-    if old is not None:
-      os.rename(old, dst)  # put the previous index back
-    raise
-  _fsync_dir(parent)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)

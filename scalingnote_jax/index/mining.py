@@ -10,10 +10,16 @@ the training JSONL that Stage 1 reads (`data.train_jsonl`).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
-from scalingnote_jax.data.beir import TrainExample
+from scalingnote_jax import sharding
+from scalingnote_jax.artifacts.store import encode_corpus, load_embeddings
+from scalingnote_jax.data.beir import TrainExample, examples_from_qrels, load_beir, write_train_jsonl
+from scalingnote_jax.encoder import towers
+from scalingnote_jax.index.bm25 import BM25
+from scalingnote_jax.index.index import Index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +78,6 @@ def dense_rankings(q_QxD: np.ndarray, index, positive_emb: list[np.ndarray], k: 
 
 def bm25_rankings(corpus: dict[str, dict], queries: list[str], k: int):
   """(rankings, None scores) by BM25; margins do not apply to BM25 scores."""
-  from scalingnote_jax.index.bm25 import BM25
-
   ids, scores = BM25(corpus).search(queries, k)
   return [(row, [float(s) for s in srow]) for row, srow in zip(ids, scores)], [None] * len(queries)
 
@@ -81,14 +85,9 @@ def bm25_rankings(corpus: dict[str, dict], queries: list[str], k: int):
 def mine_from_checkpoint(checkpoint: str, data_dir: str, split: str, out: str, cfg: MiningConfig, *,
                          method: str = "dense", embeddings_dir: str | None = None, backend: str = "scann",
                          batch_size: int = 64) -> list[TrainExample]:
-  """`scalingnote mine`: writes `out` (training JSONL) for the split's queries of a BEIR directory."""
-  import os
-
-  from scalingnote_jax import sharding
-  from scalingnote_jax.data.beir import examples_from_qrels, load_beir, write_train_jsonl
-  from scalingnote_jax.index import Index
-  from scalingnote_jax.index.corpus import encode_corpus, load_embeddings, towers
-
+  """`scalingnote mine`: writes `out` (training JSONL) for the split's queries of a BEIR directory. The
+  corpus store `embeddings_dir` is reused when complete, and only if the checkpoint's document tower wrote
+  it."""
   data = load_beir(data_dir, split)
   examples = examples_from_qrels(data)
   queries = [ex.query for ex in examples]

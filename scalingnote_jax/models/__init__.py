@@ -15,6 +15,7 @@ from flax import nnx
 
 from scalingnote_jax.models import bert, llm
 from scalingnote_jax.models.checkpoint import CheckpointError, SafetensorsReader, detect_prefix, load_params
+from scalingnote_jax.models.gguf import open_gguf
 
 BackboneConfig = llm.LLMConfig | bert.BertConfig
 
@@ -51,8 +52,6 @@ def backbone_config(path: str, **overrides) -> BackboneConfig:
   """The backbone config of a HF directory or GGUF file, without reading any weights."""
   path = resolve_path(path)
   if path.endswith(".gguf"):
-    from scalingnote_jax.models.gguf import open_gguf
-
     return open_gguf(path).config(**overrides)
   hf = read_hf_config(path)
   if hf.get("model_type") == "bert":
@@ -76,8 +75,6 @@ def load_backbone(path: str, *, sharding=None, **overrides) -> tuple[nnx.Module,
   if not 1 <= cfg.num_layers <= full_layers:
     raise CheckpointError(f"{path}: num_layers={cfg.num_layers}, but the checkpoint has {full_layers} layers")
   if path.endswith(".gguf"):  # GGUF tensors are renamed to HF `LlamaForCausalLM` names
-    from scalingnote_jax.models.gguf import open_gguf
-
     reader, arch, prefix = open_gguf(path), llm, "model."
   else:
     reader = SafetensorsReader(path)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scalingnote_jax.models import layers
-from scalingnote_jax.models.checkpoint import Table
+from scalingnote_jax.models.checkpoint import Table, expand_table
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -192,8 +192,6 @@ HF_HEAD_TABLE: Table = (("lm_head.weight", "lm_head.kernel", True),)  # never pr
 
 def hf_rows(cfg: LLMConfig, prefix: str) -> dict[str, tuple[str, bool]]:
   """The import table for this config, expanded per layer."""
-  from scalingnote_jax.models.checkpoint import expand_table
-
   table = HF_TABLE + (HF_BIAS_TABLE if cfg.attention_bias else ()) + (HF_QK_NORM_TABLE if cfg.qk_norm else ())
   rows = expand_table(table, cfg.num_layers, prefix)
   if cfg.lm_head and not cfg.tie_word_embeddings:

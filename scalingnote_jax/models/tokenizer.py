@@ -9,6 +9,9 @@ import os
 
 import tokenizers
 
+from scalingnote_jax.models import resolve_path
+from scalingnote_jax.models.gguf import open_gguf
+
 SAVED = "scalingnote_tokenizer.json"
 
 
@@ -23,8 +26,6 @@ class Tokenizer:
   @classmethod
   def from_pretrained(cls, path: str) -> Tokenizer:
     """A HF model directory (tokenizer.json, or files AutoTokenizer converts) or a `.gguf` file."""
-    from scalingnote_jax.models import resolve_path
-
     path = resolve_path(path)
     if os.path.exists(os.path.join(path, SAVED)):  # written by `save` (serving bundles)
       with open(os.path.join(path, SAVED)) as f:
@@ -32,8 +33,6 @@ class Tokenizer:
       return cls(tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json")), pad_id=ids["pad_id"],
                  eos_id=ids["eos_id"], source=path)
     if path.endswith(".gguf"):
-      from scalingnote_jax.models.gguf import open_gguf
-
       f = open_gguf(path)
       cfg = f.config()
       pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id

@@ -20,10 +20,13 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from scalingnote_jax.artifacts import trained
+from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
+from scalingnote_jax.artifacts.stages import Stages
+from scalingnote_jax.data.training import load_data
 from scalingnote_jax.distributed import is_main
-from scalingnote_jax.index import corpus as store
-from scalingnote_jax.pipeline import Stages
+from scalingnote_jax.train import rerank, stage1
 
 EMBEDDINGS = {"embed", "tok_embed", "pos_embed", "type_embed"}  # token / position tables (models/)
 
@@ -32,13 +35,9 @@ def non_embedding_params(cfg: ConfigDict, kind: str = "retriever") -> int:
   """Parameters of the query tower (a reranker: of the model) without its embedding tables (no memory
   allocated)."""
   if kind == "reranker":
-    from scalingnote_jax.train import rerank, stage2
-
-    module = stage2.abstract_student(rerank.model_spec(cfg))
+    module = trained.abstract_tower(rerank.model_spec(cfg))
   else:
-    from scalingnote_jax.train import stage1
-
-    module = stage1.abstract_model(cfg).query
+    module = trained.abstract_dual_encoder(cfg).query
   params = nnx.state(module, nnx.Param)
   return sum(int(leaf.size) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
              if not any(getattr(k, "key", getattr(k, "name", None)) in EMBEDDINGS for k in path))
@@ -55,15 +54,11 @@ def run_config(cfg: ConfigDict, model: dict, fraction: float) -> ConfigDict:
 def train_one(c: ConfigDict, workdir: str, kind: str) -> dict:
   """Trains one run; its size (N, D, tokens, compute) and final validation metrics."""
   if kind == "reranker":
-    from scalingnote_jax.train import rerank
-
     out = rerank.train(c, workdir, resume=True)
     d, tokens = out["num_queries"], c.num_steps * c.batch_size * c.data.group_size * c.tower.max_length
   else:
-    from scalingnote_jax.train import stage1
-
     out = stage1.train(c, workdir, resume=True)
-    d = len(stage1.load_data(c)[0])
+    d = len(load_data(c.data)[0])
     tokens = c.num_steps * c.batch_size * (c.data.query_len + (1 + c.data.n_neg) * c.data.doc_len)
   if not out["evals"]:
     raise ValueError("sweep runs need a validation split and eval.every > 0: their metrics are the results")
@@ -91,5 +86,5 @@ def run(cfg: ConfigDict, workdir: str) -> list[dict]:
       rows.append({"run": name, **stages(name, c.to_dict(), lambda c=c, name=name: train_one(
           c, os.path.join(workdir, "runs", name), kind))})
   if is_main():
-    store.write_atomic(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   return rows

@@ -3,7 +3,7 @@
   manifest.json      format, versions, dimensions, evaluation metrics, fingerprints, every file's SHA-256 (last)
   student/           student.json (backbone + tower configs, the teacher's fingerprints), params/ (orbax),
                      tokenizer/ (tokenizer.json + special ids)
-  documents/         the LLM document tower's embeddings and ids (an `index.corpus` store)
+  documents/         the LLM document tower's embeddings and ids (an `artifacts.store` store)
   index/             the document index (ScaNN by default) over those embeddings
 
 The student records the fingerprint of the document tower of the teacher it was distilled against; the
@@ -25,15 +25,16 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from scalingnote_jax import sharding
+from scalingnote_jax.artifacts import store, trained
+from scalingnote_jax.artifacts.checkpoint import abstract_like, fingerprint
 from scalingnote_jax.artifacts.checksum import digest_tree, verify_tree
+from scalingnote_jax.artifacts.files import fsync_tree, replace_dir
 from scalingnote_jax.artifacts.lock import LOCK_FILE
 from scalingnote_jax.data.beir import load_corpus
+from scalingnote_jax.data.training import load_data
 from scalingnote_jax.encoder import Encoder
-from scalingnote_jax.index import corpus as store
-from scalingnote_jax.index.index import Index, fsync_tree, replace_dir
+from scalingnote_jax.index.index import Index
 from scalingnote_jax.models.tokenizer import Tokenizer
-from scalingnote_jax.train import stage1, stage2
-from scalingnote_jax.train.checkpoint import abstract_like, fingerprint
 
 FORMAT, FORMAT_VERSION, MANIFEST = "scalingnote_jax.bundle", 2, "manifest.json"  # 2: file checksums
 
@@ -83,7 +84,7 @@ def export(student_dir: str, out: str, *, corpus_dir: str | None = None, embeddi
   replaced). Documents: an existing `scalingnote encode` store (`embeddings`), or encoded now by the
   teacher's document tower (`teacher`, default: the workdir the student was distilled from) from a BEIR
   `corpus_dir` (default: the teacher's training corpus). Returns the manifest."""
-  spec = stage2.read_spec(student_dir)
+  spec = trained.read_spec(student_dir)
   out = os.path.abspath(out)
   if os.path.lexists(out) and not (os.path.isfile(os.path.join(out, MANIFEST)) or not os.listdir(out)):
     raise FileExistsError(f"{out} exists and is not a bundle: refusing to replace it")
@@ -97,25 +98,24 @@ def export(student_dir: str, out: str, *, corpus_dir: str | None = None, embeddi
       shutil.copytree(embeddings, docs_dir, ignore=shutil.ignore_patterns(LOCK_FILE))  # not its writer's lock
     else:
       mesh = sharding.make_mesh(devices=jax.local_devices())
-      model, tokenizer, t_cfg = stage1.load_trained(teacher or spec["teacher"]["workdir"], mesh)
-      doc_fp = fingerprint(nnx.state(model.doc))
-      check_same_teacher(spec, doc_fp, teacher or spec["teacher"]["workdir"])
-      docs = load_corpus(os.path.join(corpus_dir, "corpus.jsonl")) if corpus_dir else stage1.load_data(t_cfg)[2]
-      store.encode_corpus(Encoder(model.doc, tokenizer, mesh), docs, docs_dir, batch_size=batch_size,
-                          chunk_size=chunk_size, fingerprint=doc_fp)
-      del model
+      model, tokenizer, t_cfg = trained.load_stage1(teacher or spec["teacher"]["workdir"], mesh)
+      d_enc = Encoder(model.doc, tokenizer, mesh)
+      check_same_teacher(spec, d_enc.fingerprint, teacher or spec["teacher"]["workdir"])
+      docs = load_corpus(os.path.join(corpus_dir, "corpus.jsonl")) if corpus_dir else load_data(t_cfg.data)[2]
+      store.encode_corpus(d_enc, docs, docs_dir, batch_size=batch_size, chunk_size=chunk_size)
+      del model, d_enc
     doc_ids, d_NxD = store.load_embeddings(docs_dir)
     index = Index.build(d_NxD, doc_ids, backend=backend)
     index.save(os.path.join(tmp, "index"))
 
     # Student: parameters, structure and tokenizer; nothing refers back to the training workdir.
-    student, tokenizer, _ = stage2.load_student(student_dir, sharding.make_mesh(devices=jax.devices()[:1]))
+    student, tokenizer, _ = trained.load_tower(student_dir, sharding.make_mesh(devices=jax.devices()[:1]))
     params = nnx.state(student)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, "student", "params"), params)
     checkpointer.wait_until_finished()
     checkpointer.close()
-    with open(os.path.join(tmp, "student", stage2.STUDENT_FILE), "w") as f:
+    with open(os.path.join(tmp, "student", trained.STUDENT_FILE), "w") as f:
       json.dump({**spec, "tokenizer": "tokenizer"}, f, indent=1)
     tokenizer.save(os.path.join(tmp, "student", "tokenizer"))
 
@@ -165,10 +165,10 @@ def load_parts(bundle: str, device: jax.Device | None = None):
   bundle = os.path.abspath(bundle)
   manifest = read_manifest(bundle)
   student_dir = os.path.join(bundle, "student")
-  spec = stage2.read_spec(student_dir)
+  spec = trained.read_spec(student_dir)
   check_same_teacher(spec, store.store_info(os.path.join(bundle, "documents")).get("fingerprint"), bundle)
   verify_tree(bundle, manifest.get("files", {}), BundleError, bundle)  # every byte as exported
-  graphdef, abstract = nnx.split(stage2.abstract_student(spec))
+  graphdef, abstract = nnx.split(trained.abstract_tower(spec))
   place = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
   params = ocp.StandardCheckpointer().restore(os.path.join(student_dir, "params"),
                                               abstract_like(abstract, jax.tree.map(lambda _: place, abstract)))

@@ -1,6 +1,7 @@
-"""What the trainers share: opening a workdir (refuse, resume or start, before anything is written), the
-jitted step with its finiteness check, the sync point that checks it before anything is saved, and the
-preemption notice that ends a run with a checkpoint."""
+"""What the trainers share, in the order a trainer uses it: opening a workdir (refuse, resume or start, before
+anything is written), a one-tower model created sharded or restored, the optimizer, the jitted step with its
+finiteness check, the metrics log, the sync point that checks the step before anything is saved, and the
+preemption notice that ends a run with a checkpoint. Each trainer keeps its own loop."""
 
 from __future__ import annotations
 
@@ -14,14 +15,19 @@ import time
 
 import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
+from tensorboardX import SummaryWriter
 
-from scalingnote_jax import sharding
+from scalingnote_jax import models, sharding
+from scalingnote_jax.artifacts import trained
+from scalingnote_jax.artifacts.checkpoint import Checkpointer
+from scalingnote_jax.artifacts.trained import CONFIG_FILE
 from scalingnote_jax.distributed import is_main
-from scalingnote_jax.train.checkpoint import Checkpointer
+from scalingnote_jax.models.tower import Tower
 
-CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
 # Fields a resumed run may change: how long it trains, how often it logs, evaluates and saves, and the mesh
 # (restores reshard). Anything else would make the checkpoints a different model or a different run.
@@ -77,6 +83,55 @@ def open_workdir(cfg: ConfigDict, workdir: str, *, resume: bool, keep: int) -> t
   return ckpt, last
 
 
+# ----------------------------------------------------------------------------------------------------------
+# A one-tower model (a Stage 2 student, a reranker): created sharded, or restored.
+
+def build_tower(spec: dict, mesh, rules, seed: int) -> Tower:
+  """The tower of a spec (`artifacts.trained.tower_spec`), its parameters created (or imported) straight
+  into their shardings."""
+  bcfg, tcfg = trained.tower_configs(spec)
+  if spec["init"] == "random":
+    return sharding.create_sharded(lambda: Tower.create(bcfg, tcfg, nnx.Rngs(seed)), mesh, rules)
+  overrides = {f: getattr(bcfg, f) for f in ("num_layers", "dtype", "param_dtype", "remat")}
+  backbone, _ = models.load_backbone(spec["init"], sharding=sharding.param_sharding_fn(mesh, rules), **overrides)
+  tower = Tower(backbone, tcfg, rngs=nnx.Rngs(seed))
+  graphdef, state = nnx.split(tower)  # the projection was made outside the sharded path
+  return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+
+
+def start_or_restore(spec: dict, tx, ckpt: Checkpointer, last: int | None, mesh, rules, seed: int):
+  """(tower, graphdef, params, opt_state, start step, data iterator state) of a one-tower trainer: created
+  sharded at step 0, or restored from checkpoint `last` straight into its shardings."""
+  if last is None:
+    tower = build_tower(spec, mesh, rules, seed)
+    graphdef, params = nnx.split(tower)
+    opt_state = sharding.init_optimizer(tx, params, mesh)
+    return tower, graphdef, params, opt_state, 0, None
+  graphdef, params, opt_state, data_state = trained.restore(trained.abstract_tower(spec), ckpt, last, mesh, rules, tx)
+  return nnx.merge(graphdef, params), graphdef, params, opt_state, last, data_state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer: AdamW with warmup + decay, global-norm clipping, no weight decay on vectors (norms, biases).
+
+def make_optimizer(o: ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  decay_steps = max(num_steps, o.warmup_steps + 1)
+  if o.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps, o.lr * o.final_lr_fraction)
+  elif o.schedule == "linear":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
+                               optax.linear_schedule(o.lr, o.lr * o.final_lr_fraction, decay_steps - o.warmup_steps)],
+                              [o.warmup_steps])
+  else:
+    raise ValueError(f"optim.schedule={o.schedule!r}: expected 'cosine' or 'linear'")
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                     optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step and the loop's parts.
+
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.stack(leaves).all() if leaves else jnp.array(True)
@@ -94,6 +149,41 @@ def jit_step(step, mesh, params, opt_state):
 
   state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
   return jax.jit(checked, out_shardings=(*state_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
+
+
+class MetricsLog:
+  """metrics.jsonl (every process-0 record) and TensorBoard event files under the workdir."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.active = is_main()
+    if not self.active:
+      return
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if os.path.exists(self.path):  # drop what a crashed run logged after its last checkpoint
+      with open(self.path) as f:
+        lines = f.readlines()
+      for lineno, line in enumerate(lines, 1):
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          if lineno == len(lines):  # torn by a kill mid-write: it was logged after the checkpoint anyway
+            break
+          raise ValueError(f"{self.path}:{lineno}: not a JSON line; move the file aside to resume") from None
+        if row["step"] <= resume_step:
+          kept.append(line)
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+  def write(self, step: int, prefix: str, metrics: dict) -> None:
+    if not self.active:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}) + "\n")
+    for k, v in metrics.items():
+      self.tb.add_scalar(f"{prefix}/{k}", v, step)
+    self.tb.flush()
 
 
 class SyncPoint:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import optax
@@ -24,21 +25,23 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from scalingnote_jax import sharding
+from scalingnote_jax.artifacts import trained
+from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
+from scalingnote_jax.artifacts.trained import RERANKER_FILE
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.pipeline import RerankData, RerankGroup
-from scalingnote_jax.data.runs import read_run
+from scalingnote_jax.data.runs import read_run, write_run
+from scalingnote_jax.data.training import subsample
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import CrossEncoder
 from scalingnote_jax.eval.evaluate import beir_run
 from scalingnote_jax.eval.retrieval import ir_metrics
-from scalingnote_jax.index import corpus as store
+from scalingnote_jax.index.bm25 import BM25
 from scalingnote_jax.models.tokenizer import Tokenizer
-from scalingnote_jax.train import stage1, stage2
-from scalingnote_jax.train.common import Preemption, SyncPoint, jit_step, open_workdir
+from scalingnote_jax.train.common import (MetricsLog, Preemption, SyncPoint, jit_step, make_optimizer,
+                                          open_workdir, start_or_restore)
 from scalingnote_jax.train.losses import RANKING_LOSSES, ranking_loss
-
-SPEC_FILE = "reranker.json"
 # A reranker is a tower with a scalar head: projection to one output with a bias, no normalisation.
 SCORE_HEAD = dict(projection=1, projection_bias=True, normalize=False)
 
@@ -49,8 +52,6 @@ SCORE_HEAD = dict(projection=1, projection_bias=True, normalize=False)
 def first_stage(source: str, data: beir.Dataset, k: int) -> dict[str, dict[str, float]]:
   """{qid: {doc_id: score}} for the split's queries: "bm25", or a TREC run file."""
   if source == "bm25":
-    from scalingnote_jax.index.bm25 import BM25
-
     qids = list(data.queries)
     ids, scores = BM25(data.corpus).search([data.queries[q] for q in qids], k + 1)
     run = {q: dict(zip(row, map(float, s))) for q, row, s in zip(qids, ids, scores)}
@@ -88,12 +89,7 @@ def training_groups(data: beir.Dataset, run: dict, enc: CrossEncoder) -> list[Re
 # Model: a BERT or decoder backbone (a checkpoint's first layers, or random) with the score head.
 
 def model_spec(cfg: ConfigDict) -> dict:
-  return stage2.tower_spec(cfg.model, ConfigDict({**cfg.tower.to_dict(), **SCORE_HEAD}))
-
-
-def load(workdir: str, mesh=None, step: int | None = None):
-  """(tower, tokenizer, spec) of a reranker workdir (latest checkpoint unless `step`)."""
-  return stage2.load_student(workdir, mesh, step, spec_file=SPEC_FILE)
+  return trained.tower_spec(cfg.model, ConfigDict({**cfg.tower.to_dict(), **SCORE_HEAD}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,19 +144,19 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     print(f"rerank: {sharding.describe(mesh)}", flush=True)
 
   # Model and optimizer: fresh (reranker.json written once) or restored.
-  spec = model_spec(cfg) if last is None else stage2.read_spec(workdir, SPEC_FILE)
+  spec = model_spec(cfg) if last is None else trained.read_spec(workdir, RERANKER_FILE)
   if is_main():
-    store.write_atomic(os.path.join(workdir, SPEC_FILE), json.dumps(spec, indent=1))
-  tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
-  model, graphdef, params, opt_state, start, data_state = stage2.start_or_restore(spec, tx, ckpt, last, mesh,
-                                                                                  cfg.rules, cfg.model.seed)
+    write_atomic(os.path.join(workdir, RERANKER_FILE), json.dumps(spec, indent=1))
+  tx = make_optimizer(cfg.optim, cfg.num_steps)
+  model, graphdef, params, opt_state, start, data_state = start_or_restore(spec, tx, ckpt, last, mesh, cfg.rules,
+                                                                           cfg.model.seed)
   enc = CrossEncoder(model, Tokenizer.from_pretrained(spec["tokenizer"]), mesh)
 
   # Data: groups of the training split's first-stage candidates; the validation split's run.
   d = cfg.data
   train_data = beir.load_beir(d.path, d.train_split, unknown="skip")
   groups = training_groups(train_data, first_stage(d.train_run, train_data, d.top_k), enc)
-  groups = stage1.subsample(groups, d.get("train_fraction", 1.0), d.seed)  # data-size sweeps: nested subsets
+  groups = subsample(groups, d.get("train_fraction", 1.0), d.seed)  # data-size sweeps: nested subsets
   data = RerankData(groups, enc.tokenize_pairs, enc.tokenizer.pad_id, d.group_size, enc.cfg.max_length,
                     cfg.batch_size)
   batches = data.iterator(d.seed, jax.process_index(), jax.process_count())
@@ -173,7 +169,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     first_stage_metrics = ir_metrics(val.qrels, val_run)
   step_fn = jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
 
-  log = stage1.MetricsLog(workdir, start)
+  log = MetricsLog(workdir, start)
   history, evals = [], []
 
   def run_eval(step):
@@ -225,10 +221,6 @@ def rerank_file(model_dir: str, data_dir: str, run_in: str, out: str, *, top_k: 
                 batch_size: int = 64) -> dict:
   """Reranks each query's top_k documents of `run_in` (queries and documents from the BEIR directory) and
   writes the run to `out`; returns counts and pairs scored per second."""
-  import time
-
-  from scalingnote_jax.data.runs import write_run
-
   if top_k < 1:
     raise ValueError(f"rerank: --top-k {top_k}: expected >= 1")
   enc = CrossEncoder.from_workdir(model_dir)

@@ -1,13 +1,14 @@
 """Stage 1: dual LLM towers trained SPMD over a device mesh with the cross-device InfoNCE loss.
 
-Sections in execution order: mesh -> data -> model (created sharded) -> optimizer -> train step (optionally
-GradCache-chunked) -> evaluation -> loop. `scalingnote train --config configs/<name>.py --workdir DIR`.
+Sections in execution order: model (created sharded) -> train step (optionally GradCache-chunked) ->
+evaluation -> the loop (workdir, mesh, data, model, optimizer, step, log, validate, checkpoint). The data come
+from `data/training.py` and `data/pipeline.py`; the optimizer and the loop's parts shared with the other
+trainers from `train/common.py`; what reads the workdir back from `artifacts/trained.py`.
+
+  scalingnote train --config configs/<name>.py --workdir DIR
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,138 +18,39 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from scalingnote_jax import models, sharding
+from scalingnote_jax import sharding
+from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.lock import holds_lock
-from scalingnote_jax.distributed import is_main
-from scalingnote_jax.data import beir, synthetic
+from scalingnote_jax.data import synthetic
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
+from scalingnote_jax.data.training import load_data, validation_doc_ids
+from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, pair_metrics, to_run
-from scalingnote_jax.models import bert, llm, load_backbone
+from scalingnote_jax.models import load_backbone
+from scalingnote_jax.models.dual import DualEncoder
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
-from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like
-from scalingnote_jax.train.common import CONFIG_FILE, Preemption, SyncPoint, jit_step, open_workdir
+from scalingnote_jax.train.common import (MetricsLog, Preemption, SyncPoint, jit_step, make_optimizer,
+                                          open_workdir)
 from scalingnote_jax.train.losses import contrastive_loss
-
-MAX_SCALE = 100.0  # 1 / temperature is capped, as in CLIP
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: training examples, a held-out split for validation, and the corpus.
-
-def load_data(cfg: ConfigDict) -> tuple[list[beir.TrainExample], synthetic.Dataset, dict]:
-  """(training examples, validation dataset, corpus) as the config's `data` section says."""
-  d = cfg.data
-  if d.source == "synthetic":
-    data = synthetic.generate(d.num_docs, queries_per_doc=d.queries_per_doc, seed=d.seed)
-    qids = list(data.queries)
-    n_val = int(len(qids) * d.val_fraction)
-    rng = np.random.default_rng(d.seed)
-    val = set(rng.choice(qids, size=n_val, replace=False).tolist())
-    train = synthetic.Dataset(data.corpus, {q: t for q, t in data.queries.items() if q not in val},
-                              {q: r for q, r in data.qrels.items() if q not in val})
-    examples = synthetic.with_topic_negatives(beir.examples_from_qrels(train), data.corpus, d.n_neg_candidates,
-                                              d.seed)
-    examples = subsample(examples, d.get("train_fraction", 1.0), d.seed)
-    held_out = synthetic.Dataset(data.corpus, {q: data.queries[q] for q in val}, {q: data.qrels[q] for q in val})
-    return examples, held_out, data.corpus
-  if d.source == "beir":
-    train = beir.load_beir(d.path, d.train_split)
-    examples = (beir.load_train_jsonl(d.train_jsonl, train.corpus) if d.train_jsonl
-                else beir.examples_from_qrels(train))
-    held_out = beir.load_beir(d.path, d.val_split, unknown="skip") if d.val_split else None
-    return subsample(examples, d.get("train_fraction", 1.0), d.seed), held_out, train.corpus
-  raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
-
-
-def subsample(examples: list, fraction: float, seed: int) -> list:
-  """A fixed random `fraction` of the training examples (data-size sweeps); nested: a smaller fraction's
-  examples are a subset of a larger one's."""
-  if not 0 < fraction <= 1:
-    raise ValueError(f"data.train_fraction={fraction}: expected 0 < fraction <= 1")
-  if fraction == 1:
-    return examples
-  order = np.random.default_rng(seed).permutation(len(examples))
-  return [examples[i] for i in sorted(order[:max(1, round(fraction * len(examples)))])]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Model: query and document towers from the same LLM (checkpoint or random config), created sharded.
 
-class DualEncoder(nnx.Module):
-  """Query and document towers (separate parameters unless tied) and the softmax temperature."""
-
-  def __init__(self, query: Tower, doc: Tower, temperature: float, learn_temperature: bool):
-    self.query, self.doc = query, doc  # `doc is query` when tied
-    self.log_scale = nnx.Param(jnp.log(jnp.float32(1.0 / temperature))) if learn_temperature else None
-    self.fixed_scale = 1.0 / temperature
-
-  def scale(self):
-    if self.log_scale is None:
-      return jnp.float32(self.fixed_scale)
-    return jnp.minimum(jnp.exp(self.log_scale[...]), MAX_SCALE)
-
-
-def backbone_config(m: ConfigDict):
-  fields = dict(m.backbone)
-  kind = fields.pop("kind")
-  cls = {"llm": llm.LLMConfig, "bert": bert.BertConfig}[kind]
-  return cls(**fields, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-
-
-def checkpoint_overrides(m: ConfigDict) -> dict:
-  """Backbone fields a config sets over a checkpoint's: dtypes, remat, and `num_layers` (> 0: keep the first
-  layers only, e.g. a small dual tower from a larger encoder)."""
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **({"num_layers": m.num_layers} if m.get("num_layers") else {}))
-
-
-def is_stage1_workdir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints"))
-
-
-def _previous_round(cfg: ConfigDict) -> ConfigDict:
-  """The config of the Stage 1 run that `model.init` names (a warm start, e.g. after mining negatives).
-  The towers keep that run's structure, so the parts that define it must agree."""
-  with open(os.path.join(cfg.model.init, CONFIG_FILE)) as f:
-    prev = ConfigDict(json.load(f))
-  for key in ("tied", "tower", "loss.learn_temperature"):
-    a, b = prev, cfg
-    for part in key.split("."):
-      a, b = a[part], b[part]
-    if (a.to_dict() if isinstance(a, ConfigDict) else a) != (b.to_dict() if isinstance(b, ConfigDict) else b):
-      raise ValueError(f"model.init={cfg.model.init}: its {key} ({a}) differs from this config's ({b})")
-  return prev
-
-
-def abstract_model(cfg: ConfigDict) -> DualEncoder:
-  """The dual encoder's structure with no memory behind it (for restoring a checkpoint into)."""
-  m = cfg.model
-  if is_stage1_workdir(m.init):
-    return abstract_model(_previous_round(cfg))
-  bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(m.init, **checkpoint_overrides(m))
-  tower_cfg = TowerConfig(**cfg.tower)
-
-  def create():
-    query = Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))
-    doc = query if cfg.tied else Tower.create(bcfg, tower_cfg, nnx.Rngs(m.get("doc_seed", m.seed)))
-    return DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
-  return nnx.eval_shape(create)
-
-
 def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
+  """The dual encoder at step 0: the towers a previous Stage 1 run trained (`model.init` a workdir), a
+  checkpoint's backbone for both, or random; parameters created (or imported) straight into their shardings."""
   m, rules = cfg.model, cfg.rules
   tower_cfg = TowerConfig(**cfg.tower)
-  if is_stage1_workdir(m.init):  # the next round starts from the towers a previous run trained
-    prev = _previous_round(cfg)
-    ckpt = Checkpointer(os.path.join(m.init, "checkpoints"), keep=prev.checkpoint.keep)
-    graphdef, params, _, _ = restore(prev, ckpt, ckpt.latest_step(), mesh)
-    ckpt.close()
-    model = nnx.merge(graphdef, params)
+  if trained.is_stage1_workdir(m.init):  # the next round starts from the towers a previous run trained
+    trained.previous_round(cfg)  # refused unless the towers' structure agrees
+    model, tokenizer, _ = trained.load_stage1(m.init, mesh)
     model.fixed_scale = 1.0 / cfg.loss.temperature
-    return model, tokenizer_of(prev)
+    return model, tokenizer
   if m.init == "random":
-    bcfg = backbone_config(m)
+    bcfg = trained.backbone_config(m)
     # Both towers start from identical weights, like one checkpoint, unless the config gives the document
     # tower a seed of its own (`model.doc_seed`): then the two start unrelated and retrieval at chance.
     make = lambda seed: lambda: Tower.create(bcfg, tower_cfg, nnx.Rngs(seed))  # noqa: E731
@@ -157,8 +59,8 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
     tokenizer = Tokenizer.from_pretrained(m.tokenizer)
   else:
     place = sharding.param_sharding_fn(mesh, rules)
-    load = lambda: Tower(load_backbone(m.init, sharding=place, **checkpoint_overrides(m))[0], tower_cfg,  # noqa: E731
-                         rngs=nnx.Rngs(m.seed))
+    load = lambda: Tower(load_backbone(m.init, sharding=place, **trained.checkpoint_overrides(m))[0],  # noqa: E731
+                         tower_cfg, rngs=nnx.Rngs(m.seed))
     query = load()
     doc = query if cfg.tied else load()
     tokenizer = Tokenizer.from_pretrained(m.tokenizer or m.init)
@@ -167,24 +69,6 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
   return nnx.merge(graphdef, state), tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizer: AdamW with warmup + decay, global-norm clipping, no weight decay on vectors (norms, biases).
-
-def make_optimizer(o: ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  decay_steps = max(num_steps, o.warmup_steps + 1)
-  if o.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps, o.lr * o.final_lr_fraction)
-  elif o.schedule == "linear":
-    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
-                               optax.linear_schedule(o.lr, o.lr * o.final_lr_fraction, decay_steps - o.warmup_steps)],
-                              [o.warmup_steps])
-  else:
-    raise ValueError(f"optim.schedule={o.schedule!r}: expected 'cosine' or 'linear'")
-  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-  return optax.chain(optax.clip_by_global_norm(o.clip_norm),
-                     optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,16 +147,6 @@ def jit_train_step(cfg: ConfigDict, graphdef, tx, mesh, params, opt_state):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: Recall@10 by exact search and contrastive entropy on held-out queries.
 
-def eval_doc_ids(data: synthetic.Dataset, max_docs: int, rng: np.random.Generator) -> list[str]:
-  """The documents validation searches: all, or the judged ones plus a random sample up to `max_docs`."""
-  doc_ids = list(data.corpus)
-  if max_docs and len(doc_ids) > max_docs:
-    judged = {d for r in data.qrels.values() for d in r if d in data.corpus}
-    others = [d for d in doc_ids if d not in judged]
-    doc_ids = sorted(judged) + list(rng.choice(others, size=max(0, max_docs - len(judged)), replace=False))
-  return doc_ids
-
-
 def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic.Dataset, *, num_negatives: int,
              max_docs: int, seed: int, batch_size: int) -> dict[str, float]:
   """IR metrics of the current towers on held-out queries (over at most `max_docs` documents: the judged
@@ -281,7 +155,7 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
   q_enc.update(model.query)
   d_enc.update(model.doc)
   rng = np.random.default_rng(seed)
-  doc_ids = eval_doc_ids(data, max_docs, rng)
+  doc_ids = validation_doc_ids(data, max_docs, rng)
   qids = list(data.queries)
   d_NxD = d_enc.encode_documents([data.corpus[d] for d in doc_ids], batch_size=batch_size, show_progress=False)
   q_QxD = q_enc.encode_queries([data.queries[q] for q in qids], batch_size=batch_size, show_progress=False)
@@ -294,73 +168,6 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
 # ----------------------------------------------------------------------------------------------------------
 # The loop: resume or start, step, log, validate, checkpoint.
 
-class MetricsLog:
-  """metrics.jsonl (every process-0 record) and TensorBoard event files under the workdir."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.active = is_main()
-    if not self.active:
-      return
-    from tensorboardX import SummaryWriter
-
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    kept = []
-    if os.path.exists(self.path):  # drop what a crashed run logged after its last checkpoint
-      with open(self.path) as f:
-        lines = f.readlines()
-      for lineno, line in enumerate(lines, 1):
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          if lineno == len(lines):  # torn by a kill mid-write: it was logged after the checkpoint anyway
-            break
-          raise ValueError(f"{self.path}:{lineno}: not a JSON line; move the file aside to resume") from None
-        if row["step"] <= resume_step:
-          kept.append(line)
-    with open(self.path, "w") as f:
-      f.writelines(kept)
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
-
-  def write(self, step: int, prefix: str, metrics: dict) -> None:
-    if not self.active:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}) + "\n")
-    for k, v in metrics.items():
-      self.tb.add_scalar(f"{prefix}/{k}", v, step)
-    self.tb.flush()
-
-
-def restore(cfg: ConfigDict, ckpt: Checkpointer, step: int, mesh, tx=None):
-  """(graphdef, params, opt_state, data_state) of checkpoint `step`, in `mesh`'s shardings. Without `tx`
-  only the parameters are read."""
-  graphdef, abstract = nnx.split(abstract_model(cfg))
-  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))  # this run's rules
-  abstract_opt = None if tx is None else sharding.abstract_optimizer(tx, abstract, mesh)
-  params, opt_state, data_state = ckpt.restore(step, abstract, abstract_opt)
-  return graphdef, params, opt_state, data_state
-
-
-def load_trained(workdir: str, mesh=None, step: int | None = None) -> tuple[DualEncoder, Tokenizer, ConfigDict]:
-  """The dual encoder of a Stage 1 workdir (its latest checkpoint unless `step`), its tokenizer and config."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    cfg = ConfigDict(json.load(f))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint")
-  mesh = mesh or sharding.make_mesh(cfg.mesh)
-  graphdef, params, _, _ = restore(cfg, ckpt, step, mesh)
-  ckpt.close()
-  return nnx.merge(graphdef, params), tokenizer_of(cfg), cfg
-
-
-def tokenizer_of(cfg: ConfigDict) -> Tokenizer:
-  """The towers' tokenizer, following `model.init` back through warm-started rounds."""
-  m = cfg.model
-  return tokenizer_of(_previous_round(cfg)) if is_stage1_workdir(m.init) else Tokenizer.from_pretrained(m.tokenizer or m.init)
-
-
 @holds_lock("workdir")  # one writer at a time; the kernel releases it however the run ends
 def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
@@ -370,7 +177,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   if is_main():
     print(f"stage1: {sharding.describe(mesh)}", flush=True)
-  examples, held_out, corpus = load_data(cfg)
+  examples, held_out, corpus = load_data(cfg.data)
   tx = make_optimizer(cfg.optim, cfg.num_steps)
 
   if last is None:  # fresh start: parameters created (or imported) already sharded
@@ -379,9 +186,10 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     opt_state = sharding.init_optimizer(tx, params, mesh)
     start, data_state = 0, None
   else:  # resume: restore straight into this mesh's shardings (it may differ from the saving run's)
-    graphdef, params, opt_state, data_state = restore(cfg, ckpt, last, mesh, tx)
+    graphdef, params, opt_state, data_state = trained.restore(trained.abstract_dual_encoder(cfg), ckpt, last, mesh,
+                                                              cfg.rules, tx)
     model, start = nnx.merge(graphdef, params), last
-    tokenizer = tokenizer_of(cfg)
+    tokenizer = trained.stage1_tokenizer(cfg)
 
   q_enc, d_enc = Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)

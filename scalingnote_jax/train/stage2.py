@@ -2,19 +2,19 @@
 
 Documents stay with the LLM document tower; only the query side moves to the student, trained to reproduce
 the teacher's query embeddings (MSE + lambda * (1 - cosine)). Teacher embeddings are computed once and
-cached, so no step runs the LLM. Sections in execution order: teacher -> training queries -> cached teacher
-embeddings -> student (created sharded) -> train step -> evaluation -> loop.
+cached, so no step runs the LLM. Sections in execution order: teacher -> training queries -> train step ->
+evaluation -> the loop (cached teacher embeddings, the student: its spec by `artifacts/trained.tower_spec`,
+created sharded by `train/common.py`, step, log, validate, checkpoint).
 
   scalingnote distill --config configs/distill_tiny.py --config.teacher=STAGE1_WORKDIR --workdir DIR
 
 The workdir holds config.json, student.json (what rebuilds the student: backbone and tower configs, its
 tokenizer, the teacher's fingerprints), teacher/{queries,val_queries,documents}/ (cached teacher embeddings,
-`index.corpus` stores; elsewhere with `teacher_cache`), checkpoints/, metrics.jsonl and tensorboard/.
+`artifacts.store` stores; elsewhere with `teacher_cache`), checkpoints/, metrics.jsonl and tensorboard/.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -25,38 +25,37 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from scalingnote_jax import models, sharding
+from scalingnote_jax import sharding
+from scalingnote_jax.artifacts import store, trained
+from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
+from scalingnote_jax.artifacts.trained import STUDENT_FILE
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.data.pipeline import DistillData
+from scalingnote_jax.data.training import load_data, validation_doc_ids
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, to_run
-from scalingnote_jax.index import corpus as store
-from scalingnote_jax.models import bert, llm
 from scalingnote_jax.models.tokenizer import Tokenizer
-from scalingnote_jax.models.tower import Tower, TowerConfig
-from scalingnote_jax.train import stage1
-from scalingnote_jax.train.checkpoint import Checkpointer, abstract_like, fingerprint
-from scalingnote_jax.train.common import CONFIG_FILE, Preemption, SyncPoint, jit_step, open_workdir
+from scalingnote_jax.train.common import (MetricsLog, Preemption, SyncPoint, jit_step, make_optimizer,
+                                          open_workdir, start_or_restore)
 from scalingnote_jax.train.losses import distillation_loss
-
-STUDENT_FILE = "student.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Teacher: the towers of a Stage 1 workdir, identified by content fingerprints.
 
-def load_teacher(path: str, mesh) -> tuple[stage1.DualEncoder, Tokenizer, ConfigDict, dict]:
-  """(towers, tokenizer, Stage 1 config, identity {workdir, dim, query_fingerprint, doc_fingerprint})."""
-  if not path or not stage1.is_stage1_workdir(path):
+def load_teacher(path: str, mesh) -> tuple[Encoder, Encoder, ConfigDict, dict]:
+  """(query encoder, document encoder, Stage 1 config, identity {workdir, dim, query_fingerprint,
+  doc_fingerprint})."""
+  if not path or not trained.is_stage1_workdir(path):
     raise ValueError(f"teacher={path!r}: not a Stage 1 workdir (config.json + checkpoints/); "
                      "set --config.teacher=DIR to a `scalingnote train` workdir")
-  model, tokenizer, t_cfg = stage1.load_trained(path, mesh)
-  identity = {"workdir": os.path.abspath(path), "dim": model.query.dim,
-              "query_fingerprint": fingerprint(nnx.state(model.query)),
-              "doc_fingerprint": fingerprint(nnx.state(model.doc))}
-  return model, tokenizer, t_cfg, identity
+  model, tokenizer, t_cfg = trained.load_stage1(path, mesh)
+  q_enc, d_enc = Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
+  identity = {"workdir": os.path.abspath(path), "dim": q_enc.dim, "query_fingerprint": q_enc.fingerprint,
+              "doc_fingerprint": d_enc.fingerprint}
+  return q_enc, d_enc, t_cfg, identity
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +79,7 @@ def read_query_file(path: str) -> list[str]:
 
 def training_queries(cfg: ConfigDict, t_cfg: ConfigDict) -> tuple[dict[str, str], synthetic.Dataset | None]:
   """({id: text} to distil on, the teacher's held-out split or None)."""
-  examples, held_out, _ = stage1.load_data(t_cfg)
+  examples, held_out, _ = load_data(t_cfg.data)
   texts = {ex.query_id: ex.query for ex in examples}
   unlabelled = []
   if cfg.data.unlabelled_per_doc:
@@ -98,95 +97,6 @@ def training_queries(cfg: ConfigDict, t_cfg: ConfigDict) -> tuple[dict[str, str]
       seen.add(text)
       texts[f"unlabelled:{len(texts)}"] = text
   return texts, held_out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Student: a BERT encoder (a pretrained checkpoint's first L layers, or random) with a projection to the
-# teacher's width when they differ.
-
-def tower_spec(s: ConfigDict, tower: ConfigDict, teacher_dim: int | None = None) -> dict:
-  """What student.json (a reranker's reranker.json) records: backbone config (with its kind), tower config,
-  tokenizer, init. `s`: init / num_layers / tokenizer / backbone / dtypes; `tower`: TowerConfig fields
-  (unset ones follow the checkpoint) and `projection` (None, an int, or "auto": to `teacher_dim` when the
-  backbone's width differs)."""
-  if s.init == "random":
-    bcfg, model_dir, tokenizer = stage1.backbone_config(s), None, s.tokenizer
-  else:
-    model_dir = models.resolve_path(s.init)
-    full = models.backbone_config(model_dir).num_layers
-    bcfg = models.backbone_config(model_dir, num_layers=s.num_layers or full, dtype=s.dtype,
-                                  param_dtype=s.param_dtype, remat=s.remat)
-    tokenizer = s.tokenizer or model_dir
-  fields = {k: v for k, v in tower.items() if k != "projection" and v is not None}
-  projection = tower.projection
-  if projection == "auto":
-    projection = teacher_dim if bcfg.hidden_size != teacher_dim else None
-  tower = TowerConfig.default_for(bcfg, model_dir if model_dir and os.path.isdir(model_dir) else None,
-                                  projection_dim=projection or None, **fields)
-  kind = "bert" if isinstance(bcfg, bert.BertConfig) else "llm"
-  return {"backbone": {"kind": kind, **dataclasses.asdict(bcfg)}, "tower": dataclasses.asdict(tower),
-          "tokenizer": tokenizer, "init": model_dir or "random"}
-
-
-def _configs(spec: dict):
-  fields = dict(spec["backbone"])
-  cls = {"bert": bert.BertConfig, "llm": llm.LLMConfig}[fields.pop("kind")]
-  return cls(**fields), TowerConfig(**spec["tower"])
-
-
-def build_student(spec: dict, mesh, rules, seed: int) -> Tower:
-  """The student with its parameters created (or imported) straight into their shardings."""
-  bcfg, tcfg = _configs(spec)
-  if spec["init"] == "random":
-    return sharding.create_sharded(lambda: Tower.create(bcfg, tcfg, nnx.Rngs(seed)), mesh, rules)
-  overrides = {f: getattr(bcfg, f) for f in ("num_layers", "dtype", "param_dtype", "remat")}
-  backbone, _ = models.load_backbone(spec["init"], sharding=sharding.param_sharding_fn(mesh, rules), **overrides)
-  student = Tower(backbone, tcfg, rngs=nnx.Rngs(seed))
-  graphdef, state = nnx.split(student)  # the projection was made outside the sharded path
-  return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
-
-
-def abstract_student(spec: dict) -> Tower:
-  bcfg, tcfg = _configs(spec)
-  return nnx.eval_shape(lambda: Tower.create(bcfg, tcfg, nnx.Rngs(0)))
-
-
-def start_or_restore(spec: dict, tx, ckpt: Checkpointer, last: int | None, mesh, rules, seed: int):
-  """(tower, graphdef, params, opt_state, start step, data iterator state) of a one-tower trainer (Stage 2,
-  rerankers): created sharded at step 0, or restored from checkpoint `last` straight into its shardings."""
-  if last is None:
-    tower = build_student(spec, mesh, rules, seed)
-    graphdef, params = nnx.split(tower)
-    opt_state = sharding.init_optimizer(tx, params, mesh)
-    return tower, graphdef, params, opt_state, 0, None
-  graphdef, abstract = nnx.split(abstract_student(spec))
-  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
-  abstract_opt = sharding.abstract_optimizer(tx, abstract, mesh)
-  params, opt_state, data_state = ckpt.restore(last, abstract, abstract_opt)
-  return nnx.merge(graphdef, params), graphdef, params, opt_state, last, data_state
-
-
-def read_spec(workdir: str, spec_file: str = STUDENT_FILE) -> dict:
-  with open(os.path.join(workdir, spec_file)) as f:
-    return json.load(f)
-
-
-def load_student(workdir: str, mesh=None, step: int | None = None,
-                 spec_file: str = STUDENT_FILE) -> tuple[Tower, Tokenizer, dict]:
-  """The student of a Stage 2 workdir (or the tower of a workdir with another `spec_file`: a reranker's),
-  latest checkpoint unless `step`, its tokenizer and its spec."""
-  spec = read_spec(workdir, spec_file)
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    cfg = ConfigDict(json.load(f))
-  mesh = mesh or sharding.make_mesh(cfg.mesh)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint")
-  graphdef, abstract = nnx.split(abstract_student(spec))
-  params, _, _ = ckpt.restore(step, abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules)))
-  ckpt.close()
-  return nnx.merge(graphdef, params), Tokenizer.from_pretrained(spec["tokenizer"]), spec
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,34 +154,30 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
 
   # Teacher embeddings: training queries, held-out queries and the documents validation searches. Each
   # store is resumable and reused; its fingerprint ties it to this teacher.
-  teacher, t_tok, t_cfg, identity = load_teacher(cfg.teacher, mesh)
+  t_q_enc, t_d_enc, t_cfg, identity = load_teacher(cfg.teacher, mesh)
   cache = cfg.get("teacher_cache") or os.path.join(workdir, "teacher")  # students of one teacher may share it
-  if last is not None and read_spec(workdir)["teacher"]["query_fingerprint"] != identity["query_fingerprint"]:
+  if last is not None and trained.read_spec(workdir)["teacher"]["query_fingerprint"] != identity["query_fingerprint"]:
     raise ValueError(f"{workdir} was distilled from another teacher than {cfg.teacher} (fingerprints differ)")
   queries, held_out = training_queries(cfg, t_cfg)
-  t_q_enc, t_d_enc = Encoder(teacher.query, t_tok, mesh), Encoder(teacher.doc, t_tok, mesh)
   kw = dict(batch_size=cfg.teacher_encode.batch_size, chunk_size=cfg.teacher_encode.chunk_size)
-  train_store = store.encode_corpus(t_q_enc, queries, os.path.join(cache, "queries"), queries=True,
-                                    fingerprint=identity["query_fingerprint"], **kw)
+  train_store = store.encode_corpus(t_q_enc, queries, os.path.join(cache, "queries"), queries=True, **kw)
   validate = held_out is not None and cfg.eval.every > 0
   if validate:
-    doc_ids = stage1.eval_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed))
+    doc_ids = validation_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed))
     val_qids = list(held_out.queries)
-    store.encode_corpus(t_q_enc, held_out.queries, os.path.join(cache, "val_queries"), queries=True,
-                        fingerprint=identity["query_fingerprint"], **kw)
-    store.encode_corpus(t_d_enc, {d: held_out.corpus[d] for d in doc_ids},
-                        os.path.join(cache, "documents"), fingerprint=identity["doc_fingerprint"], **kw)
+    store.encode_corpus(t_q_enc, held_out.queries, os.path.join(cache, "val_queries"), queries=True, **kw)
+    store.encode_corpus(t_d_enc, {d: held_out.corpus[d] for d in doc_ids}, os.path.join(cache, "documents"), **kw)
     _, t_val_QxD = store.load_embeddings(os.path.join(cache, "val_queries"))
     _, d_NxD = store.load_embeddings(os.path.join(cache, "documents"))
     teacher_metrics = search_metrics(val_qids, t_val_QxD, doc_ids, d_NxD, held_out.qrels)
-  del teacher, t_q_enc, t_d_enc  # the LLM is not needed from here on
+  del t_q_enc, t_d_enc  # the LLM is not needed from here on
 
   # Student and optimizer: fresh (student.json written once) or restored.
-  spec = tower_spec(cfg.student, cfg.tower, identity["dim"]) if last is None else read_spec(workdir)
+  spec = trained.tower_spec(cfg.student, cfg.tower, identity["dim"]) if last is None else trained.read_spec(workdir)
   spec["teacher"] = identity
   if is_main():
-    store.write_atomic(os.path.join(workdir, STUDENT_FILE), json.dumps(spec, indent=1))
-  tx = stage1.make_optimizer(cfg.optim, cfg.num_steps)
+    write_atomic(os.path.join(workdir, STUDENT_FILE), json.dumps(spec, indent=1))
+  tx = make_optimizer(cfg.optim, cfg.num_steps)
   student, graphdef, params, opt_state, start, data_state = start_or_restore(spec, tx, ckpt, last, mesh, cfg.rules,
                                                                              cfg.student.seed)
   s_tok = Tokenizer.from_pretrained(spec["tokenizer"])
@@ -286,7 +192,7 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     batches.set_state(data_state)
   step_fn = jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
 
-  log = stage1.MetricsLog(workdir, start)
+  log = MetricsLog(workdir, start)
   history, evals = [], []
 
   def run_eval(step):

@@ -1,5 +1,6 @@
-"""Offline encoding of a corpus by the document tower (or of a query set by the query tower) into a
-tensorstore zarr array, resumable chunk by chunk.
+"""The embedding store: a corpus encoded by a document tower (or a query set by a query tower) into a
+tensorstore zarr array, written resumably chunk by chunk, recording which tower wrote it. It holds the
+corpus encodings of `scalingnote encode`, a bundle's documents and the Stage 2 teacher cache.
 
 Layout of the output directory:
   ids.json            the ids in row order (written first; a rerun checks it is the same corpus)
@@ -22,22 +23,14 @@ import os
 import jax
 import numpy as np
 import tensorstore as ts
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.distributed import is_main
-from scalingnote_jax.encoder import Encoder
 
 COMPLETE, IDS, ENCODER, ARRAY = "COMPLETE", "ids.json", "ENCODER", "embeddings.zarr"
-
-
-def write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def open_array(out_dir: str, shape=None, chunk_rows=None, *, create: bool):
@@ -48,32 +41,15 @@ def open_array(out_dir: str, shape=None, chunk_rows=None, *, create: bool):
   return ts.open(spec, create=create, open=True).result()
 
 
-def towers(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> tuple[Encoder, Encoder, float | None]:
-  """(query, document) encoders and the temperature they were trained at: a Stage 1 workdir's towers
-  (latest checkpoint; its fixed or learned temperature), or one HF dir / GGUF / packaged model for both
-  sides (None: not trained here)."""
-  from scalingnote_jax.train import stage1
-
-  if stage1.is_stage1_workdir(checkpoint):
-    model, tokenizer, _ = stage1.load_trained(checkpoint, mesh)
-    return Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh), 1.0 / float(model.scale())
-  encoder = Encoder.from_pretrained(checkpoint, mesh=mesh)
-  return encoder, encoder, None
-
-
-def document_encoder(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> Encoder:
-  return towers(checkpoint, mesh)[1]
-
-
 @holds_lock("out_dir")  # one writer at a time; the kernel releases it however the run ends
-def encode_corpus(encoder: Encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk_size: int = 1024,
-                  batch_size: int = 64, queries: bool = False, fingerprint: str | None = None) -> str:
+def encode_corpus(encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk_size: int = 1024,
+                  batch_size: int = 64, queries: bool = False) -> str:
   """Encodes `corpus` ({id: {"title", "text"}} documents, or {id: text} queries with `queries`) into
-  `out_dir`; returns it. Skips finished chunks. `fingerprint` names the tower's parameters
-  (`train.checkpoint.fingerprint`): it is recorded, and resuming a store another tower began is refused."""
+  `out_dir` with `encoder` (an `encoder.Encoder`); returns it. Skips finished chunks. The encoder's
+  fingerprint is recorded; finishing or reusing a store another tower wrote is refused."""
   os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
   kind = "queries" if queries else "documents"
-  encoder_info = {"fingerprint": fingerprint, "kind": kind}
+  encoder_info = {"fingerprint": encoder.fingerprint, "kind": kind}
   ids = list(corpus)
   if os.path.exists(os.path.join(out_dir, COMPLETE)):
     _check_encoder(out_dir, _read_json(out_dir, COMPLETE), encoder_info)
@@ -109,8 +85,7 @@ def encode_corpus(encoder: Encoder, corpus: dict[str, dict | str], out_dir: str,
     open(os.path.join(out_dir, "done", str(c)), "w").close()
 
   if jax.process_count() > 1:  # every process's chunks are written before the store is declared complete
-    from jax.experimental import multihost_utils
-
+    
     multihost_utils.sync_global_devices("encode_corpus")
   if is_main():
     write_atomic(os.path.join(out_dir, COMPLETE),
@@ -127,7 +102,7 @@ def _read_json(out_dir: str, name: str):
 
 def _check_encoder(out_dir: str, found: dict, want: dict) -> None:
   for key in ("kind", "fingerprint"):
-    if want[key] is not None and found.get(key) != want[key]:
+    if found.get(key) != want[key]:
       raise ValueError(f"{out_dir}: was encoded with {key} {found.get(key)!r}, not this tower's {want[key]!r}; "
                        "use a new --out (or the tower that wrote it)")
 

@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -56,8 +57,6 @@ def fingerprint(params) -> str:
   """A content hash of a parameter tree (paths, shapes, dtypes and exact values): equal for the same
   weights on any mesh and any number of processes. Bundles use it to tie a student and a document index to
   the teacher they came from. Reads one leaf at a time onto the host."""
-  from jax.experimental import multihost_utils
-
   h = hashlib.sha256()
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

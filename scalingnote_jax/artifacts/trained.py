@@ -1,0 +1,178 @@
+"""Trained models in the workdirs trainers leave, and the code that reads them back (for encoding, serving,
+evaluation and the next stage). Trainers write them; nothing else needs a trainer to read one.
+
+  a Stage 1 workdir     config.json (the run's config: what rebuilds the dual encoder), checkpoints/ (orbax:
+                        parameters, optimizer state, data iterator), metrics.jsonl, tensorboard/
+  a one-tower workdir   the same, plus a spec (student.json of a Stage 2 student, reranker.json of a
+                        reranker): backbone and tower configs, tokenizer, init; a student's also names its
+                        teacher by fingerprints
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from flax import nnx
+from ml_collections import ConfigDict
+
+from scalingnote_jax import models, sharding
+from scalingnote_jax.artifacts.checkpoint import Checkpointer, abstract_like
+from scalingnote_jax.models import bert, llm
+from scalingnote_jax.models.dual import DualEncoder
+from scalingnote_jax.models.tokenizer import Tokenizer
+from scalingnote_jax.models.tower import Tower, TowerConfig
+
+CONFIG_FILE = "config.json"
+STUDENT_FILE = "student.json"
+RERANKER_FILE = "reranker.json"
+
+
+def read_config(workdir: str) -> ConfigDict:
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    return ConfigDict(json.load(f))
+
+
+def restore(abstract_module: nnx.Module, ckpt: Checkpointer, step: int, mesh, rules, tx=None):
+  """(graphdef, params, opt_state, data_state) of checkpoint `step`, restored straight into `mesh`'s
+  shardings under `rules` (they may differ from the saving run's). Without `tx` only the parameters are
+  read."""
+  graphdef, abstract = nnx.split(abstract_module)
+  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
+  abstract_opt = None if tx is None else sharding.abstract_optimizer(tx, abstract, mesh)
+  params, opt_state, data_state = ckpt.restore(step, abstract, abstract_opt)
+  return graphdef, params, opt_state, data_state
+
+
+def _load(workdir: str, abstract_of, mesh, step: int | None) -> tuple[nnx.Module, ConfigDict]:
+  """(module, config) of a workdir's checkpoint `step` (default: the latest complete one)."""
+  cfg = read_config(workdir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint")
+    graphdef, params, _, _ = restore(abstract_of(cfg), ckpt, step, mesh or sharding.make_mesh(cfg.mesh), cfg.rules)
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, params), cfg
+
+
+def _backbone(fields: dict, **overrides):
+  """A backbone config from its fields with their `kind` ("llm" or "bert")."""
+  fields = dict(fields)
+  cls = {"llm": llm.LLMConfig, "bert": bert.BertConfig}[fields.pop("kind")]
+  return cls(**{**fields, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A Stage 1 workdir: the dual encoder.
+
+def is_stage1_workdir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def backbone_config(m: ConfigDict):
+  """The backbone config of a `model` section with `init="random"`."""
+  return _backbone(m.backbone.to_dict(), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def checkpoint_overrides(m: ConfigDict) -> dict:
+  """Backbone fields a config sets over a checkpoint's: dtypes, remat, and `num_layers` (> 0: keep the first
+  layers only, e.g. a small dual tower from a larger encoder)."""
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+              **({"num_layers": m.num_layers} if m.get("num_layers") else {}))
+
+
+def previous_round(cfg: ConfigDict) -> ConfigDict:
+  """The config of the Stage 1 run that `model.init` names (a warm start, e.g. after mining negatives).
+  The towers keep that run's structure, so the parts that define it must agree."""
+  prev = read_config(cfg.model.init)
+  for key in ("tied", "tower", "loss.learn_temperature"):
+    a, b = prev, cfg
+    for part in key.split("."):
+      a, b = a[part], b[part]
+    if (a.to_dict() if isinstance(a, ConfigDict) else a) != (b.to_dict() if isinstance(b, ConfigDict) else b):
+      raise ValueError(f"model.init={cfg.model.init}: its {key} ({a}) differs from this config's ({b})")
+  return prev
+
+
+def abstract_dual_encoder(cfg: ConfigDict) -> DualEncoder:
+  """The dual encoder a Stage 1 config describes, with no memory behind it (for restoring into)."""
+  m = cfg.model
+  if is_stage1_workdir(m.init):
+    return abstract_dual_encoder(previous_round(cfg))
+  bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(m.init, **checkpoint_overrides(m))
+  tower_cfg = TowerConfig(**cfg.tower)
+
+  def create():
+    query = Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))
+    doc = query if cfg.tied else Tower.create(bcfg, tower_cfg, nnx.Rngs(m.get("doc_seed", m.seed)))
+    return DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
+  return nnx.eval_shape(create)
+
+
+def stage1_tokenizer(cfg: ConfigDict) -> Tokenizer:
+  """The towers' tokenizer, following `model.init` back through warm-started rounds."""
+  m = cfg.model
+  if is_stage1_workdir(m.init):
+    return stage1_tokenizer(previous_round(cfg))
+  return Tokenizer.from_pretrained(m.tokenizer or m.init)
+
+
+def load_stage1(workdir: str, mesh=None, step: int | None = None) -> tuple[DualEncoder, Tokenizer, ConfigDict]:
+  """The dual encoder of a Stage 1 workdir (its latest checkpoint unless `step`), its tokenizer and config."""
+  model, cfg = _load(workdir, abstract_dual_encoder, mesh, step)
+  return model, stage1_tokenizer(cfg), cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A one-tower workdir (a Stage 2 student, a reranker): the tower its spec describes.
+
+def tower_spec(s: ConfigDict, tower: ConfigDict, teacher_dim: int | None = None) -> dict:
+  """What student.json (a reranker's reranker.json) records: backbone config (with its kind), tower config,
+  tokenizer, init. `s`: init / num_layers / tokenizer / backbone / dtypes; `tower`: TowerConfig fields
+  (unset ones follow the checkpoint) and `projection` (None, an int, or "auto": to `teacher_dim` when the
+  backbone's width differs)."""
+  if s.init == "random":
+    bcfg, model_dir, tokenizer = backbone_config(s), None, s.tokenizer
+  else:
+    model_dir = models.resolve_path(s.init)
+    full = models.backbone_config(model_dir).num_layers
+    bcfg = models.backbone_config(model_dir, num_layers=s.num_layers or full, dtype=s.dtype,
+                                  param_dtype=s.param_dtype, remat=s.remat)
+    tokenizer = s.tokenizer or model_dir
+  fields = {k: v for k, v in tower.items() if k != "projection" and v is not None}
+  projection = tower.projection
+  if projection == "auto":
+    projection = teacher_dim if bcfg.hidden_size != teacher_dim else None
+  tower = TowerConfig.default_for(bcfg, model_dir if model_dir and os.path.isdir(model_dir) else None,
+                                  projection_dim=projection or None, **fields)
+  kind = "bert" if isinstance(bcfg, bert.BertConfig) else "llm"
+  return {"backbone": {"kind": kind, **dataclasses.asdict(bcfg)}, "tower": dataclasses.asdict(tower),
+          "tokenizer": tokenizer, "init": model_dir or "random"}
+
+
+def tower_configs(spec: dict):
+  """(backbone config, tower config) of a spec."""
+  return _backbone(spec["backbone"]), TowerConfig(**spec["tower"])
+
+
+def abstract_tower(spec: dict) -> Tower:
+  bcfg, tcfg = tower_configs(spec)
+  return nnx.eval_shape(lambda: Tower.create(bcfg, tcfg, nnx.Rngs(0)))
+
+
+def read_spec(workdir: str, spec_file: str = STUDENT_FILE) -> dict:
+  with open(os.path.join(workdir, spec_file)) as f:
+    return json.load(f)
+
+
+def load_tower(workdir: str, mesh=None, step: int | None = None,
+               spec_file: str = STUDENT_FILE) -> tuple[Tower, Tokenizer, dict]:
+  """The tower of a Stage 2 workdir (or of a workdir with another `spec_file`: a reranker's), latest
+  checkpoint unless `step`, its tokenizer and its spec."""
+  spec = read_spec(workdir, spec_file)
+  tower, _ = _load(workdir, lambda cfg: abstract_tower(spec), mesh, step)
+  return tower, Tokenizer.from_pretrained(spec["tokenizer"]), spec

@@ -1,0 +1,55 @@
+"""What a run's `data` section names, as examples: training examples, a held-out split for validation and
+the corpus (the synthetic corpus, or a BEIR directory with optional mined negatives); nested subsets for
+data-size sweeps; the documents a validation searches."""
+
+from __future__ import annotations
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from scalingnote_jax.data import beir, synthetic
+
+
+def load_data(d: ConfigDict) -> tuple[list[beir.TrainExample], synthetic.Dataset | None, dict]:
+  """(training examples, validation dataset or None, corpus) of a config's `data` section."""
+  if d.source == "synthetic":
+    data = synthetic.generate(d.num_docs, queries_per_doc=d.queries_per_doc, seed=d.seed)
+    qids = list(data.queries)
+    n_val = int(len(qids) * d.val_fraction)
+    rng = np.random.default_rng(d.seed)
+    val = set(rng.choice(qids, size=n_val, replace=False).tolist())
+    train = synthetic.Dataset(data.corpus, {q: t for q, t in data.queries.items() if q not in val},
+                              {q: r for q, r in data.qrels.items() if q not in val})
+    examples = synthetic.with_topic_negatives(beir.examples_from_qrels(train), data.corpus, d.n_neg_candidates,
+                                              d.seed)
+    examples = subsample(examples, d.get("train_fraction", 1.0), d.seed)
+    held_out = synthetic.Dataset(data.corpus, {q: data.queries[q] for q in val}, {q: data.qrels[q] for q in val})
+    return examples, held_out, data.corpus
+  if d.source == "beir":
+    train = beir.load_beir(d.path, d.train_split)
+    examples = (beir.load_train_jsonl(d.train_jsonl, train.corpus) if d.train_jsonl
+                else beir.examples_from_qrels(train))
+    held_out = beir.load_beir(d.path, d.val_split, unknown="skip") if d.val_split else None
+    return subsample(examples, d.get("train_fraction", 1.0), d.seed), held_out, train.corpus
+  raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
+
+
+def subsample(examples: list, fraction: float, seed: int) -> list:
+  """A fixed random `fraction` of the training examples (data-size sweeps); nested: a smaller fraction's
+  examples are a subset of a larger one's."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"data.train_fraction={fraction}: expected 0 < fraction <= 1")
+  if fraction == 1:
+    return examples
+  order = np.random.default_rng(seed).permutation(len(examples))
+  return [examples[i] for i in sorted(order[:max(1, round(fraction * len(examples)))])]
+
+
+def validation_doc_ids(data: synthetic.Dataset, max_docs: int, rng: np.random.Generator) -> list[str]:
+  """The documents validation searches: all, or the judged ones plus a random sample up to `max_docs`."""
+  doc_ids = list(data.corpus)
+  if max_docs and len(doc_ids) > max_docs:
+    judged = {d for r in data.qrels.values() for d in r if d in data.corpus}
+    others = [d for d in doc_ids if d not in judged]
+    doc_ids = sorted(judged) + list(rng.choice(others, size=max(0, max_docs - len(judged)), replace=False))
+  return doc_ids
