@@ -124,7 +124,8 @@ def main():
   # -- exact: ground truth, by the library's exact backend ------------------------------------------------
   exact = Index.build(d_NxD, ids, backend="exact")
   t0 = time.perf_counter()
-  true_scores, true_QxK = exact.search_indices(q_QxD, k)
+  truth = exact.search_indices(q_QxD, k)
+  true_scores, true_QxK = truth.scores, truth.ids
   print(f"exact: ground truth for {args.queries} queries in {time.perf_counter() - t0:.1f} s")
   rng = np.random.default_rng(args.seed)
   a, b = d_NxD[rng.integers(0, args.n, 10_000)], d_NxD[rng.integers(0, args.n, 10_000)]
@@ -152,19 +153,19 @@ def main():
     t0 = time.perf_counter()
     loaded = Index.load(os.path.join(tmp, "scann"), expect_dim=args.dim, expect_size=args.n)
     load_s = time.perf_counter() - t0
-    assert np.array_equal(loaded.search_indices(q_QxD[:100], k)[1], scann.search_indices(q_QxD[:100], k)[1])
+    assert np.array_equal(loaded.search_indices(q_QxD[:100], k).ids, scann.search_indices(q_QxD[:100], k).ids)
     del loaded
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   print(f"scann: saved {scann_bytes / 2**20:.0f} MiB in {save_s:.1f} s, loaded in {load_s:.1f} s (same results)")
-  scann_search = lambda q: scann.search_indices(q, k)[1]  # noqa: E731
+  scann_search = lambda q: scann.search_indices(q, k).ids  # noqa: E731
   scann_recall = recall_at(scann_search(q_QxD), true_QxK)
   print(f"scann: recall@10 {scann_recall:.4f}")
   if not scann.params["brute_force"]:
     leaves = scann.params["num_leaves_to_search"]
     for f in (0.5, 2.0):
       n_leaves = max(1, round(f * leaves))
-      s = lambda q: scann.search_indices(q, k, leaves_to_search=n_leaves)[1]  # noqa: B023, E731
+      s = lambda q: scann.search_indices(q, k, leaves_to_search=n_leaves).ids  # noqa: B023, E731
       print(f"  (sweep) leaves_to_search {n_leaves}: recall@10 {recall_at(s(q_QxD), true_QxK):.4f}")
 
   # -- faiss HNSW, efSearch raised until its recall matches ScaNN's ---------------------------------------
@@ -188,7 +189,7 @@ def main():
 
   # -- timing: all systems interleaved ----------------------------------------------------------------------
   q_exact = q_QxD[:args.exact_queries]
-  batched = dict(scann=scann_search, faiss_hnsw=hnsw_search, exact_numpy=lambda q: exact.search_indices(q, k)[1],
+  batched = dict(scann=scann_search, faiss_hnsw=hnsw_search, exact_numpy=lambda q: exact.search_indices(q, k).ids,
                  exact_jax=jax_batched)
   qps = timed_rounds(batched, dict(scann=q_QxD, faiss_hnsw=q_QxD, exact_numpy=q_exact, exact_jax=q_exact),
                      args.repeats)

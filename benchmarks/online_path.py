@@ -49,8 +49,8 @@ def timed(search, texts: list[str], single: int) -> tuple[float, list[float], ob
 
 
 def measure(name: str, retriever: Retriever, qids: list[str], texts: list[str], qrels: dict, single: int) -> dict:
-  batched_s, latencies, (ids, scores) = timed(lambda qs: retriever.search(qs, k=100), texts, single)
-  metrics = ir_metrics(qrels, {q: dict(zip(i, map(float, s))) for q, i, s in zip(qids, ids, scores)})
+  batched_s, latencies, hits = timed(lambda qs: retriever.search(qs, k=100), texts, single)
+  metrics = ir_metrics(qrels, hits.run(qids))
   out = {"qps": len(texts) / batched_s, "latency_ms_p50": 1e3 * float(np.percentile(latencies, 50)),
          "latency_ms_p99": 1e3 * float(np.percentile(latencies, 99)), "recall_at_100": metrics["recall_at_100"],
          "ndcg_at_10": metrics["ndcg_at_10"]}

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, to_run
+from scalingnote_jax.eval.retrieval import ir_metrics
+from scalingnote_jax.index.exact import exact_search
+from scalingnote_jax.index.hits import Hits
 
 
 def test_metrics_match_hand_computed_values():
@@ -34,12 +36,16 @@ def test_exact_search_and_self_removal():
   rng = np.random.default_rng(0)
   d = rng.normal(size=(300, 16)).astype(np.float32)
   q = rng.normal(size=(37, 16)).astype(np.float32)
-  scores, idx = exact_search(q, d, k=10, block=8)
+  hits = exact_search(q, d, k=10, block=8)
   full = q @ d.T
-  np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :10])
-  np.testing.assert_allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :10], rtol=1e-6)
-  run = to_run(["a"], ["a", "b", "c"], np.array([[3.0, 2.0, 1.0]]), np.array([[0, 1, 2]]))
-  assert list(run["a"]) == ["b", "c"]  # the query's own id never counts as a result
+  np.testing.assert_array_equal(hits.ids, np.argsort(-full, axis=1)[:, :10])
+  np.testing.assert_allclose(hits.scores, np.sort(full, axis=1)[:, ::-1][:, :10], rtol=1e-6)
+  hits = Hits(np.array([[0, 1, 2, -1]]), np.array([[3.0, 2.0, 1.0, -np.inf]], np.float32)).with_ids(["a", "b", "c"])
+  assert hits.ids == [["a", "b", "c", None]]
+  assert hits.run(["a"], drop_self=True) == {"a": {"b": 2.0, "c": 1.0}}  # not the query's own id, nor unfilled
+  assert hits.run(["a"]) == {"a": {"a": 3.0, "b": 2.0, "c": 1.0}}
+  with pytest.raises(TypeError, match="not a tuple"):  # no order to get wrong: `scores, ids = hits` fails
+    scores, ids = hits
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,8 +124,7 @@ def scifact_bm25_run():
 
   data, _ = load_split(os.path.join(BEIR, "scifact"), "test")
   system = Lexical(data.corpus)
-  ids, scores = system.search([data.queries[q] for q in data.qrels], 100)
-  return data, {q: dict(zip(i, map(float, s))) for q, i, s in zip(data.qrels, ids, scores)}, system
+  return data, system.search([data.queries[q] for q in data.qrels], 100).run(list(data.qrels)), system
 
 
 def test_bm25_on_scifact_matches_the_published_bm25s_score(scifact_bm25_run):

@@ -34,22 +34,22 @@ def test_exact_backend_equals_numpy_brute_force():
   q_QxD = rng.normal(size=(50, 32)).astype(np.float32)
   index = Index.build(d_NxD, ids_for(1000), backend="exact")
   assert (index.dim, index.size) == (32, 1000)
-  scores, ids = index.search(q_QxD, k=10)
+  hits = index.search(q_QxD, k=10)
   full_QxN = q_QxD @ d_NxD.T
   want = np.argsort(-full_QxN, axis=1)[:, :10]
-  assert ids == [[f"doc{i}" for i in row] for row in want]
-  np.testing.assert_allclose(scores, np.take_along_axis(full_QxN, want, axis=1), rtol=1e-5)
-  assert scores.dtype == np.float32
+  assert hits.ids == [[f"doc{i}" for i in row] for row in want]
+  np.testing.assert_allclose(hits.scores, np.take_along_axis(full_QxN, want, axis=1), rtol=1e-5)
+  assert hits.scores.dtype == np.float32
 
 
 def test_scann_defaults_reach_recall_on_clustered_embeddings(corpus, scann_index):
   d_NxD, q_QxD, _ = corpus
   assert scann_index.params["brute_force"] is False  # 20k documents: the tree + AH + reorder path
-  _, want = Index.build(d_NxD, ids_for(len(d_NxD)), backend="exact").search_indices(q_QxD, 10)
-  _, got = scann_index.search_indices(q_QxD, 10)
+  want = Index.build(d_NxD, ids_for(len(d_NxD)), backend="exact").search_indices(q_QxD, 10).ids
+  got = scann_index.search_indices(q_QxD, 10).ids
   recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
   assert recall >= 0.95, recall
-  _, one = scann_index.search_indices(q_QxD[:1], 10)  # the single-query path agrees with the batched one
+  one = scann_index.search_indices(q_QxD[:1], 10).ids  # the single-query path agrees with the batched one
   np.testing.assert_array_equal(one[0], got[0])
 
 
@@ -68,10 +68,10 @@ def test_small_corpus_is_brute_force_and_exact():
   q_QxD = rng.normal(size=(20, 16)).astype(np.float32)
   index = Index.build(d_NxD, ids_for(300), backend="scann")
   assert index.params == {"brute_force": True}
-  scores, ids = index.search(q_QxD, k=5)
-  want_scores, want_ids = Index.build(d_NxD, ids_for(300), backend="exact").search(q_QxD, k=5)
-  assert ids == want_ids
-  np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+  got = index.search(q_QxD, k=5)
+  want = Index.build(d_NxD, ids_for(300), backend="exact").search(q_QxD, k=5)
+  assert got.ids == want.ids
+  np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["exact", "scann"])
@@ -82,8 +82,8 @@ def test_save_load_search_identical(backend, corpus, scann_index, tmp_path):
   loaded = Index.load(str(tmp_path / "idx"), expect_dim=64, expect_size=len(ids))
   assert (loaded.backend, loaded.dim, loaded.size, loaded.params) == (backend, 64, len(ids), index.params)
   before, after = index.search(q_QxD, 10), loaded.search(q_QxD, 10)
-  np.testing.assert_array_equal(before[0], after[0])
-  assert before[1] == after[1]
+  np.testing.assert_array_equal(before.scores, after.scores)
+  assert before.ids == after.ids
   assert sorted(os.listdir(tmp_path)) == ["idx"]  # no temporary directory left beside it
   assert not any(f.endswith(".pkl") for _, _, fs in os.walk(tmp_path) for f in fs)
   with pytest.raises(IndexFormatError, match="dim is 64, expected 128"):
@@ -104,15 +104,15 @@ def test_wrong_query_dim_and_bad_inputs(scann_index):
 @pytest.mark.parametrize("backend", ["exact", "scann"])
 def test_empty_corpus_and_k_larger_than_size(backend, tmp_path):
   empty = Index.build(np.zeros((0, 8), np.float32), [], backend=backend)
-  scores, ids = empty.search(np.ones((2, 8), np.float32), 10)
-  assert scores.shape == (2, 0) and ids == [[], []]
+  hits = empty.search(np.ones((2, 8), np.float32), 10)
+  assert hits.scores.shape == (2, 0) and hits.ids == [[], []]
   empty.save(str(tmp_path / "empty"))
   assert Index.load(str(tmp_path / "empty")).size == 0
   rng = np.random.default_rng(2)
   small = Index.build(rng.normal(size=(3, 8)).astype(np.float32), ["a", "b", "c"], backend=backend)
-  scores, ids = small.search(rng.normal(size=(4, 8)).astype(np.float32), 100)
-  assert scores.shape == (4, 3) and all(sorted(row) == ["a", "b", "c"] for row in ids)
-  assert np.all(np.diff(scores, axis=1) <= 0)  # best first
+  hits = small.search(rng.normal(size=(4, 8)).astype(np.float32), 100)
+  assert hits.scores.shape == (4, 3) and all(sorted(row) == ["a", "b", "c"] for row in hits.ids)
+  assert np.all(np.diff(hits.scores, axis=1) <= 0)  # best first
 
 
 @pytest.mark.parametrize("backend", ["exact", "scann"])
@@ -201,8 +201,8 @@ def test_interrupted_save_keeps_previous_index(backend, monkeypatch, tmp_path):
     new.save(str(tmp_path / "fresh"))
   assert sorted(os.listdir(tmp_path)) == ["idx"]  # no partial target, no temporary directory
   got = Index.load(path, expect_size=200).search(q_QxD, 5)
-  np.testing.assert_array_equal(got[0], want[0])
-  assert got[1] == want[1]
+  np.testing.assert_array_equal(got.scores, want.scores)
+  assert got.ids == want.ids
   monkeypatch.undo()
   new.save(path)  # a complete save replaces the old index
   assert Index.load(path).size == 300 and sorted(os.listdir(tmp_path)) == ["idx"]

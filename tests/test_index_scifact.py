@@ -42,8 +42,8 @@ def test_scifact_minilm_index_vs_exact_search(scifact_store, tmp_path):
   assert not tree.params["brute_force"] and tree.params["num_leaves_to_search"] < tree.params["num_leaves"]
   exact = Index.build(d_NxD, doc_ids, backend="exact")
 
-  _, exact_top = exact.search(q_QxD, 10)
-  _, default_top = default.search(q_QxD, 10)
+  exact_top = exact.search(q_QxD, 10).ids
+  default_top = default.search(q_QxD, 10).ids
   assert [set(a) for a in default_top] == [set(b) for b in exact_top]  # the default index: exact
 
   def agreement(top):  # (share of queries whose top-10 set is exact's, recall@10 of exact's top-10)
@@ -54,10 +54,10 @@ def test_scifact_minilm_index_vs_exact_search(scifact_store, tmp_path):
   # of ~72 documents their top-10 spreads over many leaves. Measured (full-length documents): 13 leaves
   # searched give recall@10 0.87 (top-10 identical for 45% of queries), 36 give 0.98 (86%): at this size
   # exact search is the right index, which is why it is the default.
-  tree_top = tree.search(q_QxD, 10)[1]
+  tree_top = tree.search(q_QxD, 10).ids
   same, recall = agreement(tree_top)
   assert recall >= 0.8, (same, recall)
-  same_all, _ = agreement(tree.search(q_QxD, 10, leaves_to_search=tree.params["num_leaves"])[1])
+  same_all, _ = agreement(tree.search(q_QxD, 10, leaves_to_search=tree.params["num_leaves"]).ids)
   assert same_all >= 0.95  # every leaf searched: hashing + exact re-scoring of 100 recovers the exact top-10
   # The index answers in the embedding store's ids: retrieval from it is real (MiniLM is a good retriever).
   hits = np.mean([bool(set(data.qrels[q]) & set(top)) for q, top in zip(data.queries, tree_top)])
@@ -65,11 +65,21 @@ def test_scifact_minilm_index_vs_exact_search(scifact_store, tmp_path):
 
 
 def test_dense_mining_on_scifact_train_excludes_every_positive(scifact_store, minilm_dir, tmp_path):
-  """`scalingnote mine` (dense, through the index, reusing the complete store) on the 809 train queries."""
+  """`scalingnote mine` (dense, through the index, reusing the complete store) on the 809 train queries. The
+  store is reused only by the tower that wrote it: MiniLM as shipped (256 tokens) is refused, the same model
+  directory saying 64 tokens (sentence-transformers' max_seq_length) reuses it."""
   _, store = scifact_store
   out = str(tmp_path / "negatives.jsonl")
   cfg = mining.MiningConfig(range_min=10, range_max=50, num_negatives=8, relative_margin=0.05)
-  mining.mine_from_checkpoint(minilm_dir, SCIFACT, "train", out, cfg, embeddings_dir=store)
+  with pytest.raises(ValueError, match="was encoded with fingerprint .* not this tower's"):
+    mining.mine_from_checkpoint(minilm_dir, SCIFACT, "train", out, cfg, embeddings_dir=store)
+  model_64 = tmp_path / "minilm-64"
+  model_64.mkdir()
+  for name in os.listdir(minilm_dir):
+    os.symlink(os.path.join(minilm_dir, name), model_64 / name)
+  (model_64 / "sentence_bert_config.json").unlink()
+  (model_64 / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+  mining.mine_from_checkpoint(str(model_64), SCIFACT, "train", out, cfg, embeddings_dir=store)
   qrels = load_beir(SCIFACT, "train").qrels
   with open(out, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]  # read raw: the training reader would drop positives silently

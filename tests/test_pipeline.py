@@ -53,7 +53,7 @@ def test_pipeline_runs_every_stage_and_reports(uninterrupted):
   from scalingnote_jax.serve.retriever import Retriever
 
   test = load_beir(str(workdir / "data"), "test")
-  ids, _ = Retriever.load(str(workdir / "bundles" / "L1")).search(list(test.queries.values()), k=10)
+  ids = Retriever.load(str(workdir / "bundles" / "L1")).search(list(test.queries.values()), k=10).ids
   hits = [bool(set(row) & {d for d, g in test.qrels[q].items() if g > 0}) for q, row in zip(test.queries, ids)]
   assert sum(hits) / len(hits) == pytest.approx(systems["student L1"]["recall_at_10"])
 

@@ -18,6 +18,7 @@ import uvicorn
 from starlette.testclient import TestClient
 
 from scalingnote_jax import cli
+from scalingnote_jax.index.hits import Hits
 from scalingnote_jax.serve import http
 
 NUM_DOCS, DIM = 50, 16
@@ -39,7 +40,7 @@ class FakeRetriever:
     self.fail_next = False
     self.thread_ids = set()
 
-  def expected(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+  def expected(self, queries: list[str], k: int) -> Hits:
     ids, scores = [], []
     for q in queries:
       seed = int.from_bytes(hashlib.sha256(q.encode()).digest()[:8], "little")
@@ -47,9 +48,9 @@ class FakeRetriever:
       top = np.argsort(-s_N, kind="stable")[:k]
       ids.append([self.ids[j] for j in top])
       scores.append(s_N[top])
-    return ids, np.asarray(scores, dtype=np.float32).reshape(len(queries), k)
+    return Hits(ids, np.asarray(scores, dtype=np.float32).reshape(len(queries), k))
 
-  def search(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+  def search(self, queries: list[str], k: int) -> Hits:
     self.calls.append((len(queries), k))
     self.thread_ids.add(threading.get_ident())
     time.sleep(self.delay_s)  # an encoder call takes time: concurrent requests pile up meanwhile
@@ -65,9 +66,9 @@ class FakeRetriever:
 
 def results_of(fake: FakeRetriever, queries: list[str], k: int) -> list[list[dict]]:
   """The /search "results" a direct call to the fake gives."""
-  ids, scores = fake.expected(queries, k)
+  hits = fake.expected(queries, k)
   return [[{"id": i, "score": float(s)} for i, s in zip(row_ids, row_scores)]
-          for row_ids, row_scores in zip(ids, scores)]
+          for row_ids, row_scores in zip(hits.ids, hits.scores)]
 
 
 def queries_for(i: int, n: int) -> list[str]:
@@ -174,6 +175,20 @@ def test_a_failing_search_answers_500_and_the_service_goes_on(client, fake):
   r = client.post("/search", json={"queries": ["after"], "k": 4})
   assert r.status_code == 200 and r.json()["results"] == results_of(fake, ["after"], 4)
   assert client.get("/metrics").json()["requests"]["by_status"] == {"200": 1, "500": 1}
+
+
+def test_results_an_index_could_not_fill_are_left_out():
+  """ScaNN pads a row it cannot fill with id None and score -inf: the answer lists only real documents."""
+  class Short(FakeRetriever):
+    def search(self, queries, k):
+      hits = super().search(queries, k)
+      return Hits([row[:2] + [None] * (k - 2) for row in hits.ids],
+                  np.where(np.arange(k) < 2, hits.scores, -np.inf).astype(np.float32))
+
+  fake = Short()
+  with TestClient(http.create_app(fake)) as client:
+    r = client.post("/search", json={"queries": ["a", "b"], "k": 5})
+  assert r.status_code == 200 and r.json()["results"] == [row[:2] for row in results_of(fake, ["a", "b"], 5)]
 
 
 def test_a_request_that_fails_inside_a_batch_fails_alone():

@@ -90,15 +90,15 @@ def test_export_then_retriever_and_service_answer_like_the_student(distilled, tm
   from scalingnote_jax.encoder import Encoder
 
   np.testing.assert_allclose(retriever.encode(texts), Encoder(student, tokenizer).encode_queries(texts), atol=1e-5)
-  ids, scores = retriever.search(texts, k=100)  # ScaNN scores 1024 documents exactly (brute force)
-  metrics = ir_metrics(held_out.qrels, {q: dict(zip(i, map(float, s))) for q, i, s in zip(qids, ids, scores)})
+  hits = retriever.search(texts, k=100)  # ScaNN scores 1024 documents exactly (brute force)
+  metrics = ir_metrics(held_out.qrels, hits.run(qids, drop_self=True))
   for key in ("recall_at_10", "ndcg_at_10"):
     assert metrics[key] == pytest.approx(manifest["metrics"]["student"][key], abs=1e-6)
 
   with TestClient(http.create_app(retriever)) as client:
     reply = client.post("/search", json={"queries": texts[:3], "k": 5})
   assert reply.status_code == 200
-  for row, want_ids, want_scores in zip(reply.json()["results"], ids, scores):
+  for row, want_ids, want_scores in zip(reply.json()["results"], hits.ids, hits.scores):
     assert [r["id"] for r in row] == want_ids[:5]
     np.testing.assert_allclose([r["score"] for r in row], want_scores[:5], atol=1e-6)
 

@@ -40,7 +40,7 @@ from scalingnote_jax.serve.retriever import Retriever
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Systems: `search(queries, k) -> (ids [Q][k], scores [Q, k])` and `scorer(queries)` for the pairwise metrics.
+# Systems: `search(queries, k) -> Hits` and `scorer(queries)` for the pairwise metrics.
 
 class Dense:
   """A query encoder over document embeddings and their index (`serve.retriever.Retriever`); `temperature`:
@@ -128,13 +128,9 @@ def evaluate(system, data: beir.Dataset, *, drop_self: bool = True, k: int = 100
   temperature: `temperature`, else the system's own, else DEFAULT_TEMPERATURE."""
   qids = list(data.qrels)  # every query of the split, as BEIR and MTEB search and average them
   texts = [data.queries[q] for q in qids]
-  ids, scores = [], []
+  run = {}
   for i in range(0, len(texts), batch_size):  # one more than k: the query's own id may be among them
-    b_ids, b_scores = system.search(texts[i:i + batch_size], k + int(drop_self))
-    ids += b_ids
-    scores += list(b_scores)
-  run = {qid: {d: float(s) for d, s in zip(row_ids, row_scores) if d is not None}
-         for qid, row_ids, row_scores in zip(qids, ids, scores)}
+    run.update(system.search(texts[i:i + batch_size], k + int(drop_self)).run(qids[i:i + batch_size]))
   run = beir_run(run, drop_self=drop_self, k=k)
   if save_run:
     write_run(save_run, run)

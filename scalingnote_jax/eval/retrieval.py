@@ -12,8 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytrec_eval
 
-from scalingnote_jax.index.exact import exact_search  # noqa: F401  (one exact search for eval and the index)
-
 MEASURES = {"ndcg_cut.10", "recall.10", "recall.100", "map"}
 # Contrastive entropy as Fang et al. ("Scaling Laws for Dense Retrieval", 2024) define it, the metric of
 # ScalingNote's scaling figures: each judged (query, relevant document) pair against CONTRASTIVE_NEGATIVES
@@ -23,14 +21,6 @@ MEASURES = {"ndcg_cut.10", "recall.10", "recall.100", "map"}
 # `scalingnote eval` both compute it here, with the same negatives for the same seed.
 CONTRASTIVE_NEGATIVES = 256
 DEFAULT_TEMPERATURE = 0.05
-
-
-def to_run(qids: list[str], doc_ids: list[str], scores_QxK, indices_QxK, *, drop_self: bool = True):
-  """{qid: {doc_id: score}} from top-k results."""
-  run = {}
-  for qid, row_scores, row_idx in zip(qids, scores_QxK, indices_QxK):
-    run[qid] = {doc_ids[i]: float(s) for s, i in zip(row_scores, row_idx) if not (drop_self and doc_ids[i] == qid)}
-  return run
 
 
 def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -9,6 +9,8 @@ import bm25s
 import numpy as np
 import Stemmer
 
+from scalingnote_jax.index.hits import Hits
+
 # bm25s sets its logger to DEBUG: once anything (absl, orbax) gives the root logger a handler, every index
 # build prints "Building index from tokens".
 logging.getLogger("bm25s").setLevel(logging.WARNING)
@@ -28,11 +30,11 @@ class BM25:
   def _tokenize(self, texts: Sequence[str]) -> list[list[str]]:
     return bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer, return_ids=False, show_progress=False)
 
-  def search(self, queries: Sequence[str], k: int) -> tuple[list[list[str]], np.ndarray]:
-    """(document ids [Q][k], scores [Q, k]), best first."""
+  def search(self, queries: Sequence[str], k: int) -> Hits:
+    """The top k documents of each query (ids [Q][k], float32 scores [Q, k]), best first."""
     idx_QxK, scores_QxK = self.retriever.retrieve(self._tokenize(queries), k=min(k, len(self.doc_ids)),
                                                   show_progress=False)
-    return [[self.doc_ids[i] for i in row] for row in idx_QxK], scores_QxK.astype(np.float32)
+    return Hits(idx_QxK, scores_QxK.astype(np.float32)).with_ids(self.doc_ids)
 
   def scores(self, query: str) -> np.ndarray:
     """The query's score against every document [N] (zeros when none of its words is in the corpus)."""

@@ -1,7 +1,7 @@
 """The document index: one interface over exact inner-product search and ScaNN.
 
   index = Index.build(d_NxD, doc_ids, backend="scann")   # or "exact"; keywords override the defaults
-  scores_QxK, ids = index.search(q_QxD, k=10)             # best first; ids[q][j] is a doc id
+  hits = index.search(q_QxD, k=10)                        # best first: hits.ids[q][j], hits.scores[q, j]
   index.save("runs/index")
   index = Index.load("runs/index", expect_dim=256)
 
@@ -26,6 +26,7 @@ import numpy as np
 from scalingnote_jax.artifacts.checksum import digest_tree, verify_tree
 from scalingnote_jax.artifacts.files import fsync_tree, replace_dir
 from scalingnote_jax.index.exact import exact_search
+from scalingnote_jax.index.hits import Hits
 
 FORMAT = "scalingnote_jax.index"
 FORMAT_VERSION = 2  # 2: the manifest records each file's SHA-256 beside its size
@@ -103,18 +104,17 @@ class Index:
       raise ValueError(f"doc ids are not unique ({len(doc_ids) - len(set(doc_ids))} duplicates)")
     return BACKENDS[backend]._build(d_NxD, doc_ids, params)
 
-  def search(self, queries_QxD: np.ndarray, k: int, **search_params) -> tuple[np.ndarray, list[list[str]]]:
-    """(scores [Q, k] float32, doc ids [Q][k]), best first. k is clipped to the index size.
+  def search(self, queries_QxD: np.ndarray, k: int, **search_params) -> Hits:
+    """The top k documents of each query (ids [Q][k], float32 scores [Q, k]), best first. k is clipped to
+    the index size.
 
     A result the backend could not fill (ScaNN, when the leaves searched hold fewer than k documents) has
     score -inf and id None.
     """
-    scores_QxK, idx_QxK = self.search_indices(queries_QxD, k, **search_params)
-    ids = self.doc_ids
-    return scores_QxK, [[ids[i] if i >= 0 else None for i in row] for row in idx_QxK.tolist()]
+    return self.search_indices(queries_QxD, k, **search_params).with_ids(self.doc_ids)
 
-  def search_indices(self, queries_QxD: np.ndarray, k: int, **search_params) -> tuple[np.ndarray, np.ndarray]:
-    """Like `search`, with row numbers into `doc_ids` (int64, -1 where unfilled) instead of ids."""
+  def search_indices(self, queries_QxD: np.ndarray, k: int, **search_params) -> Hits:
+    """Like `search`, with row numbers into `doc_ids` (int64 [Q, k], -1 where unfilled) as ids."""
     q_QxD = np.ascontiguousarray(queries_QxD, dtype=np.float32)
     if q_QxD.ndim != 2 or q_QxD.shape[1] != self.dim:
       raise ValueError(f"queries must be [Q, {self.dim}] for the index at {self.path or '(in memory)'} "
@@ -123,9 +123,9 @@ class Index:
       raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, self.size)
     if k == 0 or q_QxD.shape[0] == 0:
-      return np.zeros((q_QxD.shape[0], k), np.float32), np.zeros((q_QxD.shape[0], k), np.int64)
-    scores_QxK, idx_QxK = self._search(q_QxD, k, **search_params)
-    return scores_QxK.astype(np.float32, copy=False), idx_QxK.astype(np.int64, copy=False)
+      return Hits(np.zeros((q_QxD.shape[0], k), np.int64), np.zeros((q_QxD.shape[0], k), np.float32))
+    idx_QxK, scores_QxK = self._search(q_QxD, k, **search_params)
+    return Hits(idx_QxK.astype(np.int64, copy=False), scores_QxK.astype(np.float32, copy=False))
 
   # -- saving and loading ----------------------------------------------------------------------------------
 
@@ -204,6 +204,7 @@ class Index:
     raise NotImplementedError
 
   def _search(self, q_QxD: np.ndarray, k: int, **search_params) -> tuple[np.ndarray, np.ndarray]:
+    """(row numbers [Q, k], scores [Q, k]) of a non-empty batch, best first, -1 where unfilled."""
     raise NotImplementedError
 
   def _write(self, directory: str) -> None:
@@ -235,7 +236,8 @@ class ExactIndex(Index):
     return cls(d_NxD, doc_ids, {})
 
   def _search(self, q_QxD, k):
-    return exact_search(q_QxD, self.d_NxD, k)
+    hits = exact_search(q_QxD, self.d_NxD, k)
+    return hits.ids, hits.scores
 
   def _write(self, directory):
     np.save(os.path.join(directory, "embeddings.npy"), self.d_NxD)
@@ -309,7 +311,7 @@ class ScannIndex(Index):
     if unfilled.any():
       idx_QxK[unfilled] = -1
       scores_QxK = np.where(unfilled, -np.inf, scores_QxK)
-    return scores_QxK, idx_QxK
+    return idx_QxK, scores_QxK
 
   def _write(self, directory):
     os.mkdir(os.path.join(directory, "scann"))

@@ -68,18 +68,18 @@ def mine(examples: list[TrainExample], rankings: list[tuple[list[str], list[floa
 def dense_rankings(q_QxD: np.ndarray, index, positive_emb: list[np.ndarray], k: int):
   """(rankings, positive scores) from a document `Index`; positive_emb[i] are [P_i, D] embeddings of query
   i's positives (its best-scoring positive is the margin's reference)."""
-  scores, ids = index.search(q_QxD, k)
+  hits = index.search(q_QxD, k)
   # ScaNN pads a row it could not fill with id None (score -inf): those are not documents.
   rankings = [([d for d in row_ids if d is not None], [float(s) for d, s in zip(row_ids, row_scores) if d is not None])
-              for row_ids, row_scores in zip(ids, scores)]
+              for row_ids, row_scores in zip(hits.ids, hits.scores)]
   positive_scores = [float((p @ q).max()) if len(p) else None for q, p in zip(q_QxD, positive_emb)]
   return rankings, positive_scores
 
 
 def bm25_rankings(corpus: dict[str, dict], queries: list[str], k: int):
   """(rankings, None scores) by BM25; margins do not apply to BM25 scores."""
-  ids, scores = BM25(corpus).search(queries, k)
-  return [(row, [float(s) for s in srow]) for row, srow in zip(ids, scores)], [None] * len(queries)
+  hits = BM25(corpus).search(queries, k)
+  return [(row, [float(s) for s in srow]) for row, srow in zip(hits.ids, hits.scores)], [None] * len(queries)
 
 
 def mine_from_checkpoint(checkpoint: str, data_dir: str, split: str, out: str, cfg: MiningConfig, *,

@@ -8,7 +8,7 @@
 
   app = create_app(retriever, Limits(max_batch=32))   # any ASGI server; or serve(retriever) runs uvicorn
 
-The retriever is any object with `search(queries, k) -> (ids [Q][k], float32 scores [Q, k])` and `num_docs`
+The retriever is any object with `search(queries, k) -> Hits` (ids [Q][k], float32 scores [Q, k]) and `num_docs`
 (serve/retriever.py's Retriever). Its `search` is synchronous and not thread-safe, so it runs on one worker
 thread, off the event loop.
 
@@ -44,6 +44,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from scalingnote_jax.index.hits import Hits
 
 log = logging.getLogger(__name__)
 DEFAULT_K = 10
@@ -153,8 +155,8 @@ class Batcher:
     # A search still running on the worker thread finishes there; the event loop does not wait for it.
     self.executor.shutdown(wait=False, cancel_futures=True)
 
-  async def search(self, queries: list[str], k: int) -> tuple[list[list[str]], list[list[float]]]:
-    """Results of one request: ids and scores per query, k each."""
+  async def search(self, queries: list[str], k: int) -> Hits:
+    """Results of one request: ids and scores (lists of floats) per query, k each."""
     loop = asyncio.get_running_loop()
     step = self.limits.max_batch
     jobs = [_Job(queries[i:i + step], k, loop.create_future()) for i in range(0, len(queries), step)]
@@ -162,10 +164,10 @@ class Batcher:
       self.queue.put_nowait(job)
     ids, scores = [], []
     for job in jobs:
-      job_ids, job_scores = await job.future
-      ids += job_ids
-      scores += job_scores
-    return ids, scores
+      hits = await job.future
+      ids += hits.ids
+      scores += hits.scores
+    return Hits(ids, scores)
 
   async def run(self) -> None:
     loop = asyncio.get_running_loop()
@@ -199,17 +201,16 @@ class Batcher:
     self.metrics.batches += 1
     self.metrics.batched_queries += len(queries)
     try:
-      ids, scores = await asyncio.get_running_loop().run_in_executor(
-          self.executor, self.retriever.search, queries, k)
-      scores = np.asarray(scores, dtype=np.float32)
+      hits = await asyncio.get_running_loop().run_in_executor(self.executor, self.retriever.search, queries, k)
+      ids, scores = hits.ids, np.asarray(hits.scores, dtype=np.float32)
       if len(ids) != len(queries) or len(scores) != len(queries):
         raise RuntimeError(f"retriever.search returned {len(ids)} id lists and {len(scores)} score rows "
                            f"for {len(queries)} queries")
       results, start = [], 0
       for job in batch:  # each request truncates to its own k
         end = start + len(job.queries)
-        results.append(([[str(i) for i in row[:job.k]] for row in ids[start:end]],
-                        [row[:job.k].tolist() for row in scores[start:end]]))
+        results.append(Hits([list(row[:job.k]) for row in ids[start:end]],
+                            [row[:job.k].tolist() for row in scores[start:end]]))
         start = end
     except Exception as e:  # noqa: BLE001 -- any failure is answered 500 to this batch's requests only
       if len(batch) > 1:  # find the request it came from: each alone, so the others still get answers
@@ -299,11 +300,12 @@ def create_app(retriever, limits: Limits = Limits()) -> Starlette:
       if batcher is None:
         raise ErrorReply(503, "service: not started (run the app with its lifespan)")
       try:
-        ids, scores = await batcher.search(queries, k)
+        hits = await batcher.search(queries, k)
       except Exception as e:  # noqa: BLE001 -- reported to this request; the batcher keeps running
         raise ErrorReply(500, f"search failed: {type(e).__name__}: {e}") from None
-      response = JSONResponse({"results": [[{"id": i, "score": s} for i, s in zip(row_ids, row_scores)]
-                                           for row_ids, row_scores in zip(ids, scores)]})
+      # a result the index could not fill (id None, score -inf) is left out: no "None" document
+      response = JSONResponse({"results": [[{"id": str(i), "score": s} for i, s in zip(row_ids, row_scores)
+                                            if i is not None] for row_ids, row_scores in zip(hits.ids, hits.scores)]})
     except ErrorReply as e:
       response = JSONResponse({"error": str(e)}, status_code=e.status)
     except Exception as e:  # noqa: BLE001 -- e.g. a NaN score JSON refuses to encode: still a JSON answer

@@ -2,7 +2,7 @@
 answers them.
 
   retriever = Retriever.load("bundle/")
-  ids, scores_QxK = retriever.search(["what is the orbit of halfeva 31"], k=10)
+  hits = retriever.search(["what is the orbit of halfeva 31"], k=10)   # hits.ids [Q][k], hits.scores [Q, k]
 
 Queries are padded to a few bucketed shapes (batch and length rounded up to powers of two, as in
 `encoder.Encoder`), so the jitted student compiles once per bucket; `warmup()` compiles them all up front.
@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from scalingnote_jax.encoder import Encoder
+from scalingnote_jax.index.hits import Hits
 from scalingnote_jax.index.index import Index
 from scalingnote_jax.serve import bundle as bundle_lib
 
@@ -42,10 +43,9 @@ class Retriever:
     """Query embeddings [Q, D] (unit norm), in batches of at most `max_batch`."""
     return self.encoder.encode_queries(queries, batch_size=self.max_batch, show_progress=False)
 
-  def search(self, queries: Sequence[str], k: int = 10) -> tuple[list[list[str]], np.ndarray]:
-    """(document ids [Q][k], scores [Q, k] float32), best first."""
-    scores_QxK, ids = self.index.search(self.encode(queries), k)
-    return ids, scores_QxK
+  def search(self, queries: Sequence[str], k: int = 10) -> Hits:
+    """The top k documents of each query (ids [Q][k], float32 scores [Q, k]), best first."""
+    return self.index.search(self.encode(queries), k)
 
   def warmup(self) -> int:
     """Compiles the student for every (batch, length) bucket; returns how many shapes that was."""

@@ -53,8 +53,7 @@ def first_stage(source: str, data: beir.Dataset, k: int) -> dict[str, dict[str, 
   """{qid: {doc_id: score}} for the split's queries: "bm25", or a TREC run file."""
   if source == "bm25":
     qids = list(data.queries)
-    ids, scores = BM25(data.corpus).search([data.queries[q] for q in qids], k + 1)
-    run = {q: dict(zip(row, map(float, s))) for q, row, s in zip(qids, ids, scores)}
+    run = BM25(data.corpus).search([data.queries[q] for q in qids], k + 1).run(qids)
   else:
     run = read_known_run(source, data.corpus)
   return beir_run(run, drop_self=True, k=k)

@@ -26,7 +26,8 @@ from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 from scalingnote_jax.data.training import load_data, validation_doc_ids
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import Encoder
-from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, pair_metrics, to_run
+from scalingnote_jax.eval.retrieval import ir_metrics, pair_metrics
+from scalingnote_jax.index.exact import exact_search
 from scalingnote_jax.models import load_backbone
 from scalingnote_jax.models.dual import DualEncoder
 from scalingnote_jax.models.tokenizer import Tokenizer
@@ -159,7 +160,7 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
   qids = list(data.queries)
   d_NxD = d_enc.encode_documents([data.corpus[d] for d in doc_ids], batch_size=batch_size, show_progress=False)
   q_QxD = q_enc.encode_queries([data.queries[q] for q in qids], batch_size=batch_size, show_progress=False)
-  metrics = ir_metrics(data.qrels, to_run(qids, doc_ids, *exact_search(q_QxD, d_NxD, k=100)))
+  metrics = ir_metrics(data.qrels, exact_search(q_QxD, d_NxD, k=100).with_ids(doc_ids).run(qids, drop_self=True))
   pairs = pair_metrics(lambda row, cols: d_NxD[cols] @ q_QxD[row], qids, data.qrels, doc_ids,
                        num_negatives=num_negatives, scale=float(model.scale()), rng=rng)
   return {**metrics, **pairs, "num_docs": len(doc_ids)}

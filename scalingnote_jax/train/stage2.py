@@ -35,7 +35,8 @@ from scalingnote_jax.data.pipeline import DistillData
 from scalingnote_jax.data.training import load_data, validation_doc_ids
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import Encoder
-from scalingnote_jax.eval.retrieval import exact_search, ir_metrics, to_run
+from scalingnote_jax.eval.retrieval import ir_metrics
+from scalingnote_jax.index.exact import exact_search
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.train.common import (MetricsLog, Preemption, SyncPoint, jit_step, make_optimizer,
                                           open_workdir, start_or_restore)
@@ -126,7 +127,7 @@ def make_train_step(graphdef, tx, mesh, loss: ConfigDict):
 
 def search_metrics(qids: list[str], q_QxD: np.ndarray, doc_ids: list[str], d_NxD: np.ndarray,
                    qrels: dict) -> dict[str, float]:
-  return ir_metrics(qrels, to_run(qids, doc_ids, *exact_search(q_QxD, d_NxD, k=min(100, len(doc_ids)))))
+  return ir_metrics(qrels, exact_search(q_QxD, d_NxD, k=100).with_ids(doc_ids).run(qids, drop_self=True))
 
 
 def evaluate(s_enc: Encoder, held_out: synthetic.Dataset, qids: list[str], t_QxD: np.ndarray, doc_ids: list[str],
