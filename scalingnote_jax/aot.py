@@ -45,12 +45,11 @@ from ml_collections import ConfigDict
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts.checkpoint import abstract_like
 from scalingnote_jax.artifacts.trained import abstract_dual_encoder
+from scalingnote_jax.data.pipeline import BatchSpec
 from scalingnote_jax.train import stage1
 from scalingnote_jax.train.common import make_optimizer
 
 GiB = 1024**3
-# Width of the batch's `pos_ids` (the most positives of one query: data-dependent, a few integers per row).
-MAX_POSITIVES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,11 +195,9 @@ def abstract_inputs(cfg: ConfigDict, mesh, tx):
   graphdef, abstract = nnx.split(abstract_dual_encoder(cfg))
   params = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
   opt_state = sharding.abstract_optimizer(tx, params, mesh)
-  b, g, d = cfg.batch_size, 1 + cfg.data.n_neg, cfg.data
-  shapes = dict(q_ids=(b, d.query_len), q_mask=(b, d.query_len), d_ids=(b, g, d.doc_len), d_mask=(b, g, d.doc_len),
-                doc_ids=(b, g), pos_ids=(b, MAX_POSITIVES))  # as data/pipeline.py's TrainData.record, int32
+  spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
   batch = {k: jax.ShapeDtypeStruct(s, np.int32, sharding=sharding.batch_sharding(mesh, len(s)))
-           for k, s in shapes.items()}
+           for k, s in spec.shapes().items()}
   return graphdef, params, opt_state, batch
 
 

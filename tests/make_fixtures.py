@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import transformers as tf
 
-from conftest import SENTENCES  # the tests' own copy, importable without torch
+from helpers import SENTENCES  # the tests' own copy, importable without torch
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 LENGTHS = [12, 7, 3]  # a right-padded batch of three sequences

@@ -9,6 +9,7 @@ import pytest
 
 from scalingnote_jax import aot
 from scalingnote_jax.config import load_config
+from scalingnote_jax.data.pipeline import BatchSpec
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 
@@ -37,7 +38,7 @@ def test_cpu_topology_memory_equals_sharded_sizes():
   assert r["params_bytes"] == params
   assert 2 * params <= r["opt_state_bytes"] <= 2 * params + 64  # AdamW's two moments + step counters
   # per device the batch is 32 / (data 2 x fsdp 2) = 8 rows of int32: q ids+mask, 2 docs ids+mask, doc ids, positives
-  assert r["batch_bytes"] == 8 * 4 * (2 * 32 + 2 * 2 * 64 + 2 + aot.MAX_POSITIVES)
+  assert r["batch_bytes"] == 8 * 4 * (2 * 32 + 2 * 2 * 64 + 2 + BatchSpec(32, 1, 32, 64).max_positives)
   # the compiled executable's inputs are exactly these shards, and the donated state is reused for outputs
   assert r["argument_bytes"] == params + r["opt_state_bytes"] + r["batch_bytes"]
   assert r["alias_bytes"] == params + r["opt_state_bytes"]
@@ -52,6 +53,7 @@ def test_mesh_must_match_topology():
     aot.compile_report(tiny((2, 2, 2)), "v9-1")
 
 
+@pytest.mark.slow
 def test_gpu_topology_compiles_with_what_is_installed():
   r = aot.compile_report(tiny((1, 8, 1), **ONE_LAYER), "h100-8")
   assert r["params_bytes"] == tiny_param_bytes(fsdp=8, tensor=1, layers=1) and r["temp_bytes"] > 0
@@ -88,6 +90,7 @@ def test_tpu_compiler_refuses_what_exceeds_hbm():
   assert "fits: NO" in aot.format_report(r)
 
 
+@pytest.mark.slow
 def test_hidden_states_stay_split_by_rows(monkeypatch):
   """`layers.shard_batch` keeps each device's activations to its own rows: without it XLA lays the hidden
   states out like the embedding table and the step needs far more temporary memory per device."""

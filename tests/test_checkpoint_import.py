@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from conftest import fixture
+from helpers import fixture
 from scalingnote_jax.models import bert, llm, load_backbone
 from scalingnote_jax.models.checkpoint import CheckpointError
 

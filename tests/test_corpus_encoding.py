@@ -18,6 +18,8 @@ from scalingnote_jax.data.beir import write_beir
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.artifacts.store import encode_corpus, load_embeddings
 
+pytestmark = pytest.mark.slow  # trains, encodes a real corpus or runs processes: in `make test`, not test-fast
+
 
 def encode_cmd(corpus_dir, out):
   return [sys.executable, "-m", "scalingnote_jax.cli", "encode", "--checkpoint", "all-MiniLM-L6-v2", "--corpus",

@@ -8,7 +8,7 @@ import pytest
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 
-from conftest import BEIR
+from helpers import BEIR
 
 
 def write(path, lines):
@@ -99,6 +99,9 @@ def test_pipeline_batches_and_resumes_from_saved_state():
   rest = [next(it) for _ in range(4)]
   b = first[0]
   assert b["q_ids"].shape == (4, 8) and b["d_ids"].shape == (4, 3, 8) and b["doc_ids"].shape == (4, 3)
+  # the one batch schema (what ahead-of-time compilation lowers the step with) is what the pipeline makes
+  assert {k: v.shape for k, v in b.items()} == data.spec.shapes() and all(v.dtype == np.int32 for v in b.values())
+  assert data.spec.max_positives == 1  # set from the examples (one positive each)
   assert (b["doc_ids"][:, 0] == b["pos_ids"][:, 0]).all()  # slot 0 is a positive
   seen = np.concatenate([x["pos_ids"][:, 0] for x in first + rest])
   assert len(set(seen[:10].tolist())) >= 8  # an epoch visits (nearly) every example once

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import SENTENCES
+from helpers import SENTENCES
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.models.llm import LLMConfig
 from scalingnote_jax.models.tokenizer import Tokenizer
@@ -35,6 +35,7 @@ def decoder(smollm2_gguf):
   return Encoder(Tower.create(cfg, tower_cfg, nnx.Rngs(0)), tok)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["minilm", "decoder"])
 def test_batched_equals_one_by_one_in_callers_order(which, request):
   enc = request.getfixturevalue(which)

@@ -119,7 +119,7 @@ def test_eval_command_follows_beir_conventions(tmp_path, capsys):
 def scifact_bm25_run():
   import os
 
-  from conftest import BEIR
+  from helpers import BEIR
   from scalingnote_jax.eval.evaluate import Lexical, load_split
 
   data, _ = load_split(os.path.join(BEIR, "scifact"), "test")
@@ -130,7 +130,7 @@ def scifact_bm25_run():
 def test_bm25_on_scifact_matches_the_published_bm25s_score(scifact_bm25_run):
   import os
 
-  from conftest import BEIR
+  from helpers import BEIR
   from scalingnote_jax.eval.evaluate import evaluate
 
   data, _, system = scifact_bm25_run

@@ -11,11 +11,13 @@ import os
 import numpy as np
 import pytest
 
-from conftest import BEIR
+from helpers import BEIR
 from scalingnote_jax.data.beir import load_beir
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.index import Index, mining
 from scalingnote_jax.artifacts.store import encode_corpus, load_embeddings
+
+pytestmark = pytest.mark.slow  # trains, encodes a real corpus or runs processes: in `make test`, not test-fast
 
 SCIFACT = os.path.join(BEIR, "scifact")  # ../shared beside the checkout, in CI too: missing data is a failure
 

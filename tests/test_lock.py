@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from scalingnote_jax.artifacts.lock import LOCK_FILE, DirectoryInUse, locked
 
 

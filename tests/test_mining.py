@@ -39,12 +39,13 @@ def test_bm25_mining_on_synthetic_excludes_every_positive():
   assert np.mean([f in e.positive_ids for f, e in zip(first, examples)]) > 0.3
 
 
+@pytest.mark.slow
 def test_mine_then_train_rounds_from_the_cli(tmp_path):
   """Round 1 trains, `mine` uses its towers (dense, through the index) to write negatives that exclude every
   positive, round 2 warm-starts from round 1 and trains on them."""
   import json
 
-  from conftest import ROOT
+  from helpers import ROOT
   from scalingnote_jax.cli import main
   from scalingnote_jax.data.beir import load_train_jsonl, write_beir
 

@@ -19,7 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # trains, encodes a real corpus or runs processes: in `make test`, not test-fast
 
 STEPS, EVERY, KILL_AFTER = 8, 2, 4
 PROCESSES, DEVICES, MESH = "2", "2", "--config.mesh=(2,2,1)"  # 2 processes x 2 devices == 1 process x 4

@@ -11,7 +11,7 @@ import sys
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)
 

@@ -4,7 +4,7 @@ tests/make_fixtures.py). Float32, max abs diff <= 1e-4 on every non-pad position
 import numpy as np
 import pytest
 
-from conftest import fixture
+from helpers import fixture
 from scalingnote_jax.models import llm, load_backbone
 
 pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)

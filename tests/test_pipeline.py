@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 CONFIG = os.path.join(ROOT, "configs", "demo.py") + ":smoke"
 STAGES = ["data", "teacher", "mine", "teacher_mined", "baseline", "encode", "student_L1", "export_L1", "eval", "report"]
@@ -27,6 +27,7 @@ def uninterrupted(tmp_path_factory, installed_wheel):
   return workdir, out.stdout
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_and_reports(uninterrupted):
   workdir, stdout = uninterrupted
   assert [line.split()[1].rstrip(":") for line in stdout.splitlines() if line.endswith(": running")] == STAGES
@@ -75,6 +76,7 @@ def _run_until(workdir, stop) -> str:
   return "".join(lines)
 
 
+@pytest.mark.slow
 def test_killed_pipeline_resumes_without_redoing_finished_stages(uninterrupted, tmp_path):
   workdir = tmp_path / "run"
   _run_until(workdir, lambda line: line.startswith("[pipeline] baseline: running"))
@@ -107,6 +109,7 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(uninterrupted, 
       assert got[name][key] == pytest.approx(want[name][key], abs=1e-6), (name, key)
 
 
+@pytest.mark.slow
 def test_rerun_with_another_config_names_the_stage(uninterrupted, capsys):
   workdir, _ = uninterrupted
   from scalingnote_jax.cli import main

@@ -10,9 +10,12 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
+
+pytestmark = pytest.mark.slow  # trains, encodes a real corpus or runs processes: in `make test`, not test-fast
 
 ARGS = ["train", "--config", f"{ROOT}/configs/tiny.py:smoke", "--config.num_steps=16", "--config.log_every=1",
         "--config.checkpoint.every=100"]

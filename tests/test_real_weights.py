@@ -5,7 +5,7 @@ metadata)."""
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, SENTENCES
+from helpers import FIXTURES, SENTENCES
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.models import load_backbone
 from scalingnote_jax.models.tokenizer import Tokenizer
@@ -24,6 +24,7 @@ def test_minilm_embeddings_match_sentence_transformers_recipe(minilm_dir):
   assert np.abs(emb - ref["embeddings"]).max() <= 1e-3
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_matches_transformers(smollm2_gguf):
   ref = np.load(f"{FIXTURES}/smollm2_reference.npz")
   tok = Tokenizer.from_pretrained(smollm2_gguf)

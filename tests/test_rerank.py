@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli, shared_artefact
+from helpers import ROOT, run_cli, shared_artefact
 
 # ---------------------------------------------------------------------------------------------------------
 # Losses: rax behind one function, checked against the textbook formulas with graded labels and padding.
@@ -75,6 +75,7 @@ def test_pair_tokens_of_a_decoder_keep_a_separator_and_eos(smollm2_gguf):
     tok.encode_pairs(["a", "b"], ["c"], max_length=8)
 
 
+@pytest.mark.slow
 def test_a_decoder_cross_encoder_scores_each_pair_as_on_its_own(smollm2_gguf):
   """Batched, length-sorted, right-padded scoring of pairs == one unpadded pair at a time (a causal decoder
   scoring from its last token, EOS appended); rerank orders by those scores and keeps top_k."""
@@ -197,6 +198,7 @@ SETTINGS = {"listnet": [], "ranknet": [],
             "bce": ["--config.num_steps=150", "--config.optim.lr=1e-3", "--config.model.num_layers=1"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["listnet", "ranknet", "bce"])
 def test_each_loss_trains_a_reranker_that_beats_its_first_stage(loss, first_stage, tmp_path):
   data, train_run, test_run, fs = first_stage

@@ -118,7 +118,7 @@ def test_a_ladder_of_truncated_checkpoints_counts_only_the_layers_it_keeps():
 
 
 def test_data_fractions_are_nested():
-  from scalingnote_jax.train.stage1 import subsample
+  from scalingnote_jax.data.training import subsample
 
   items = list(range(100))
   quarter, half = subsample(items, 0.25, seed=3), subsample(items, 0.5, seed=3)
@@ -127,8 +127,9 @@ def test_data_fractions_are_nested():
     subsample(items, 0, seed=3)
 
 
+@pytest.mark.slow
 def test_sweep_writes_results_that_fit_reads_and_resumes(tmp_path):
-  from conftest import ROOT, run_cli
+  from helpers import ROOT, run_cli
 
   from scalingnote_jax.config import load_config
   from scalingnote_jax.scaling import sweep
@@ -191,6 +192,7 @@ def test_coupled_law_is_recovered_and_forecasts_a_larger_model():
   assert max(f["rel_error"] for f in r["forecast"]) < 0.03
 
 
+@pytest.mark.slow
 def test_prediction_intervals_cover_new_runs_as_often_as_they_say():
   """Over replicas of data drawn from the exact n law with 3% scatter (15 fitted runs), the 95% prediction
   interval holds the held-out run about 95% of the time; the curve's confidence interval, narrower, holds it

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import fixture
+from helpers import fixture
 from scalingnote_jax.models import create_backbone, load_backbone
 from scalingnote_jax.models.llm import LLMConfig
 from scalingnote_jax.sharding import DEFAULT_RULES, create_sharded, make_mesh, param_sharding_fn

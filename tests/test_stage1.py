@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import read_metrics
+from helpers import read_metrics
 from scalingnote_jax import sharding
 from scalingnote_jax.config import load_config
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
@@ -62,6 +62,7 @@ BASE = {"batch_size": 16, "data.num_docs": 32, "data.n_neg": 2, "loss.learn_temp
         "loss.symmetric": True, "optim.warmup_steps": 0, "optim.lr": 3e-4}
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_sharded_and_chunked_steps_equal_single_device():
   """Sharded gradients over data x fsdp x tensor, and the sharded step with GradCache chunking and
@@ -73,6 +74,7 @@ def test_sharded_and_chunked_steps_equal_single_device():
   assert_same(run_steps({**BASE, "chunks": 4, "model.remat": True}, (4, 2, 1), None), single, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_teacher_learns_on_synthetic_corpus(tiny_teacher):
   """On 8 simulated devices, from chance to >= 0.9 Recall@10 over 1024 documents (chance: 10/1024 = 0.01)."""
   cfg = load_config(TINY)

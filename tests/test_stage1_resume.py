@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # trains, encodes a real corpus or runs processes: in `make test`, not test-fast
 
 
 def test_refused_runs_leave_the_workdir_intact_and_resume_onto_a_different_mesh(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, read_metrics, run_cli
+from helpers import ROOT, read_metrics, run_cli
 from scalingnote_jax import cli
 from scalingnote_jax.config import load_config
 from scalingnote_jax.data import synthetic
@@ -23,6 +23,8 @@ from scalingnote_jax.serve import bundle
 from scalingnote_jax.serve.retriever import Retriever
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.train import stage1, stage2
+
+pytestmark = pytest.mark.slow  # trains, encodes a real corpus or runs processes: in `make test`, not test-fast
 
 DISTILL = f"{ROOT}/configs/distill_tiny.py"
 

@@ -20,10 +20,21 @@ from scalingnote_jax.data.beir import TrainExample
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
+  """The one schema of a Stage 1 batch: what the pipeline makes and what ahead-of-time compilation assumes."""
   batch_size: int  # global: queries per step over all processes
   n_neg: int  # hard negatives per query
   query_len: int
   doc_len: int
+  # Width of `pos_ids`: the most judged positives of one query (TrainData sets it from its examples; ahead
+  # of time, a typical few: a few integers per row, memory-neutral).
+  max_positives: int = 4
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """Every field of a global batch and its shape (all int32): the query's tokens and mask, G = 1 + n_neg
+    document slots with theirs, the slots' corpus rows (-1: empty) and the query's positives' rows."""
+    b, g = self.batch_size, 1 + self.n_neg
+    return dict(q_ids=(b, self.query_len), q_mask=(b, self.query_len), d_ids=(b, g, self.doc_len),
+                d_mask=(b, g, self.doc_len), doc_ids=(b, g), pos_ids=(b, self.max_positives))
 
 
 def pad(ids: list[int], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,11 +69,11 @@ class TrainData:
                pad_id: int, spec: BatchSpec):
     if not examples:
       raise ValueError("no training examples")
-    self.spec, self.pad_id, self.examples = spec, pad_id, examples
+    self.spec = dataclasses.replace(spec, max_positives=max(len(ex.positive_ids) for ex in examples))
+    self.pad_id, self.examples = pad_id, examples
     self.doc_index = {doc_id: i for i, doc_id in enumerate(corpus)}
     self.doc_tokens = doc_tokenize(list(corpus.values()))
     self.query_tokens = query_tokenize([ex.query for ex in examples])
-    self.max_positives = max(len(ex.positive_ids) for ex in examples)
 
   def record(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     ex, spec = self.examples[index], self.spec
@@ -76,7 +87,7 @@ class TrainData:
       d_ids[slot], d_mask[slot] = pad(self.doc_tokens[doc_ids[slot]], spec.doc_len, self.pad_id)
     d_mask[len(negatives) + 1:, 0] = 1  # empty slots get one token so no softmax row is fully masked
     q_ids, q_mask = pad(self.query_tokens[index], spec.query_len, self.pad_id)
-    pos_ids = np.full(self.max_positives, -1, np.int32)
+    pos_ids = np.full(spec.max_positives, -1, np.int32)
     pos_ids[:len(ex.positive_ids)] = [self.doc_index[d] for d in ex.positive_ids]
     return dict(q_ids=q_ids, q_mask=q_mask, d_ids=d_ids, d_mask=d_mask, doc_ids=doc_ids, pos_ids=pos_ids)
 
@@ -88,7 +99,7 @@ class TrainData:
 
 class DistillData:
   """Stage 2 batches: student-tokenized queries and their teacher embeddings. The embeddings stay in their
-  tensorstore array (`index.corpus` layout) and each batch reads its rows, so the query set may exceed memory."""
+  tensorstore array (`artifacts.store` layout) and each batch reads its rows, so the query set may exceed memory."""
 
   def __init__(self, query_tokens: list[list[int]], teacher_array, pad_id: int, query_len: int, batch_size: int):
     if not query_tokens:
