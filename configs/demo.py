@@ -8,15 +8,11 @@ encoders (1 or 2 layers, width 64).
   scalingnote pipeline --config configs/demo.py:smoke --workdir /tmp/smoke   # ~1.5 min: every stage, tiny sizes
 """
 
-import os
-import sys
-
 from ml_collections import ConfigDict
 
-sys.path.insert(0, os.path.dirname(__file__))
-from distill_tiny import get_config as distill_config  # noqa: E402
-from stage1_common import base  # noqa: E402
-from tiny import get_config as tiny_config  # noqa: E402
+from scalingnote_jax.configs.distill_tiny import get_config as distill_config
+from scalingnote_jax.config import stage1_defaults
+from scalingnote_jax.configs.tiny import get_config as tiny_config
 
 TOKENIZER = "SmolLM2-135M-Instruct-Q4_1"
 SMALL_BERT = dict(kind="bert", vocab_size=49152, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
@@ -31,7 +27,7 @@ def get_config(variant: str = ""):
   # layer so that Stage 1 fits a CPU minute, both towers from it, mean-pooled (a cut decoder's last token is no
   # summary of the text: 2 layers' EOS state gives 0.03 nDCG@10 untrained and 0.68 after 40 steps; this layer
   # mean-pooled 0.96 untrained, BENCHMARKS.md). configs/scifact.py uses all 30 layers.
-  c.teacher = base()
+  c.teacher = stage1_defaults()
   c.teacher.model.update(dict(init=TOKENIZER, num_layers=1))
   c.teacher.tower.update(dict(pooling="mean", append_eos=False, max_length=64))
   c.teacher.optim.lr = 3e-4
@@ -46,7 +42,7 @@ def get_config(variant: str = ""):
 
   # The small dual tower trained directly: the students' architecture from random weights, on the same examples
   # (the mined negatives included) for 300 steps, 10x the teacher's: it levels off by 200 (0.96 nDCG@10).
-  c.baseline = base()
+  c.baseline = stage1_defaults()
   c.baseline.model.update(dict(tokenizer=TOKENIZER, backbone=dict(SMALL_BERT)))
   c.baseline.tower.update(dict(pooling="mean", append_eos=False, max_length=64))
   c.baseline.optim.lr = 3e-3

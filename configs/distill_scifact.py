@@ -8,11 +8,7 @@ BENCHMARKS.md gives them as an unlabelled query log (a text file, one per line).
 teacher (SciFact test, 300 queries) is searched over the whole corpus at every evaluation.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from distill_tiny import get_config as tiny  # noqa: E402
+from scalingnote_jax.configs.distill_tiny import get_config as tiny
 
 
 def get_config(variant: str = ""):

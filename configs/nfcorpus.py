@@ -4,11 +4,7 @@ configs/scifact.py's models and stages on another corpus.
   scalingnote pipeline --config configs/nfcorpus.py --workdir runs/nfcorpus --config.data.path=BEIR/nfcorpus
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from scifact import get_config as scifact_config  # noqa: E402
+from scalingnote_jax.configs.scifact import get_config as scifact_config
 
 
 def get_config(variant: str = ""):

@@ -12,11 +12,7 @@ chunks: 5.3 GiB per chip compiled, where 4 chunks need 17.5 GiB; data 16 x fsdp 
 and gradients alone are 16.5 GiB of a v5e's 16).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from stage1_common import base  # noqa: E402
+from scalingnote_jax.config import stage1_defaults
 
 QWEN2_5_7B = dict(kind="llm", vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
                   head_dim=128, intermediate_size=18944, rope_theta=1e6, rms_norm_eps=1e-6, attention_bias=True,
@@ -24,7 +20,7 @@ QWEN2_5_7B = dict(kind="llm", vocab_size=152064, hidden_size=3584, num_layers=28
 
 
 def get_config(variant: str = ""):
-  c = base()
+  c = stage1_defaults()
   c.model.init = "random"
   c.model.tokenizer = ""  # set to the checkpoint directory
   c.model.backbone = QWEN2_5_7B

@@ -12,34 +12,11 @@ hundred steps; a pretrained one does in tens.)
   scalingnote eval --run reranked.run --data BEIR_DIR --split test
 """
 
-from ml_collections import ConfigDict
-
-from scalingnote_jax.sharding import DEFAULT_RULES
+from scalingnote_jax.config import rerank_defaults
 
 
 def get_config(variant: str = ""):
-  c = ConfigDict()
-  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor)
-  c.rules = DEFAULT_RULES
-  c.loss = "listnet"  # bce (pointwise) | ranknet (pairwise) | listnet (listwise)
-  c.num_steps = 50
-  c.batch_size = 8  # global queries per step, each with a group of data.group_size pairs
-  c.log_every = 10
-  # init: a checkpoint (HF dir, GGUF or packaged name; its first num_layers layers, 0 = all) or "random" with
-  # `backbone` (kind "bert" or "llm") and `tokenizer`.
-  c.model = ConfigDict(dict(init="all-MiniLM-L6-v2", num_layers=2, tokenizer="", seed=0, dtype="float32",
-                            param_dtype="float32", remat=False, backbone=ConfigDict()))
-  # The pair's tokens: query prompt, then document prompt (cut longest-first to max_length); unset fields
-  # follow the checkpoint. BERT scores from [CLS]; a decoder from its last token (pooling="last", append_eos).
-  c.tower = ConfigDict(dict(pooling="cls", max_length=32, query_prompt="{text}", document_prompt="{title} {text}"))
-  # First stage: "bm25" or a TREC run file per split; groups draw the others from each query's top_k.
-  c.data = ConfigDict(dict(path="", train_split="train", val_split="test", train_run="bm25", val_run="bm25",
-                           top_k=30, group_size=4, train_fraction=1.0, seed=0))
-  c.optim = ConfigDict(dict(lr=5e-4, warmup_steps=5, schedule="cosine", final_lr_fraction=0.1, weight_decay=0.01,
-                            clip_norm=1.0, b1=0.9, b2=0.999))
-  c.checkpoint = ConfigDict(dict(every=25, keep=2))
-  # Validation reranks each validation query's first-stage top_k.
-  c.eval = ConfigDict(dict(every=50, at_start=False, top_k=10, batch_size=128))
+  c = rerank_defaults()  # the defaults are this test-size run
   if variant == "smoke":
     c.num_steps, c.batch_size, c.log_every, c.checkpoint.every, c.eval.every = 4, 4, 2, 2, 4
   elif variant:

@@ -7,15 +7,11 @@ The teacher needs a GPU (~6 min of H200 for Stage 1, BENCHMARKS.md); on a 2-core
   scalingnote pipeline --config configs/scifact.py:minilm --workdir runs/scifact_minilm   # CPU-sized teacher
 """
 
-import os
-import sys
-
 from ml_collections import ConfigDict
 
-sys.path.insert(0, os.path.dirname(__file__))
-from distill_scifact import get_config as distill_config  # noqa: E402
-from scifact_minilm import get_config as minilm_config  # noqa: E402
-from scifact_smollm2 import get_config as smollm2_config  # noqa: E402
+from scalingnote_jax.configs.distill_scifact import get_config as distill_config
+from scalingnote_jax.configs.scifact_minilm import get_config as minilm_config
+from scalingnote_jax.configs.scifact_smollm2 import get_config as smollm2_config
 
 
 def get_config(variant: str = "", *, name: str = "scifact"):

@@ -5,15 +5,11 @@ metrics before (step 0) and after training, over the full corpus.
       --config.data.path=../shared/data/beir/scifact
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from stage1_common import base  # noqa: E402
+from scalingnote_jax.config import stage1_defaults
 
 
 def get_config(variant: str = ""):
-  c = base()
+  c = stage1_defaults()
   c.model.init = "all-MiniLM-L6-v2"
   c.tower.update(dict(pooling="mean", append_eos=False, max_length=256, query_prompt="{text}",
                       document_prompt="{title} {text}"))

@@ -5,15 +5,11 @@ packaged Q4_1 GGUF, dequantized): last-token pooling with EOS. Long on a CPU: ru
       --config.data.path=../shared/data/beir/scifact
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from stage1_common import base  # noqa: E402
+from scalingnote_jax.config import stage1_defaults
 
 
 def get_config(variant: str = ""):
-  c = base()
+  c = stage1_defaults()
   c.model.init = "SmolLM2-135M-Instruct-Q4_1"
   c.model.remat = True
   c.tower.update(dict(pooling="last", append_eos=True, max_length=256, query_prompt="Query: {text}",

@@ -7,13 +7,10 @@ fit an nDCG@10 forecast of the largest from the smaller ones:
   scalingnote fit-scaling runs/sweep_rerank_listnet/results.jsonl --law power --y ndcg_at_10
 """
 
-import os
-import sys
-
 from ml_collections import ConfigDict
 
-sys.path.insert(0, os.path.dirname(__file__))
-from rerank_tiny import get_config as rerank_config  # noqa: E402
+from scalingnote_jax.config import sweep_defaults
+from scalingnote_jax.configs.rerank_tiny import get_config as rerank_config
 
 LOSSES = ("bce", "ranknet", "listnet")
 
@@ -23,7 +20,7 @@ def get_config(variant: str = "listnet"):
   if loss not in LOSSES or size not in ("", "smoke"):
     raise ValueError(f"configs/sweep_rerank_scifact.py: unknown variant {variant!r} (known: {', '.join(LOSSES)}, "
                      "each optionally with -smoke)")
-  c = ConfigDict()
+  c = sweep_defaults()
   c.kind = "reranker"
   c.base = rerank_config()
   c.base.loss = loss

@@ -7,17 +7,14 @@ fit with the largest model held out:
   scalingnote fit-scaling runs/sweep_scifact/results.jsonl --law n --y contrastive_entropy --where D=809
 """
 
-import os
-import sys
-
 from ml_collections import ConfigDict
 
-sys.path.insert(0, os.path.dirname(__file__))
-from scifact_minilm import get_config as minilm_config  # noqa: E402
+from scalingnote_jax.config import sweep_defaults
+from scalingnote_jax.configs.scifact_minilm import get_config as minilm_config
 
 
 def get_config(variant: str = ""):
-  c = ConfigDict()
+  c = sweep_defaults()
   c.base = minilm_config()
   c.base.data.update(dict(query_len=32, doc_len=128))  # CPU-sized: half of scifact_minilm.py's documents
   c.base.tower.max_length = 128

@@ -5,13 +5,10 @@ trained on 25%, 50% and 100% of the training queries. ~15 min on a 2-core CPU; t
   scalingnote fit-scaling runs/sweep_tiny/results.jsonl --law n --y contrastive_entropy --plot runs/sweep_tiny/n.png
 """
 
-import os
-import sys
-
 from ml_collections import ConfigDict
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny import get_config as tiny_config  # noqa: E402
+from scalingnote_jax.config import sweep_defaults
+from scalingnote_jax.configs.tiny import get_config as tiny_config
 
 
 def width(h: int) -> dict:
@@ -20,7 +17,7 @@ def width(h: int) -> dict:
 
 
 def get_config(variant: str = ""):
-  c = ConfigDict()
+  c = sweep_defaults()
   c.base = tiny_config()
   c.base.optim.lr = 1e-3  # decoders of these widths learn fastest here (3e-3: slower, 1e-2: diverges)
   c.base.model.doc_seed = c.base.model.seed  # both towers from identical weights (as in BENCHMARKS.md)

@@ -3,15 +3,11 @@
   scalingnote train --config configs/tiny.py --workdir /tmp/tiny
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from stage1_common import base  # noqa: E402
+from scalingnote_jax.config import stage1_defaults
 
 
 def get_config(variant: str = ""):
-  c = base()
+  c = stage1_defaults()
   c.model.tokenizer = "SmolLM2-135M-Instruct-Q4_1"
   c.model.backbone = dict(kind="llm", vocab_size=49152, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                           head_dim=16, intermediate_size=128, tie_word_embeddings=True, eos_token_id=2)

@@ -32,6 +32,7 @@ from ml_collections import ConfigDict
 from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.artifacts.stages import Stages
+from scalingnote_jax.config import distill_defaults, stage1_defaults
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.eval import evaluate, report
@@ -112,7 +113,7 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
     return {"final": out["evals"][-1] if out["evals"] else None}
 
   t_cfg = stage1_config(cfg.teacher, data, split)
-  stages("teacher", t_cfg.to_dict(), lambda: train("teacher", t_cfg))
+  stages("teacher", t_cfg.to_dict(), lambda: train("teacher", t_cfg), stage1_defaults())
 
   m = cfg.mining
   mined = path("mined", "train.jsonl")
@@ -128,11 +129,11 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
 
   final_cfg = stage1_config(cfg.teacher, data, split, **{"model.init": path("teacher"), "data.train_jsonl": mined,
                                                          "data.n_neg": m.n_neg, "num_steps": m.num_steps})
-  stages("teacher_mined", final_cfg.to_dict(), lambda: train("teacher_mined", final_cfg))
+  stages("teacher_mined", final_cfg.to_dict(), lambda: train("teacher_mined", final_cfg), stage1_defaults())
   teacher = path("teacher_mined")
 
   b_cfg = stage1_config(cfg.baseline, data, split, **{"data.train_jsonl": mined, "data.n_neg": m.n_neg})
-  stages("baseline", b_cfg.to_dict(), lambda: train("baseline", b_cfg))
+  stages("baseline", b_cfg.to_dict(), lambda: train("baseline", b_cfg), stage1_defaults())
 
   def encode():
     documents = beir.load_corpus(os.path.join(data["path"], "corpus.jsonl"))
@@ -150,7 +151,7 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
     def distill(s_cfg=s_cfg, name=name):
       out = stage2.distill(s_cfg, path("students", name), resume=True)
       return {"final": out["evals"][-1] if out["evals"] else None, "teacher": out["teacher"]}
-    stages(f"student_{name}", s_cfg.to_dict(), distill)
+    stages(f"student_{name}", s_cfg.to_dict(), distill, distill_defaults())
 
   for name, out in students.items():
     stages(f"export_{name}", cfg.export.to_dict(), lambda name=name, out=out: bundle.export(

@@ -35,3 +35,44 @@ def test_synthetic_corpus_is_deterministic_and_labelled():
     assert not others  # ... and only that document's
   topics = [doc["title"].split("(")[1] for doc in a.corpus.values()]
   assert len(set(topics)) == len(synthetic.TOPICS) and len(topics) > len(set(topics))  # same-topic distractors
+
+
+def test_a_field_added_since_a_run_is_no_change_at_its_default(tmp_path):
+  """Finished work stays valid when the schema grows: a recorded config (a pipeline stage's marker, a workdir's
+  config.json) without a field that has since been declared matches a config holding that field's default,
+  and still differs, naming the field, from one that sets it otherwise."""
+  import json
+
+  import jax.numpy as jnp
+  from ml_collections import ConfigDict
+
+  from scalingnote_jax.artifacts.checkpoint import Checkpointer
+  from scalingnote_jax.artifacts.stages import Stages
+  from scalingnote_jax.config import config_changes, stage1_defaults, with_defaults
+  from scalingnote_jax.train.common import open_workdir
+
+  new = stage1_defaults()
+  old = new.to_dict()
+  del old["model"]["doc_seed"]  # as recorded before the field existed
+  assert config_changes(old, new.to_dict(), stage1_defaults()) == {}
+  assert config_changes(old, new.to_dict()) == {"model.doc_seed": [None, None]}  # no defaults: a difference
+  assert with_defaults(old, stage1_defaults()).model.doc_seed is None
+
+  stages, calls = Stages(str(tmp_path / "pipeline")), []
+  stages("teacher", old, lambda: calls.append(1) or {"ok": 1})
+  assert stages("teacher", new.to_dict(), lambda: calls.append(2), stage1_defaults()) == {"ok": 1} and calls == [1]
+  changed = new.to_dict()
+  changed["model"]["doc_seed"] = 7
+  with pytest.raises(ValueError, match=r"stage 'teacher' completed with another configuration .*model\.doc_seed: "
+                                       r"None -> 7"):
+    stages("teacher", changed, lambda: calls.append(3), stage1_defaults())
+
+  workdir = str(tmp_path / "run")
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+  ckpt.save(1, {"w": jnp.zeros(2)}, {"m": jnp.zeros(2)}, {"step": 1})
+  ckpt.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(old, f)
+  open_workdir(new, workdir, resume=True, keep=1, defaults=stage1_defaults())[0].close()  # resumes
+  with pytest.raises(ValueError, match=r"model\.doc_seed: None -> 7.*Nothing was written"):
+    open_workdir(ConfigDict(changed), workdir, resume=True, keep=1, defaults=stage1_defaults())

@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 
 from scalingnote_jax import models, sharding
 from scalingnote_jax.artifacts.checkpoint import Checkpointer, abstract_like
+from scalingnote_jax.config import stage1_defaults, with_defaults
 from scalingnote_jax.models import bert, llm
 from scalingnote_jax.models.dual import DualEncoder
 from scalingnote_jax.models.tokenizer import Tokenizer
@@ -29,9 +30,11 @@ STUDENT_FILE = "student.json"
 RERANKER_FILE = "reranker.json"
 
 
-def read_config(workdir: str) -> ConfigDict:
+def read_config(workdir: str, defaults: ConfigDict | None = None) -> ConfigDict:
+  """A workdir's recorded config; with `defaults`, fields added since it was written hold their defaults."""
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return ConfigDict(json.load(f))
+    recorded = json.load(f)
+  return ConfigDict(recorded) if defaults is None else with_defaults(recorded, defaults)
 
 
 def restore(abstract_module: nnx.Module, ckpt: Checkpointer, step: int, mesh, rules, tx=None):
@@ -45,9 +48,9 @@ def restore(abstract_module: nnx.Module, ckpt: Checkpointer, step: int, mesh, ru
   return graphdef, params, opt_state, data_state
 
 
-def _load(workdir: str, abstract_of, mesh, step: int | None) -> tuple[nnx.Module, ConfigDict]:
+def _load(workdir: str, abstract_of, mesh, step: int | None, defaults=None) -> tuple[nnx.Module, ConfigDict]:
   """(module, config) of a workdir's checkpoint `step` (default: the latest complete one)."""
-  cfg = read_config(workdir)
+  cfg = read_config(workdir, defaults)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -82,13 +85,13 @@ def checkpoint_overrides(m: ConfigDict) -> dict:
   """Backbone fields a config sets over a checkpoint's: dtypes, remat, and `num_layers` (> 0: keep the first
   layers only, e.g. a small dual tower from a larger encoder)."""
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-              **({"num_layers": m.num_layers} if m.get("num_layers") else {}))
+              **({"num_layers": m.num_layers} if m.num_layers else {}))
 
 
 def previous_round(cfg: ConfigDict) -> ConfigDict:
   """The config of the Stage 1 run that `model.init` names (a warm start, e.g. after mining negatives).
   The towers keep that run's structure, so the parts that define it must agree."""
-  prev = read_config(cfg.model.init)
+  prev = read_config(cfg.model.init, stage1_defaults())
   for key in ("tied", "tower", "loss.learn_temperature"):
     a, b = prev, cfg
     for part in key.split("."):
@@ -108,7 +111,7 @@ def abstract_dual_encoder(cfg: ConfigDict) -> DualEncoder:
 
   def create():
     query = Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))
-    doc = query if cfg.tied else Tower.create(bcfg, tower_cfg, nnx.Rngs(m.get("doc_seed", m.seed)))
+    doc = query if cfg.tied else Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed if m.doc_seed is None else m.doc_seed))
     return DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
   return nnx.eval_shape(create)
 
@@ -123,7 +126,7 @@ def stage1_tokenizer(cfg: ConfigDict) -> Tokenizer:
 
 def load_stage1(workdir: str, mesh=None, step: int | None = None) -> tuple[DualEncoder, Tokenizer, ConfigDict]:
   """The dual encoder of a Stage 1 workdir (its latest checkpoint unless `step`), its tokenizer and config."""
-  model, cfg = _load(workdir, abstract_dual_encoder, mesh, step)
+  model, cfg = _load(workdir, abstract_dual_encoder, mesh, step, stage1_defaults())
   return model, stage1_tokenizer(cfg), cfg
 
 

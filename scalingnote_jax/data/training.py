@@ -22,7 +22,7 @@ def load_data(d: ConfigDict) -> tuple[list[beir.TrainExample], synthetic.Dataset
                               {q: r for q, r in data.qrels.items() if q not in val})
     examples = synthetic.with_topic_negatives(beir.examples_from_qrels(train), data.corpus, d.n_neg_candidates,
                                               d.seed)
-    examples = subsample(examples, d.get("train_fraction", 1.0), d.seed)
+    examples = subsample(examples, d.train_fraction, d.seed)
     held_out = synthetic.Dataset(data.corpus, {q: data.queries[q] for q in val}, {q: data.qrels[q] for q in val})
     return examples, held_out, data.corpus
   if d.source == "beir":
@@ -30,7 +30,7 @@ def load_data(d: ConfigDict) -> tuple[list[beir.TrainExample], synthetic.Dataset
     examples = (beir.load_train_jsonl(d.train_jsonl, train.corpus) if d.train_jsonl
                 else beir.examples_from_qrels(train))
     held_out = beir.load_beir(d.path, d.val_split, unknown="skip") if d.val_split else None
-    return subsample(examples, d.get("train_fraction", 1.0), d.seed), held_out, train.corpus
+    return subsample(examples, d.train_fraction, d.seed), held_out, train.corpus
   raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
 
 

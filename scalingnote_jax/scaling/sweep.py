@@ -24,6 +24,7 @@ from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.artifacts.stages import Stages
+from scalingnote_jax.config import rerank_defaults, stage1_defaults
 from scalingnote_jax.data.training import load_data
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.train import rerank, stage1
@@ -69,10 +70,11 @@ def train_one(c: ConfigDict, workdir: str, kind: str) -> dict:
 
 @holds_lock("workdir")  # one sweep per workdir (each run also locks its own directory)
 def run(cfg: ConfigDict, workdir: str) -> list[dict]:
-  kind = cfg.get("kind", "retriever")
+  kind = cfg.kind
   if kind not in ("retriever", "reranker"):
     raise ValueError(f"kind={kind!r}: expected 'retriever' (Stage 1 runs) or 'reranker'")
-  full_data_only = set(cfg.get("full_data_only", ()))  # e.g. the held-out largest size: one run, not a row
+  defaults = rerank_defaults() if kind == "reranker" else stage1_defaults()
+  full_data_only = set(cfg.full_data_only)  # e.g. the held-out largest size: one run, not a row
   if full_data_only - set(cfg.sizes):
     raise ValueError(f"full_data_only: {sorted(full_data_only - set(cfg.sizes))} not among sizes {sorted(cfg.sizes)}")
   stages = Stages(workdir, label="sweep")
@@ -84,7 +86,7 @@ def run(cfg: ConfigDict, workdir: str) -> list[dict]:
       name = f"{size}_D{fraction:g}"
       c = run_config(cfg, model.to_dict(), fraction)
       rows.append({"run": name, **stages(name, c.to_dict(), lambda c=c, name=name: train_one(
-          c, os.path.join(workdir, "runs", name), kind))})
+          c, os.path.join(workdir, "runs", name), kind), defaults)})
   if is_main():
     write_atomic(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   return rows

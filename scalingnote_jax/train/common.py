@@ -25,6 +25,7 @@ from scalingnote_jax import models, sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.checkpoint import Checkpointer
 from scalingnote_jax.artifacts.trained import CONFIG_FILE
+from scalingnote_jax.config import config_changes
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.models.tower import Tower
 
@@ -35,21 +36,13 @@ RESUMABLE_FIELDS = ("num_steps", "log_every", "mesh", "checkpoint.every", "check
                     "eval.at_start", "eval.batch_size")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def open_workdir(cfg: ConfigDict, workdir: str, *, resume: bool, keep: int) -> tuple[Checkpointer, int | None]:
+def open_workdir(cfg: ConfigDict, workdir: str, *, resume: bool, keep: int,
+                 defaults: ConfigDict) -> tuple[Checkpointer, int | None]:
   """(checkpointer, last complete step or None) of `workdir`, once this run is known to be allowed there:
   checkpoints and no `resume` is refused; `resume` with a config that differs from the saved one outside
-  RESUMABLE_FIELDS is refused with the fields named. Only then is config.json written (and the allowed
-  changes appended to resumes.jsonl), so a refused run leaves the workdir as it was."""
+  RESUMABLE_FIELDS is refused with the fields named (a field added since, at its value in `defaults`, is no
+  difference). Only then is config.json written (and the allowed changes appended to resumes.jsonl), so a
+  refused run leaves the workdir as it was."""
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
   last = ckpt.latest_step()
@@ -58,12 +51,10 @@ def open_workdir(cfg: ConfigDict, workdir: str, *, resume: bool, keep: int) -> t
     raise FileExistsError(f"{workdir} already holds checkpoints up to step {last}: pass --resume to continue, "
                           "or choose a new --workdir")
   config_path = os.path.join(workdir, CONFIG_FILE)
-  new = _flat(json.loads(cfg.to_json()))
   changed = {}
   if last is not None and os.path.exists(config_path):
     with open(config_path) as f:
-      old = _flat(json.load(f))
-    changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+      changed = config_changes(json.load(f), cfg.to_dict(), defaults)
     refused = {k: v for k, v in changed.items() if k not in RESUMABLE_FIELDS}
     if refused:
       ckpt.close()

@@ -28,6 +28,7 @@ from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
+from scalingnote_jax.config import rerank_defaults
 from scalingnote_jax.artifacts.trained import RERANKER_FILE
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.pipeline import RerankData, RerankGroup
@@ -137,7 +138,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     raise ValueError(f"data.group_size={cfg.data.group_size}, data.top_k={cfg.data.top_k}: a group needs the "
                      "relevant document and at least one candidate (group_size >= 2), drawn from top_k >= "
                      "group_size - 1")
-  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep)
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=rerank_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
   if is_main():
     print(f"rerank: {sharding.describe(mesh)}", flush=True)
@@ -155,7 +156,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   d = cfg.data
   train_data = beir.load_beir(d.path, d.train_split, unknown="skip")
   groups = training_groups(train_data, first_stage(d.train_run, train_data, d.top_k), enc)
-  groups = subsample(groups, d.get("train_fraction", 1.0), d.seed)  # data-size sweeps: nested subsets
+  groups = subsample(groups, d.train_fraction, d.seed)  # data-size sweeps: nested subsets
   data = RerankData(groups, enc.tokenize_pairs, enc.tokenizer.pad_id, d.group_size, enc.cfg.max_length,
                     cfg.batch_size)
   batches = data.iterator(d.seed, jax.process_index(), jax.process_count())

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.lock import holds_lock
+from scalingnote_jax.config import stage1_defaults
 from scalingnote_jax.data import synthetic
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 from scalingnote_jax.data.training import load_data, validation_doc_ids
@@ -56,7 +57,8 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
     # tower a seed of its own (`model.doc_seed`): then the two start unrelated and retrieval at chance.
     make = lambda seed: lambda: Tower.create(bcfg, tower_cfg, nnx.Rngs(seed))  # noqa: E731
     query = sharding.create_sharded(make(m.seed), mesh, rules)
-    doc = query if cfg.tied else sharding.create_sharded(make(m.get("doc_seed", m.seed)), mesh, rules)
+    doc = query if cfg.tied else sharding.create_sharded(make(m.seed if m.doc_seed is None else m.doc_seed), mesh,
+                                                         rules)
     tokenizer = Tokenizer.from_pretrained(m.tokenizer)
   else:
     place = sharding.param_sharding_fn(mesh, rules)
@@ -174,7 +176,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
   from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
   # config.json (what encode, distill, export rebuild the towers from) is written only once the run is allowed
-  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep)
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=stage1_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
   if is_main():
     print(f"stage1: {sharding.describe(mesh)}", flush=True)

@@ -29,6 +29,7 @@ from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import store, trained
 from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
+from scalingnote_jax.config import distill_defaults
 from scalingnote_jax.artifacts.trained import STUDENT_FILE
 from scalingnote_jax.data import beir, synthetic
 from scalingnote_jax.data.pipeline import DistillData
@@ -148,7 +149,7 @@ def evaluate(s_enc: Encoder, held_out: synthetic.Dataset, qids: list[str], t_QxD
 def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Distils the teacher's query tower in `workdir`. With `resume` it continues from the latest checkpoint
   there; without it, a workdir that already has checkpoints is refused."""
-  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep)
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=distill_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
   if is_main():
     print(f"distill: {sharding.describe(mesh)}", flush=True)
@@ -156,7 +157,7 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   # Teacher embeddings: training queries, held-out queries and the documents validation searches. Each
   # store is resumable and reused; its fingerprint ties it to this teacher.
   t_q_enc, t_d_enc, t_cfg, identity = load_teacher(cfg.teacher, mesh)
-  cache = cfg.get("teacher_cache") or os.path.join(workdir, "teacher")  # students of one teacher may share it
+  cache = cfg.teacher_cache or os.path.join(workdir, "teacher")  # students of one teacher may share it
   if last is not None and trained.read_spec(workdir)["teacher"]["query_fingerprint"] != identity["query_fingerprint"]:
     raise ValueError(f"{workdir} was distilled from another teacher than {cfg.teacher} (fingerprints differ)")
   queries, held_out = training_queries(cfg, t_cfg)
