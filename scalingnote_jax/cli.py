@@ -1,12 +1,17 @@
 """Command line: `scalingnote <command> ...`; config-driven commands take `--config configs/<name>.py[:variant]`
-and override any field with `--config.field=value`."""
+and override any field with `--config.field=value`.
+
+Read it bottom up: `COMMANDS` is the table of commands (help, arguments, the function that runs it), each
+function below runs one command, and `run` parses, starts jax.distributed and loads the config."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable
 
 
 def to_json(obj) -> str:
@@ -20,6 +25,326 @@ def to_json(obj) -> str:
       return [finite(v) for v in x]
     return x
   return json.dumps(finite(obj), allow_nan=False)
+
+
+class UsageError(ValueError):
+  """Arguments that parse but do not fit together: answered like argparse's own errors (usage, exit 2)."""
+
+
+def _print_main(obj) -> None:
+  from scalingnote_jax import distributed
+
+  if distributed.is_main():
+    print(to_json(obj))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One function per command: (args, cfg) -> exit status; `cfg` is the loaded --config of the commands that take
+# one. Each imports what it uses when it runs (every function-local import in the package is here): `scalingnote
+# --help` then starts without loading JAX, and jax.distributed starts (in `run`) before any JAX work.
+
+def pipeline(args, cfg) -> int:
+  from scalingnote_jax import pipeline as pipeline_lib
+
+  _print_main(pipeline_lib.run(cfg, args.workdir))
+  return 0
+
+
+def train(args, cfg) -> int:
+  from scalingnote_jax.train import stage1
+
+  out = stage1.train(cfg, args.workdir, resume=args.resume)
+  if out["evals"]:
+    _print_main({"final": out["evals"][-1]})
+  return 0
+
+
+def distill(args, cfg) -> int:
+  from scalingnote_jax.train import stage2
+
+  out = stage2.distill(cfg, args.workdir, resume=args.resume)
+  if out["evals"]:
+    _print_main({"teacher": out["teacher"], "final": out["evals"][-1]})
+  return 0
+
+
+def train_reranker(args, cfg) -> int:
+  from scalingnote_jax.train import rerank as rerank_lib
+
+  out = rerank_lib.train(cfg, args.workdir, resume=args.resume)
+  if out["evals"]:
+    _print_main({"final": out["evals"][-1], "first_stage": out["first_stage"]})
+  return 0
+
+
+def rerank(args, cfg) -> int:
+  from scalingnote_jax.train import rerank as rerank_lib
+
+  print(to_json(rerank_lib.rerank_file(args.model, args.data, args.run, args.out, top_k=args.top_k,
+                                       batch_size=args.batch_size)))
+  return 0
+
+
+def export(args, cfg) -> int:
+  from scalingnote_jax.serve import bundle
+
+  manifest = bundle.export(args.student, args.out, corpus_dir=args.corpus, embeddings=args.embeddings,
+                           teacher=args.teacher, backend=args.backend, batch_size=args.batch_size)
+  print(to_json({"out": args.out, "num_docs": manifest["num_docs"], "dim": manifest["dim"],
+                 "metrics": manifest["metrics"]}))
+  return 0
+
+
+def evaluate(args, cfg) -> int:
+  from scalingnote_jax.eval import evaluate as evaluate_lib
+
+  print(to_json(evaluate_lib.run(data_dir=args.data, split=args.split, bundle=args.bundle, checkpoint=args.checkpoint,
+                                 bm25=args.bm25, run_file=args.run_file, embeddings=args.embeddings,
+                                 backend=args.backend, drop_self=not args.keep_self, batch_size=args.batch_size,
+                                 num_negatives=args.num_negatives, temperature=args.temperature,
+                                 save_run=args.save_run)))
+  return 0
+
+
+def sweep(args, cfg) -> int:
+  from scalingnote_jax.scaling import sweep as sweep_lib
+
+  rows = sweep_lib.run(cfg, args.workdir)
+  _print_main({"results": f"{args.workdir}/results.jsonl", "runs": len(rows)})
+  return 0
+
+
+def fit_scaling(args, cfg) -> int:
+  from scalingnote_jax.scaling import fit
+
+  where = {}
+  for item in args.where:
+    field, _, value = item.partition("=")
+    try:
+      where[field] = float(value)
+    except ValueError:
+      raise UsageError(f"--where {item!r}: expected FIELD=NUMBER") from None
+  print(to_json(fit.run(args.results, law=args.law, y=args.y, x=args.x, holdout_largest=not args.no_holdout,
+                        bootstrap=args.bootstrap, plot_path=args.plot, where=where, direction=args.direction)))
+  return 0
+
+
+def compile_step(args, cfg) -> int:
+  from scalingnote_jax import aot
+
+  if args.list_topologies:
+    print(aot.list_topologies())
+    return 0
+  if not (args.config and args.topology):
+    raise UsageError("compile needs --config and --topology (or --list-topologies)")
+  aot.prepare_host(args.topology)  # before any JAX computation, so before the config is loaded
+  from scalingnote_jax.config import load_config
+
+  report = aot.compile_report(load_config(args.config, args.overrides), args.topology)
+  print(to_json(report) if args.json else aot.format_report(report))
+  return 0
+
+
+def encode(args, cfg) -> int:
+  from scalingnote_jax.index.encode import encode_corpus_dir
+
+  _print_main(encode_corpus_dir(args.checkpoint, args.corpus, args.out, chunk_size=args.chunk_size,
+                                batch_size=args.batch_size))
+  return 0
+
+
+def mine(args, cfg) -> int:
+  from scalingnote_jax.index import mining
+
+  if args.method == "dense" and not args.checkpoint:
+    raise UsageError("mine --method dense needs --checkpoint")
+  mining_cfg = mining.MiningConfig(range_min=args.range_min, range_max=args.range_max,
+                                   num_negatives=args.num_negatives, absolute_margin=args.absolute_margin,
+                                   relative_margin=args.relative_margin, sampling=args.sampling, seed=args.seed)
+  mined = mining.mine_from_checkpoint(args.checkpoint, args.data, args.split, args.out, mining_cfg,
+                                      method=args.method, embeddings_dir=args.embeddings, backend=args.backend)
+  print(to_json({"out": args.out, "queries": len(mined),
+                 "negatives_per_query": sum(len(m.negative_ids) for m in mined) / max(1, len(mined))}))
+  return 0
+
+
+def serve(args, cfg) -> int:
+  from scalingnote_jax.serve import http
+  from scalingnote_jax.serve.retriever import Retriever
+
+  given = {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "max_queries": args.max_queries,
+           "max_query_chars": args.max_query_chars, "max_k": args.max_k}
+  try:
+    limits = http.Limits(**{name: value for name, value in given.items() if value is not None})
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  retriever = Retriever.load(args.bundle, max_batch=limits.max_batch)
+  print(f"compiled the query encoder for {retriever.warmup()} batch/length shapes", file=sys.stderr)
+  http.serve(retriever, host=args.host, port=args.port, limits=limits)
+  return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Each command's own arguments (--config, --workdir and --resume are the table's).
+
+def _rerank_args(p):
+  p.add_argument("--model", required=True, help="a `scalingnote train-reranker` workdir")
+  p.add_argument("--data", required=True, help="the BEIR directory with the run's queries and documents")
+  p.add_argument("--run", required=True, help="the first stage's TREC run file")
+  p.add_argument("--out", required=True, help="the reranked TREC run file")
+  p.add_argument("--top-k", type=int, default=100, help="documents per query reranked (the rest are dropped)")
+  p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")
+
+
+def _export_args(p):
+  p.add_argument("student", help="a Stage 2 workdir (`scalingnote distill`)")
+  p.add_argument("--out", required=True, help="the bundle directory (replaced atomically if it is a bundle)")
+  p.add_argument("--corpus", default=None, help="a BEIR directory whose corpus.jsonl is indexed (default: the "
+                                                "teacher's training corpus)")
+  p.add_argument("--embeddings", default=None, help="an existing `scalingnote encode` store of the corpus, "
+                                                    "encoded by the teacher's document tower (not re-encoded)")
+  p.add_argument("--teacher", default=None, help="the Stage 1 workdir whose document tower encodes the corpus "
+                                                 "(default: the one the student was distilled from)")
+  p.add_argument("--backend", choices=("scann", "exact"), default="scann", help="the bundle's document index")
+  p.add_argument("--batch-size", type=int, default=64, help="documents per encoder call")
+
+
+def _eval_args(p):
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--bundle", help="a serving bundle (`scalingnote export`): the online path")
+  which.add_argument("--checkpoint", help="a Stage 1 workdir, or a HF dir / .gguf / packaged encoder (zero-shot)")
+  which.add_argument("--bm25", action="store_true", help="BM25 (bm25s) over the corpus")
+  which.add_argument("--run", dest="run_file", help="a TREC run file (e.g. from `scalingnote rerank`): its IR "
+                                                    "metrics only")
+  p.add_argument("--data", required=True, help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
+  p.add_argument("--split", default="test", help="the qrels file: DATA/qrels/SPLIT.tsv")
+  p.add_argument("--embeddings", default=None, help="with --checkpoint: the corpus embedding store (resumable, "
+                                                   "reused; default: a temporary one)")
+  p.add_argument("--backend", choices=("scann", "exact"), default="exact", help="with --checkpoint: the index")
+  p.add_argument("--keep-self", action="store_true", help="keep a document whose id equals the query's")
+  p.add_argument("--save-run", default=None, help="also write the system's top 100 per query as a TREC run file "
+                                                  "(the input of `scalingnote rerank`)")
+  p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
+  p.add_argument("--num-negatives", type=int, default=256, help="sampled documents per query for AUC and "
+                                                                 "contrastive entropy (Fang et al.'s 256)")
+  p.add_argument("--temperature", type=float, default=None, help="of the contrastive entropy (default: the "
+                                                                 "model's own for a Stage 1 workdir, else 0.05)")
+
+
+def _fit_args(p):
+  p.add_argument("results", help="JSONL: one run per line with N and/or D and the metric fields")
+  p.add_argument("--law", choices=("n", "d", "nd", "coupled", "power"), required=True,
+                 help="n: (A/N)^alpha + delta; d: (B/D)^beta + delta; nd: a + b N^c + d D^e; coupled: "
+                      "[(A/N)^(alpha/beta) + B/D]^beta + delta (Fang et al.); power: a + b x^c")
+  p.add_argument("--direction", choices=("auto", "rising", "falling"), default="auto",
+                 help="whether the field rises with N and D (nDCG, MAP) or falls (a loss); auto: from the field's "
+                      "name, else the data")
+  p.add_argument("--y", required=True, help="the fitted field, e.g. contrastive_entropy or ndcg_at_10")
+  p.add_argument("--x", default=None, help="for n / d / power: the size field (default N, or D for d)")
+  p.add_argument("--no-holdout", action="store_true", help="fit every run; no forecast check")
+  p.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95%% intervals")
+  p.add_argument("--plot", default=None, help="write the data, fit and forecast as a PNG here")
+  p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                 help="only the runs whose FIELD equals VALUE (e.g. D=896 for a model-size law at one data size)")
+
+
+def _compile_args(p):
+  p.add_argument("--config", help="configs/<name>.py, optionally :variant")
+  p.add_argument("--topology", help="e.g. v5e-256, v5p-128, h100-64 (8 hosts x 8), cpu-8; see --list-topologies")
+  p.add_argument("--list-topologies", action="store_true", help="print the known topologies and exit")
+  p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def _encode_args(p):
+  p.add_argument("--checkpoint", required=True, help="a Stage 1 workdir, a HF model dir, a .gguf or a packaged name")
+  p.add_argument("--corpus", required=True, help="a BEIR directory (its corpus.jsonl is encoded)")
+  p.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
+  p.add_argument("--batch-size", type=int, default=64, help="documents per encoder call")
+  p.add_argument("--chunk-size", type=int, default=1024, help="documents per resumable chunk")
+
+
+def _mine_args(p):
+  p.add_argument("--checkpoint", default="", help="with --method dense (required there): a Stage 1 workdir, HF "
+                                                  "dir, .gguf or packaged name")
+  p.add_argument("--data", required=True, help="a BEIR directory")
+  p.add_argument("--split", default="train", help="the queries (and positives) of DATA/qrels/SPLIT.tsv")
+  p.add_argument("--out", required=True, help="the JSONL to write ({query_id, query, positive_ids, negative_ids})")
+  p.add_argument("--method", choices=("dense", "bm25"), default="dense")
+  p.add_argument("--backend", choices=("scann", "exact"), default="scann", help="document index (dense)")
+  p.add_argument("--embeddings", default=None, help="corpus embedding store (default: next to --out; reused)")
+  p.add_argument("--range-min", type=int, default=10, help="skip the first RANGE_MIN results (likely unjudged "
+                                                          "positives); sentence-transformers' range_min")
+  p.add_argument("--range-max", type=int, default=100, help="draw negatives from results up to this rank")
+  p.add_argument("--num-negatives", type=int, default=8, help="negatives per query")
+  p.add_argument("--absolute-margin", type=float, default=None, help="keep a negative only if its score is at "
+                                                                    "most the best positive's minus this")
+  p.add_argument("--relative-margin", type=float, default=None, help="keep a negative only if its score is at "
+                                                                    "most the best positive's times (1 - this)")
+  p.add_argument("--sampling", choices=("top", "random"), default="top", help="the highest-ranked candidates, "
+                                                                               "or a random draw of them")
+  p.add_argument("--seed", type=int, default=0, help="of the random sampling")
+
+
+def _serve_args(p):
+  p.add_argument("bundle", help="a serving bundle directory (serve/bundle.py)")
+  p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 answers this machine only; 0.0.0.0 exposes it")
+  p.add_argument("--port", type=int, default=8000, help="TCP port")
+  # Unset limits keep the defaults of serve.http.Limits.
+  p.add_argument("--max-batch", type=int, default=None, help="queries per encoder call (default 64)")
+  p.add_argument("--max-wait-ms", type=float, default=None, help="batching window after a first request (default 2)")
+  p.add_argument("--max-queries", type=int, default=None, help="queries per request (default 64)")
+  p.add_argument("--max-query-chars", type=int, default=None, help="characters per query (default 2048)")
+  p.add_argument("--max-k", type=int, default=None, help="results per query (default 1000)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table.
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  help: str
+  run: Callable  # (args, cfg) -> exit status
+  arguments: Callable | None = None  # adds the command's own arguments to its parser
+  config: str = ""  # the help of a required --config, for the commands that run from a config file
+  workdir: str = ""  # the help of a required --workdir
+  resume: bool = False  # whether it takes --resume
+
+
+CONFIG = "configs/<name>.py, optionally :variant (e.g. configs/{}.py)"
+RESUME = "continue from the latest checkpoint in --workdir"
+COMMANDS = {
+    "pipeline": Command("the main job: Stage 1 teacher (with a mining round), a directly-trained small dual "
+                        "tower, corpus encoding, Stage 2 students, serving bundles, evaluation and report; rerun "
+                        "to resume", pipeline, config=CONFIG.format("demo"),
+                        workdir="every stage's output, report.md and report.json go here"),
+    "train": Command("Stage 1: train dual LLM towers with the cross-device contrastive loss", train,
+                     config=CONFIG.format("tiny"), workdir="checkpoints, metrics.jsonl and TensorBoard files go here",
+                     resume=True),
+    "distill": Command("Stage 2: distil the frozen LLM query tower of a Stage 1 workdir (--config.teacher) into a "
+                       "small BERT query encoder", distill, config=CONFIG.format("distill_tiny"),
+                       workdir="checkpoints, cached teacher embeddings and metrics go here", resume=True),
+    "train-reranker": Command("a cross-encoder reranker over first-stage candidates, with a pointwise (BCE), "
+                              "pairwise (RankNet) or listwise (ListNet) loss", train_reranker,
+                              config=CONFIG.format("rerank_tiny"),
+                              workdir="checkpoints, reranker.json and metrics.jsonl go here", resume=True),
+    "rerank": Command("rerank a TREC run file with a trained reranker; score the output with `scalingnote eval "
+                      "--run`", rerank, _rerank_args),
+    "export": Command("write a serving bundle: the distilled student, the LLM document tower's embeddings and "
+                      "their index, a manifest", export, _export_args),
+    "eval": Command("one system on a BEIR split: nDCG@10, Recall@10/100, MRR@10, MAP (pytrec_eval), AUC, "
+                    "contrastive entropy, throughput; one JSON object", evaluate, _eval_args),
+    "sweep": Command("Stage 1 over a ladder of model sizes x data sizes, resumable run by run; writes "
+                     "WORKDIR/results.jsonl for fit-scaling", sweep, config=CONFIG.format("sweep_tiny"),
+                     workdir="runs/<run>/ and results.jsonl go here"),
+    "fit-scaling": Command("fit a scaling law to sweep results (JSONL, one run per line) and forecast the largest "
+                           "run from the others", fit_scaling, _fit_args),
+    "compile": Command("compile the Stage 1 step ahead of time for a fake topology (TPU pod, GPU hosts) and print "
+                       "per-device memory; no such hardware needed", compile_step, _compile_args),
+    "encode": Command("encode a BEIR corpus with a document tower into a resumable zarr store", encode, _encode_args),
+    "mine": Command("mine hard negatives for a BEIR split into the training JSONL of Stage 1", mine, _mine_args),
+    "serve": Command("the online retrieval service over a bundle: POST /search, GET /healthz, GET /metrics, with "
+                     "micro-batching (serve/http.py)", serve, _serve_args),
+}
 
 
 def _version() -> str:
@@ -44,150 +369,60 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="scalingnote", description=__doc__)
+  parser = argparse.ArgumentParser(prog="scalingnote", description=__doc__.split("\n\n")[0])
   parser.add_argument("--version", action="version", version=_version())
   parser.add_argument("--debug", action="store_true", help="on an error, print the whole traceback (anywhere on "
                                                            "the line); without it an error is one line")
   sub = parser.add_subparsers(dest="command", required=True)
-
-  p = sub.add_parser("pipeline", help="the main job: Stage 1 teacher (with a mining round), a directly-trained "
-                                       "small dual tower, corpus encoding, Stage 2 students, serving bundles, "
-                                       "evaluation and report; rerun to resume")
-  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant (e.g. configs/demo.py)")
-  p.add_argument("--workdir", required=True, help="every stage's output, report.md and report.json go here")
-
-  p = sub.add_parser("train", help="Stage 1: train dual LLM towers with the cross-device contrastive loss")
-  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
-  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
-  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
-
-  p = sub.add_parser("distill", help="Stage 2: distil the frozen LLM query tower of a Stage 1 workdir "
-                                      "(--config.teacher) into a small BERT query encoder")
-  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant")
-  p.add_argument("--workdir", required=True, help="checkpoints, cached teacher embeddings and metrics go here")
-  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
-
-  p = sub.add_parser("train-reranker", help="a cross-encoder reranker over first-stage candidates, with a "
-                                             "pointwise (BCE), pairwise (RankNet) or listwise (ListNet) loss")
-  p.add_argument("--config", required=True, help="configs/<name>.py, optionally :variant (e.g. configs/rerank_tiny.py)")
-  p.add_argument("--workdir", required=True, help="checkpoints, reranker.json and metrics.jsonl go here")
-  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
-
-  p = sub.add_parser("rerank", help="rerank a TREC run file with a trained reranker; score the output with "
-                                     "`scalingnote eval --run`")
-  p.add_argument("--model", required=True, help="a `scalingnote train-reranker` workdir")
-  p.add_argument("--data", required=True, help="the BEIR directory with the run's queries and documents")
-  p.add_argument("--run", required=True, help="the first stage's TREC run file")
-  p.add_argument("--out", required=True, help="the reranked TREC run file")
-  p.add_argument("--top-k", type=int, default=100, help="documents per query reranked (the rest are dropped)")
-  p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")
-
-  p = sub.add_parser("export", help="write a serving bundle: the distilled student, the LLM document tower's "
-                                     "embeddings and their index, a manifest")
-  p.add_argument("student", help="a Stage 2 workdir (`scalingnote distill`)")
-  p.add_argument("--out", required=True, help="the bundle directory (replaced atomically if it is a bundle)")
-  p.add_argument("--corpus", default=None, help="a BEIR directory whose corpus.jsonl is indexed (default: the "
-                                                "teacher's training corpus)")
-  p.add_argument("--embeddings", default=None, help="an existing `scalingnote encode` store of the corpus, "
-                                                    "encoded by the teacher's document tower (not re-encoded)")
-  p.add_argument("--teacher", default=None, help="the Stage 1 workdir whose document tower encodes the corpus "
-                                                 "(default: the one the student was distilled from)")
-  p.add_argument("--backend", choices=("scann", "exact"), default="scann", help="the bundle's document index")
-  p.add_argument("--batch-size", type=int, default=64, help="documents per encoder call")
-
-  p = sub.add_parser("eval", help="one system on a BEIR split: nDCG@10, Recall@10/100, MRR@10, MAP (pytrec_eval), "
-                                   "AUC, contrastive entropy, throughput; one JSON object")
-  which = p.add_mutually_exclusive_group(required=True)
-  which.add_argument("--bundle", help="a serving bundle (`scalingnote export`): the online path")
-  which.add_argument("--checkpoint", help="a Stage 1 workdir, or a HF dir / .gguf / packaged encoder (zero-shot)")
-  which.add_argument("--bm25", action="store_true", help="BM25 (bm25s) over the corpus")
-  which.add_argument("--run", dest="run_file", help="a TREC run file (e.g. from `scalingnote rerank`): its IR "
-                                                    "metrics only")
-  p.add_argument("--data", required=True, help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
-  p.add_argument("--split", default="test", help="the qrels file: DATA/qrels/SPLIT.tsv")
-  p.add_argument("--embeddings", default=None, help="with --checkpoint: the corpus embedding store (resumable, "
-                                                   "reused; default: a temporary one)")
-  p.add_argument("--backend", choices=("scann", "exact"), default="exact", help="with --checkpoint: the index")
-  p.add_argument("--keep-self", action="store_true", help="keep a document whose id equals the query's")
-  p.add_argument("--save-run", default=None, help="also write the system's top 100 per query as a TREC run file "
-                                                  "(the input of `scalingnote rerank`)")
-  p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
-  p.add_argument("--num-negatives", type=int, default=256, help="sampled documents per query for AUC and "
-                                                                 "contrastive entropy (Fang et al.'s 256)")
-  p.add_argument("--temperature", type=float, default=None, help="of the contrastive entropy (default: the "
-                                                                 "model's own for a Stage 1 workdir, else 0.05)")
-
-  p = sub.add_parser("sweep", help="Stage 1 over a ladder of model sizes x data sizes, resumable run by run; "
-                                    "writes WORKDIR/results.jsonl for fit-scaling")
-  p.add_argument("--config", required=True, help="configs/sweep_<name>.py, optionally :variant")
-  p.add_argument("--workdir", required=True, help="runs/<run>/ and results.jsonl go here")
-
-  p = sub.add_parser("fit-scaling", help="fit a scaling law to sweep results (JSONL, one run per line) and "
-                                          "forecast the largest run from the others")
-  p.add_argument("results", help="JSONL: one run per line with N and/or D and the metric fields")
-  p.add_argument("--law", choices=("n", "d", "nd", "coupled", "power"), required=True,
-                 help="n: (A/N)^alpha + delta; d: (B/D)^beta + delta; nd: a + b N^c + d D^e; coupled: "
-                      "[(A/N)^(alpha/beta) + B/D]^beta + delta (Fang et al.); power: a + b x^c")
-  p.add_argument("--direction", choices=("auto", "rising", "falling"), default="auto",
-                 help="whether the field rises with N and D (nDCG, MAP) or falls (a loss); auto: from the field's "
-                      "name, else the data")
-  p.add_argument("--y", required=True, help="the fitted field, e.g. contrastive_entropy or ndcg_at_10")
-  p.add_argument("--x", default=None, help="for n / d / power: the size field (default N, or D for d)")
-  p.add_argument("--no-holdout", action="store_true", help="fit every run; no forecast check")
-  p.add_argument("--bootstrap", type=int, default=200, help="resamples for the 95%% intervals")
-  p.add_argument("--plot", default=None, help="write the data, fit and forecast as a PNG here")
-  p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
-                 help="only the runs whose FIELD equals VALUE (e.g. D=896 for a model-size law at one data size)")
-
-  p = sub.add_parser("compile", help="compile the Stage 1 step ahead of time for a fake topology (TPU pod, GPU "
-                                      "hosts) and print per-device memory; no such hardware needed")
-  p.add_argument("--config", help="configs/<name>.py, optionally :variant")
-  p.add_argument("--topology", help="e.g. v5e-256, v5p-128, h100-64 (8 hosts x 8), cpu-8; see --list-topologies")
-  p.add_argument("--list-topologies", action="store_true", help="print the known topologies and exit")
-  p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-
-  p = sub.add_parser("encode", help="encode a BEIR corpus with a document tower into a resumable zarr store")
-  p.add_argument("--checkpoint", required=True, help="a Stage 1 workdir, a HF model dir, a .gguf or a packaged name")
-  p.add_argument("--corpus", required=True, help="a BEIR directory (its corpus.jsonl is encoded)")
-  p.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
-  p.add_argument("--batch-size", type=int, default=64, help="documents per encoder call")
-  p.add_argument("--chunk-size", type=int, default=1024, help="documents per resumable chunk")
-
-  p = sub.add_parser("mine", help="mine hard negatives for a BEIR split into the training JSONL of Stage 1")
-  p.add_argument("--checkpoint", default="", help="with --method dense (required there): a Stage 1 workdir, HF "
-                                                  "dir, .gguf or packaged name")
-  p.add_argument("--data", required=True, help="a BEIR directory")
-  p.add_argument("--split", default="train", help="the queries (and positives) of DATA/qrels/SPLIT.tsv")
-  p.add_argument("--out", required=True, help="the JSONL to write ({query_id, query, positive_ids, negative_ids})")
-  p.add_argument("--method", choices=("dense", "bm25"), default="dense")
-  p.add_argument("--backend", choices=("scann", "exact"), default="scann", help="document index (dense)")
-  p.add_argument("--embeddings", default=None, help="corpus embedding store (default: next to --out; reused)")
-  p.add_argument("--range-min", type=int, default=10, help="skip the first RANGE_MIN results (likely unjudged "
-                                                          "positives); sentence-transformers' range_min")
-  p.add_argument("--range-max", type=int, default=100, help="draw negatives from results up to this rank")
-  p.add_argument("--num-negatives", type=int, default=8, help="negatives per query")
-  p.add_argument("--absolute-margin", type=float, default=None, help="keep a negative only if its score is at "
-                                                                    "most the best positive's minus this")
-  p.add_argument("--relative-margin", type=float, default=None, help="keep a negative only if its score is at "
-                                                                    "most the best positive's times (1 - this)")
-  p.add_argument("--sampling", choices=("top", "random"), default="top", help="the highest-ranked candidates, "
-                                                                               "or a random draw of them")
-  p.add_argument("--seed", type=int, default=0, help="of the random sampling")
-
-  p = sub.add_parser("serve", help="the online retrieval service over a bundle: POST /search, GET /healthz, "
-                                    "GET /metrics, with micro-batching (serve/http.py)")
-  p.add_argument("bundle", help="a serving bundle directory (serve/bundle.py)")
-  p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 answers this machine only; 0.0.0.0 exposes it")
-  p.add_argument("--port", type=int, default=8000, help="TCP port")
-  # Unset limits keep the defaults of serve.http.Limits.
-  p.add_argument("--max-batch", type=int, default=None, help="queries per encoder call (default 64)")
-  p.add_argument("--max-wait-ms", type=float, default=None, help="batching window after a first request (default 2)")
-  p.add_argument("--max-queries", type=int, default=None, help="queries per request (default 64)")
-  p.add_argument("--max-query-chars", type=int, default=None, help="characters per query (default 2048)")
-  p.add_argument("--max-k", type=int, default=None, help="results per query (default 1000)")
-  for p in sub.choices.values():
-    p.formatter_class = HelpWithDefaults
+  for name, command in COMMANDS.items():
+    p = sub.add_parser(name, help=command.help, description=command.help, formatter_class=HelpWithDefaults)
+    if command.config:
+      p.add_argument("--config", required=True, help=command.config)
+    if command.workdir:
+      p.add_argument("--workdir", required=True, help=command.workdir)
+    if command.resume:
+      p.add_argument("--resume", action="store_true", help=RESUME)
+    if command.arguments:
+      command.arguments(p)
   return parser
+
+
+def config_overrides(rest: list[str]) -> list[str]:
+  """`--config.a.b value` as `--config.a.b=value` (absl's flags take both forms)."""
+  out, i = [], 0
+  while i < len(rest):
+    item = rest[i]
+    if item.startswith("--config.") and "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+      out.append(f"{item}={rest[i + 1]}")
+      i += 2
+    else:
+      out.append(item)
+      i += 1
+  return out
+
+
+def run(argv: list[str]) -> int:
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  args.overrides = config_overrides(rest)
+  from scalingnote_jax import distributed
+
+  distributed.initialize()  # multi-process when a launch script (launch/) says so; before any JAX work
+  takes_config = hasattr(args, "config")
+  bad = [a for a in args.overrides if not (takes_config and a.startswith("--config."))]
+  if bad:
+    parser.error(f"unrecognized arguments: {' '.join(bad)}"
+                 + (" (config fields are set as --config.field=value)" if takes_config else ""))
+  command = COMMANDS[args.command]
+  cfg = None
+  if command.config:
+    from scalingnote_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+  try:
+    return command.run(args, cfg)
+  except UsageError as e:
+    parser.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,172 +444,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scalingnote: error: {message or type(e).__name__} ({type(e).__name__}; --debug prints the "
           "traceback)", file=sys.stderr, flush=True)
     return 1
-
-
-def config_overrides(rest: list[str]) -> list[str]:
-  """`--config.a.b value` as `--config.a.b=value` (absl's flags take both forms)."""
-  out, i = [], 0
-  while i < len(rest):
-    item = rest[i]
-    if item.startswith("--config.") and "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-      out.append(f"{item}={rest[i + 1]}")
-      i += 2
-    else:
-      out.append(item)
-      i += 1
-  return out
-
-
-def run(argv: list[str]) -> int:
-  parser = build_parser()
-  args, rest = parser.parse_known_args(argv)
-  rest = config_overrides(rest)
-  from scalingnote_jax import distributed
-
-  distributed.initialize()  # multi-process when a launch script (launch/) says so; before any JAX work
-  takes_config = hasattr(args, "config")
-  bad = [a for a in rest if not (takes_config and a.startswith("--config."))]
-  if bad:
-    parser.error(f"unrecognized arguments: {' '.join(bad)}"
-                 + (" (config fields are set as --config.field=value)" if takes_config else ""))
-
-  if args.command == "encode":
-    import os
-
-    import jax
-
-    from scalingnote_jax import sharding
-    from scalingnote_jax.artifacts.store import encode_corpus
-    from scalingnote_jax.data.beir import load_corpus
-    from scalingnote_jax.encoder import towers
-
-    # Each process encodes its own chunks with the tower on its own devices: no cross-host traffic.
-    encoder = towers(args.checkpoint, sharding.make_mesh(devices=jax.local_devices()))[1]
-    encode_corpus(encoder, load_corpus(os.path.join(args.corpus, "corpus.jsonl")), args.out,
-                  chunk_size=args.chunk_size, batch_size=args.batch_size)
-    if distributed.is_main():
-      print(to_json({"out": args.out, "dim": encoder.dim}))
-    return 0
-
-  if args.command == "mine":
-    from scalingnote_jax.index import mining
-
-    if args.method == "dense" and not args.checkpoint:
-      parser.error("mine --method dense needs --checkpoint")
-    cfg = mining.MiningConfig(range_min=args.range_min, range_max=args.range_max, num_negatives=args.num_negatives,
-                              absolute_margin=args.absolute_margin, relative_margin=args.relative_margin,
-                              sampling=args.sampling, seed=args.seed)
-    mined = mining.mine_from_checkpoint(args.checkpoint, args.data, args.split, args.out, cfg, method=args.method,
-                                        embeddings_dir=args.embeddings, backend=args.backend)
-    print(to_json({"out": args.out, "queries": len(mined),
-                      "negatives_per_query": sum(len(m.negative_ids) for m in mined) / max(1, len(mined))}))
-    return 0
-
-  if args.command == "eval":
-    from scalingnote_jax.eval import evaluate
-
-    report = evaluate.run(data_dir=args.data, split=args.split, bundle=args.bundle, checkpoint=args.checkpoint,
-                          bm25=args.bm25, run_file=args.run_file, embeddings=args.embeddings, backend=args.backend,
-                          drop_self=not args.keep_self, batch_size=args.batch_size,
-                          num_negatives=args.num_negatives, temperature=args.temperature, save_run=args.save_run)
-    print(to_json(report))
-    return 0
-
-  if args.command == "rerank":
-    from scalingnote_jax.train import rerank
-
-    print(to_json(rerank.rerank_file(args.model, args.data, args.run, args.out, top_k=args.top_k,
-                                        batch_size=args.batch_size)))
-    return 0
-
-  if args.command == "fit-scaling":
-    from scalingnote_jax.scaling import fit
-
-    where = {}
-    for item in args.where:
-      field, sep, value = item.partition("=")
-      try:
-        where[field] = float(value)
-      except ValueError:
-        parser.error(f"--where {item!r}: expected FIELD=NUMBER")
-    print(to_json(fit.run(args.results, law=args.law, y=args.y, x=args.x, holdout_largest=not args.no_holdout,
-                             bootstrap=args.bootstrap, plot_path=args.plot, where=where,
-                             direction=args.direction)))
-    return 0
-
-  if args.command == "serve":
-    from scalingnote_jax.serve import http
-    from scalingnote_jax.serve.retriever import Retriever
-
-    given = {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "max_queries": args.max_queries,
-             "max_query_chars": args.max_query_chars, "max_k": args.max_k}
-    try:
-      limits = http.Limits(**{name: value for name, value in given.items() if value is not None})
-    except ValueError as e:
-      parser.error(str(e))
-    retriever = Retriever.load(args.bundle, max_batch=limits.max_batch)
-    print(f"compiled the query encoder for {retriever.warmup()} batch/length shapes", file=sys.stderr)
-    http.serve(retriever, host=args.host, port=args.port, limits=limits)
-    return 0
-
-  if args.command == "export":
-    from scalingnote_jax.serve import bundle
-
-    manifest = bundle.export(args.student, args.out, corpus_dir=args.corpus, embeddings=args.embeddings,
-                             teacher=args.teacher, backend=args.backend, batch_size=args.batch_size)
-    print(to_json({"out": args.out, "num_docs": manifest["num_docs"], "dim": manifest["dim"],
-                      "metrics": manifest["metrics"]}))
-    return 0
-
-  if args.command == "compile":
-    from scalingnote_jax import aot
-
-    if args.list_topologies:
-      print(aot.list_topologies())
-      return 0
-    if not (args.config and args.topology):
-      parser.error("compile needs --config and --topology (or --list-topologies)")
-    aot.prepare_host(args.topology)  # before any JAX computation
-    from scalingnote_jax.config import load_config
-
-    report = aot.compile_report(load_config(args.config, rest), args.topology)
-    print(to_json(report) if args.json else aot.format_report(report))
-    return 0
-
-  from scalingnote_jax.config import load_config
-
-  cfg = load_config(args.config, rest)
-  if args.command == "pipeline":
-    from scalingnote_jax import pipeline
-
-    out = pipeline.run(cfg, args.workdir)
-    if distributed.is_main():
-      print(to_json(out))
-  elif args.command == "train":
-    from scalingnote_jax.train import stage1
-
-    out = stage1.train(cfg, args.workdir, resume=args.resume)
-    if out["evals"] and distributed.is_main():
-      print(to_json({"final": out["evals"][-1]}))
-  elif args.command == "sweep":
-    from scalingnote_jax.scaling import sweep
-
-    rows = sweep.run(cfg, args.workdir)
-    if distributed.is_main():
-      print(to_json({"results": f"{args.workdir}/results.jsonl", "runs": len(rows)}))
-  elif args.command == "train-reranker":
-    from scalingnote_jax.train import rerank
-
-    out = rerank.train(cfg, args.workdir, resume=args.resume)
-    if out["evals"] and distributed.is_main():
-      print(to_json({"final": out["evals"][-1], "first_stage": out["first_stage"]}))
-  elif args.command == "distill":
-    from scalingnote_jax.train import stage2
-
-    out = stage2.distill(cfg, args.workdir, resume=args.resume)
-    if out["evals"] and distributed.is_main():
-      print(to_json({"teacher": out["teacher"], "final": out["evals"][-1]}))
-  return 0
 
 
 if __name__ == "__main__":

@@ -36,3 +36,17 @@ def test_loading_a_tokenizer_prints_no_pytorch_warning(minilm_dir):
                         f"print(Tokenizer.from_pretrained({minilm_dir!r}).eos_id)"], capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.strip() == "102", out.stderr
   assert "PyTorch" not in out.stderr, out.stderr
+
+
+def test_every_command_of_the_table_has_its_help_and_the_shared_arguments(capsys):
+  """The table (cli.COMMANDS) is the CLI: each command parses with its help, and --config / --workdir /
+  --resume exactly where the table says."""
+  assert {"pipeline", "train", "distill", "train-reranker", "eval", "serve"} <= set(cli.COMMANDS)
+  for name, command in cli.COMMANDS.items():
+    with pytest.raises(SystemExit) as e:
+      cli.build_parser().parse_args([name, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and " ".join(command.help.split()) in out, name
+    assert ("--workdir WORKDIR" in out) == bool(command.workdir), name
+    assert ("--resume" in out) == command.resume, name
+    assert ("--config CONFIG" in out) == bool(command.config) or name == "compile", name  # compile: optional
