@@ -27,19 +27,46 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nn
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel (+ bias). The kernel is stored [in, out] (the transpose of torch's Linear)."""
+  """y = x @ kernel (+ bias) (+ a LoRA adapter's (alpha / r) x @ A @ B, once `add_lora` gave it one). The
+  kernel is stored [in, out] (the transpose of torch's Linear)."""
 
   def __init__(self, din: int, dout: int, axes: tuple[str, str], *, use_bias: bool, dtype, param_dtype,
                rngs: nnx.Rngs, init_std: float = 0.02):
-    self.dtype = dtype
+    self.dtype, self.axes = dtype, tuple(axes)
     self.kernel = param(rngs, nnx.initializers.normal(init_std), (din, dout), axes, param_dtype)
     self.bias = param(rngs, nnx.initializers.zeros, (dout,), axes[1:], param_dtype) if use_bias else None
+    self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)  # (data: an adapter may take their place)
+    self.lora_scale = 0.0
 
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is not None:  # the low-rank path: [..., in] -> [..., r] -> [..., out]
+      y = y + self.lora_scale * jnp.dot(jnp.dot(x, self.lora_a[...].astype(self.dtype)),
+                                        self.lora_b[...].astype(self.dtype))
     return y
+
+  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
+    """A LoRA adapter (Hu et al., 2021): A [in, r] random (Kaiming-uniform, as peft), B [r, out] zero, so the
+    layer computes what it did until B is trained. `LoRAParam`s, sharded along the kernel's own axes."""
+    din, dout = self.kernel.shape
+    init_a = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # torch's kaiming_uniform(a=sqrt(5))
+    self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (din, rank), self.kernel.dtype),
+                                out_sharding=(self.axes[0], None), eager_sharding=False)
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, dout), self.kernel.dtype), out_sharding=(None, self.axes[1]),
+                                eager_sharding=False)
+    self.lora_scale = alpha / rank
+
+  def merge_lora(self) -> None:
+    """Folds the adapter into the kernel (kernel + (alpha / r) A B, computed in float32) and removes it."""
+    if self.lora_a is None:
+      return
+    delta = self.lora_scale * jnp.dot(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+    self.kernel[...] = (self.kernel[...].astype(jnp.float32) + delta).astype(self.kernel.dtype)
+    self.lora_a = self.lora_b = None
+    self.lora_scale = 0.0
 
 
 class RMSNorm(nnx.Module):
