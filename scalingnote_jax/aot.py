@@ -44,6 +44,7 @@ from ml_collections import ConfigDict
 
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts.checkpoint import abstract_like
+from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.trained import abstract_dual_encoder
 from scalingnote_jax.data.pipeline import BatchSpec
 from scalingnote_jax.train import stage1
@@ -191,14 +192,16 @@ def _bytes_per_device(tree) -> int:
 
 
 def abstract_inputs(cfg: ConfigDict, mesh, tx):
-  """(graphdef, params, opt_state, batch): ShapeDtypeStructs with this mesh's shardings, nothing allocated."""
-  graphdef, abstract = nnx.split(abstract_dual_encoder(cfg))
-  params = abstract_like(abstract, sharding.state_shardings(abstract, mesh, cfg.rules))
+  """(graphdef, params, opt_state, batch, frozen): ShapeDtypeStructs with this mesh's shardings, nothing
+  allocated. `params` are what trains (all, or LoRA adapters, or the unfrozen layers), `frozen` the rest."""
+  graphdef, trainable, frozen = nnx.split(abstract_dual_encoder(cfg), trained.trainable(cfg), ...)
+  params = abstract_like(trainable, sharding.state_shardings(trainable, mesh, cfg.rules))
+  frozen = abstract_like(frozen, sharding.state_shardings(frozen, mesh, cfg.rules))
   opt_state = sharding.abstract_optimizer(tx, params, mesh)
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
   batch = {k: jax.ShapeDtypeStruct(s, np.int32, sharding=sharding.batch_sharding(mesh, len(s)))
            for k, s in spec.shapes().items()}
-  return graphdef, params, opt_state, batch
+  return graphdef, params, opt_state, batch, frozen
 
 
 def compile_report(cfg: ConfigDict, topology: str) -> dict:
@@ -212,16 +215,18 @@ def compile_report(cfg: ConfigDict, topology: str) -> dict:
     raise ValueError(f"config field `mesh` {tuple(cfg.mesh)} does not fit --topology {topology} ({len(devices)} "
                      f"devices): {e}. Override it, e.g. --config.mesh='(1,-1,1)'") from e
   tx = make_optimizer(cfg.optim, cfg.num_steps)
-  graphdef, params, opt_state, batch = abstract_inputs(cfg, mesh, tx)
+  graphdef, params, opt_state, batch, frozen = abstract_inputs(cfg, mesh, tx)
   t0 = time.perf_counter()
-  lowered = stage1.jit_train_step(cfg, graphdef, tx, mesh, params, opt_state).lower(params, opt_state, batch)
+  lowered = stage1.jit_train_step(cfg, graphdef, tx, mesh, params, opt_state).lower(params, opt_state, batch, frozen)
   t1 = time.perf_counter()
   report = dict(
       topology=topology, description=topo.description, platform=devices[0].platform,
       device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
       rules=[list(r) for r in cfg.rules], batch_size=cfg.batch_size, chunks=cfg.chunks,
-      num_params=sum(x.size for x in jax.tree.leaves(params)), params_bytes=_bytes_per_device(params),
-      opt_state_bytes=_bytes_per_device(opt_state), batch_bytes=_bytes_per_device(batch),
+      num_params=sum(x.size for x in jax.tree.leaves((params, frozen))),
+      trained_params=sum(x.size for x in jax.tree.leaves(params)), params_bytes=_bytes_per_device(params),
+      frozen_bytes=_bytes_per_device(frozen), opt_state_bytes=_bytes_per_device(opt_state),
+      batch_bytes=_bytes_per_device(batch),
       hbm_bytes=topo.hbm_bytes, note=note, error=None)
   try:
     mem = lowered.compile().memory_analysis()
@@ -230,7 +235,7 @@ def compile_report(cfg: ConfigDict, topology: str) -> dict:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     needed = re.search(r"temporaries \(([\d.]+)G\)", str(e))
-    args = report["params_bytes"] + report["opt_state_bytes"] + report["batch_bytes"]
+    args = report["params_bytes"] + report["frozen_bytes"] + report["opt_state_bytes"] + report["batch_bytes"]
     temp = float(needed.group(1)) * GiB if needed else None
     return dict(report, argument_bytes=args, output_bytes=None, alias_bytes=None, temp_bytes=temp, code_bytes=None,
                 total_bytes=args + temp if temp else None, fits=False, error=str(e).splitlines()[0],
@@ -260,9 +265,12 @@ def format_report(r: dict) -> str:
       f"topology     {r['topology']}: {r['description']} -> {r['num_devices']} x {r['device_kind']} ({r['platform']})",
       f"mesh         {r['mesh']}",
       f"rules        {', '.join(f'{k}->{v}' for k, v in r['rules'])}",
-      f"step         batch {r['batch_size']}, {r['chunks']} GradCache chunks, {r['num_params'] / 1e9:.3f}B parameters",
+      f"step         batch {r['batch_size']}, {r['chunks']} GradCache chunks, {r['num_params'] / 1e9:.3f}B parameters"
+      + (f", {r['trained_params'] / 1e6:.1f}M of them trained" if r["frozen_bytes"] else ""),
       "per device:",
-      f"  parameters      {size(r['params_bytes'])}   (shard shapes x dtype)",
+      f"  parameters      {size(r['params_bytes'])}   (trained; shard shapes x dtype)",
+      *([f"  frozen          {size(r['frozen_bytes'])}   (LoRA base / frozen layers: no gradient, no optimizer "
+         "state)"] if r["frozen_bytes"] else []),
       f"  optimizer state {size(r['opt_state_bytes'])}   (shard shapes x dtype)",
       f"  batch           {size(r['batch_bytes'])}",
   ]

@@ -38,8 +38,13 @@ def stage1_defaults() -> ConfigDict:
   # init: "random" (with backbone), a HF dir / GGUF / packaged name (its first num_layers layers; 0 = all), or
   # a Stage 1 workdir (a further round from the towers it trained). doc_seed (random init only): the document
   # tower's own seed; None: both towers start from identical weights.
+  # lora.rank > 0: LoRA adapters on the backbone's projections (lora.targets, e.g. ("q", "v"); () = all of q, k,
+  # v, o, gate, up, down) are trained and the backbone is frozen. freeze_layers = K (without LoRA): the
+  # embeddings and the first K blocks are frozen. Frozen parameters are saved once (WORKDIR/base), not per
+  # checkpoint, and get no optimizer state.
   c.model = ConfigDict(dict(init="random", num_layers=0, tokenizer="", seed=0, doc_seed=None, dtype="float32",
-                            param_dtype="float32", remat=False, backbone=ConfigDict()))
+                            param_dtype="float32", remat=False, backbone=ConfigDict(),
+                            lora=ConfigDict(dict(rank=0, alpha=16.0, targets=())), freeze_layers=0))
   c.tower = ConfigDict(dict(pooling="last", append_eos=True, projection_dim=None, normalize=True, max_length=128,
                             query_prompt="{text}", document_prompt="{title}\n{text}"))
   c.loss = ConfigDict(dict(temperature=0.05, learn_temperature=False, symmetric=False))

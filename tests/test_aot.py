@@ -101,3 +101,17 @@ def test_hidden_states_stay_split_by_rows(monkeypatch):
   monkeypatch.setattr(layers, "shard_batch", lambda x: x)
   free = aot.compile_report(cfg, "cpu-8")["temp_bytes"]
   assert pinned < 0.8 * free, (pinned, free)
+
+
+@pytest.mark.slow
+def test_lora_step_holds_optimizer_state_for_the_adapters_only():
+  """With LoRA the compiled step takes the frozen backbone as an input of its own: no optimizer state for it,
+  and the step's memory report shows the trained and the frozen parameters apart."""
+  full = aot.compile_report(tiny((2, 2, 2), **ONE_LAYER), "cpu-8")
+  r = aot.compile_report(tiny((2, 2, 2), **ONE_LAYER, **{"model.lora.rank": 4}), "cpu-8")
+  assert r["frozen_bytes"] == full["params_bytes"] and full["frozen_bytes"] == 0  # the whole base, frozen
+  assert r["trained_params"] < 0.05 * r["num_params"]
+  assert 2 * r["params_bytes"] <= r["opt_state_bytes"] <= 2 * r["params_bytes"] + 64  # moments of the adapters
+  assert r["argument_bytes"] == r["params_bytes"] + r["frozen_bytes"] + r["opt_state_bytes"] + r["batch_bytes"]
+  assert r["alias_bytes"] == r["params_bytes"] + r["opt_state_bytes"]  # the base is read, never rewritten
+  assert "frozen" in aot.format_report(r)

@@ -2,6 +2,8 @@
 as it was, merging computes the same function, adapters shard along their kernel's logical axes, and a gradient
 taken by parameter type reaches the adapters only."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,72 @@ def test_a_target_the_model_lacks_is_named():
     with_lora(targets=("q_proj",))
   with pytest.raises(ValueError, match="rank=0"):
     lora.LoRAConfig(rank=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1 with LoRA: what trains, what is saved, resume, and the merged towers that encoding and serving use.
+
+def lora_config(**fields):
+  from helpers import ROOT
+  from scalingnote_jax.config import load_config
+
+  fields = {"model.lora.rank": 4, "model.lora.targets": "('q','v','up')", "num_steps": 4, "log_every": 1,
+            "checkpoint.every": 2, "mesh": "(2,2,2)", **fields}
+  return load_config(f"{ROOT}/configs/tiny.py:smoke", [f"--config.{k}={v}" for k, v in fields.items()])
+
+
+@pytest.mark.slow
+def test_stage1_with_lora_trains_the_adapters_only_saves_the_base_once_and_resumes(tmp_path):
+  from scalingnote_jax.artifacts import trained
+  from scalingnote_jax.encoder import Encoder
+  from scalingnote_jax.train import common, stage1
+
+  cfg = lora_config()
+  whole = stage1.train(cfg, str(tmp_path / "whole"))
+  model = whole["model"]
+  fresh, _ = stage1.build_model(cfg, make_mesh((2, 2, 2)))
+  is_adapter = lambda path, var: isinstance(var, nnx.LoRAParam)  # noqa: E731
+  _, fresh_base = nnx.split(fresh, is_adapter, ...)[1:]
+  _, adapters, base = nnx.split(model, is_adapter, ...)
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(fresh_base)):  # the base never moved
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adapters) if x.shape[0] == 4)  # B learnt
+
+  # The checkpoint holds the adapters and their optimizer state only; the base is in base/, saved once.
+  workdir = str(tmp_path / "whole")
+  assert os.path.isfile(os.path.join(workdir, trained.BASE_FILE))
+  ckpt = trained.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+  tx = common.make_optimizer(cfg.optim, cfg.num_steps)
+  _, params, opt_state, _ = trained.restore(trained.abstract_dual_encoder(cfg), ckpt, 4, make_mesh((2, 2, 2)),
+                                            cfg.rules, tx, trained.trainable(cfg))
+  ckpt.close()
+  n_adapters = sum(x.size for x in jax.tree.leaves(adapters))
+  assert sum(x.size for x in jax.tree.leaves(params)) == n_adapters
+  assert sum(x.size for x in jax.tree.leaves(opt_state) if x.size > 1) == 2 * n_adapters  # AdamW's two moments
+
+  # Stopped at step 2 and resumed: the same run.
+  stage1.train(lora_config(num_steps=2), str(tmp_path / "cut"))
+  resumed = stage1.train(cfg, str(tmp_path / "cut"), resume=True)
+  np.testing.assert_allclose([h["loss"] for h in resumed["history"]], [h["loss"] for h in whole["history"][2:]],
+                             rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(nnx.state(resumed["model"])), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+  # Read back for encoding and serving: adapters merged, the same embeddings.
+  merged, tokenizer, _ = trained.load_stage1(workdir)
+  assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
+  texts = ["a query about entity 7", "another one"]
+  np.testing.assert_allclose(Encoder(merged.query, tokenizer).encode_queries(texts),
+                             Encoder(model.query, whole["tokenizer"]).encode_queries(texts), atol=1e-5)
+
+
+def test_frozen_layers_leave_the_embeddings_and_the_first_blocks_out_of_training():
+  from scalingnote_jax.artifacts import trained
+
+  cfg = lora_config(**{"model.lora.rank": 0, "model.freeze_layers": 1})
+  _, params, frozen = nnx.split(trained.abstract_dual_encoder(cfg), trained.trainable(cfg), ...)
+  paths = lambda state: {".".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}  # noqa: E731
+  assert {p.split(".backbone.")[1].split(".")[0] for p in paths(frozen)} == {"embed", "layers"}
+  assert all(".layers.0." in p or ".embed" in p for p in paths(frozen))
+  assert any(".layers.1." in p for p in paths(params)) and any(p.endswith("backbone.norm.scale") for p in paths(params))
+  assert not any(".layers.0." in p for p in paths(params))

@@ -2,7 +2,9 @@
 evaluation and the next stage). Trainers write them; nothing else needs a trainer to read one.
 
   a Stage 1 workdir     config.json (the run's config: what rebuilds the dual encoder), checkpoints/ (orbax:
-                        parameters, optimizer state, data iterator), metrics.jsonl, tensorboard/
+                        the trained parameters, optimizer state, data iterator), metrics.jsonl, tensorboard/;
+                        with LoRA or frozen layers also base/ (the frozen parameters, saved once, with their
+                        fingerprint in base.json)
   a one-tower workdir   the same, plus a spec (student.json of a Stage 2 student, reranker.json of a
                         reranker): backbone and tower configs, tokenizer, init; a student's also names its
                         teacher by fingerprints
@@ -14,13 +16,16 @@ import dataclasses
 import json
 import os
 
+import jax
+import orbax.checkpoint as ocp
 from flax import nnx
 from ml_collections import ConfigDict
 
 from scalingnote_jax import models, sharding
-from scalingnote_jax.artifacts.checkpoint import Checkpointer, abstract_like
+from scalingnote_jax.artifacts.checkpoint import Checkpointer, abstract_like, fingerprint
+from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.config import stage1_defaults, with_defaults
-from scalingnote_jax.models import bert, llm
+from scalingnote_jax.models import bert, llm, lora
 from scalingnote_jax.models.dual import DualEncoder
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
@@ -28,6 +33,7 @@ from scalingnote_jax.models.tower import Tower, TowerConfig
 CONFIG_FILE = "config.json"
 STUDENT_FILE = "student.json"
 RERANKER_FILE = "reranker.json"
+BASE_DIR, BASE_FILE = "base", "base.json"
 
 
 def read_config(workdir: str, defaults: ConfigDict | None = None) -> ConfigDict:
@@ -37,29 +43,66 @@ def read_config(workdir: str, defaults: ConfigDict | None = None) -> ConfigDict:
   return ConfigDict(recorded) if defaults is None else with_defaults(recorded, defaults)
 
 
-def restore(abstract_module: nnx.Module, ckpt: Checkpointer, step: int, mesh, rules, tx=None):
+def restore(abstract_module: nnx.Module, ckpt: Checkpointer, step: int, mesh, rules, tx=None, trainable=nnx.Param):
   """(graphdef, params, opt_state, data_state) of checkpoint `step`, restored straight into `mesh`'s
   shardings under `rules` (they may differ from the saving run's). Without `tx` only the parameters are
-  read."""
-  graphdef, abstract = nnx.split(abstract_module)
+  read. `trainable`: the parameters a checkpoint holds (the rest are the frozen base, `read_base`)."""
+  graphdef, abstract, _ = nnx.split(abstract_module, trainable, ...)
   abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
   abstract_opt = None if tx is None else sharding.abstract_optimizer(tx, abstract, mesh)
   params, opt_state, data_state = ckpt.restore(step, abstract, abstract_opt)
   return graphdef, params, opt_state, data_state
 
 
-def _load(workdir: str, abstract_of, mesh, step: int | None, defaults=None) -> tuple[nnx.Module, ConfigDict]:
-  """(module, config) of a workdir's checkpoint `step` (default: the latest complete one)."""
+def _load(workdir: str, abstract_of, mesh, step: int | None, defaults=None,
+          trainable_of=lambda cfg: nnx.Param) -> tuple[nnx.Module, ConfigDict]:
+  """(module, config) of a workdir's checkpoint `step` (default: the latest complete one), with its frozen
+  base when it has one."""
   cfg = read_config(workdir, defaults)
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  abstract, trainable = abstract_of(cfg), trainable_of(cfg)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint")
-    graphdef, params, _, _ = restore(abstract_of(cfg), ckpt, step, mesh or sharding.make_mesh(cfg.mesh), cfg.rules)
+    graphdef, params, _, _ = restore(abstract, ckpt, step, mesh, cfg.rules, trainable=trainable)
   finally:
     ckpt.close()
-  return nnx.merge(graphdef, params), cfg
+  return nnx.merge(graphdef, params, read_base(workdir, abstract, trainable, mesh, cfg.rules)), cfg
+
+
+def write_base(workdir: str, frozen: nnx.State) -> None:
+  """Saves a run's frozen parameters once (a LoRA run's backbone, frozen lower layers) with their
+  fingerprint, so that checkpoints hold only what trains. Nothing when nothing is frozen."""
+  if not jax.tree.leaves(frozen):
+    return
+  path = os.path.join(os.path.abspath(workdir), BASE_DIR)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, frozen, force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  digest = fingerprint(frozen)
+  if jax.process_index() == 0:
+    write_atomic(os.path.join(workdir, BASE_FILE), json.dumps({"fingerprint": digest}))
+
+
+def read_base(workdir: str, abstract_module: nnx.Module, trainable, mesh, rules) -> nnx.State:
+  """The frozen parameters `write_base` saved (empty when nothing is frozen), in `mesh`'s shardings, checked
+  against the fingerprint recorded with them."""
+  _, _, abstract = nnx.split(abstract_module, trainable, ...)
+  if not jax.tree.leaves(abstract):
+    return abstract
+  base_file = os.path.join(workdir, BASE_FILE)
+  if not os.path.isfile(base_file):
+    raise FileNotFoundError(f"{workdir}: no {BASE_FILE}: the frozen parameters of this run were never saved")
+  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
+  frozen = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(workdir), BASE_DIR), abstract)
+  with open(base_file) as f:
+    if fingerprint(frozen) != json.load(f)["fingerprint"]:
+      raise ValueError(f"{workdir}/{BASE_DIR}: the frozen parameters do not match the fingerprint in {BASE_FILE} "
+                       "(corrupted or replaced)")
+  return frozen
 
 
 def _backbone(fields: dict, **overrides):
@@ -88,6 +131,43 @@ def checkpoint_overrides(m: ConfigDict) -> dict:
               **({"num_layers": m.num_layers} if m.num_layers else {}))
 
 
+def lora_config(m: ConfigDict) -> lora.LoRAConfig | None:
+  """The LoRA adapters of a `model` section (None: the backbone trains whole)."""
+  if not m.lora.rank:
+    return None
+  return lora.LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha, targets=tuple(m.lora.targets) or lora.TARGETS)
+
+
+def add_adapters(model: DualEncoder, cfg: ConfigDict) -> None:
+  """The config's LoRA adapters on both towers' backbones (one set when tied)."""
+  adapters = lora_config(cfg.model)
+  if adapters is not None:
+    rngs = nnx.Rngs(cfg.model.seed + 1)
+    for tower in (model.query,) if cfg.tied else (model.query, model.doc):
+      lora.add(tower.backbone, adapters, rngs)
+
+
+def trainable(cfg: ConfigDict):
+  """The nnx filter of what a Stage 1 run trains: every parameter; with LoRA the adapters and what is not a
+  backbone (temperature, projection); with `freeze_layers` K all but the embeddings and the first K blocks."""
+  m = cfg.model
+  if not m.lora.rank and not m.freeze_layers:
+    return nnx.Param
+
+  def is_trainable(path, var) -> bool:
+    if not isinstance(var, nnx.Param):
+      return False
+    if isinstance(var, nnx.LoRAParam) or "backbone" not in path:
+      return True
+    if m.lora.rank:
+      return False
+    inside = path[path.index("backbone") + 1:]
+    if inside[0] == "layers":
+      return inside[1] >= m.freeze_layers
+    return inside[0] == "norm"  # the final norm follows the trained blocks; embeddings stay frozen
+  return is_trainable
+
+
 def previous_round(cfg: ConfigDict) -> ConfigDict:
   """The config of the Stage 1 run that `model.init` names (a warm start, e.g. after mining negatives).
   The towers keep that run's structure, so the parts that define it must agree."""
@@ -101,19 +181,26 @@ def previous_round(cfg: ConfigDict) -> ConfigDict:
   return prev
 
 
-def abstract_dual_encoder(cfg: ConfigDict) -> DualEncoder:
-  """The dual encoder a Stage 1 config describes, with no memory behind it (for restoring into)."""
+def _create_dual_encoder(cfg: ConfigDict, adapters: bool = True) -> DualEncoder:
+  """The dual encoder a Stage 1 config describes, randomly initialised (its structure, under eval_shape). A
+  warm start from a workdir has that run's towers, its adapters merged, and this run's adapters."""
   m = cfg.model
   if is_stage1_workdir(m.init):
-    return abstract_dual_encoder(previous_round(cfg))
-  bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(m.init, **checkpoint_overrides(m))
-  tower_cfg = TowerConfig(**cfg.tower)
-
-  def create():
+    model = _create_dual_encoder(previous_round(cfg), adapters=False)
+  else:
+    bcfg = backbone_config(m) if m.init == "random" else models.backbone_config(m.init, **checkpoint_overrides(m))
+    tower_cfg = TowerConfig(**cfg.tower)
     query = Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed))
     doc = query if cfg.tied else Tower.create(bcfg, tower_cfg, nnx.Rngs(m.seed if m.doc_seed is None else m.doc_seed))
-    return DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
-  return nnx.eval_shape(create)
+    model = DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
+  if adapters:
+    add_adapters(model, cfg)
+  return model
+
+
+def abstract_dual_encoder(cfg: ConfigDict) -> DualEncoder:
+  """The dual encoder a Stage 1 config describes, with no memory behind it (for restoring into)."""
+  return nnx.eval_shape(lambda: _create_dual_encoder(cfg))
 
 
 def stage1_tokenizer(cfg: ConfigDict) -> Tokenizer:
@@ -125,8 +212,11 @@ def stage1_tokenizer(cfg: ConfigDict) -> Tokenizer:
 
 
 def load_stage1(workdir: str, mesh=None, step: int | None = None) -> tuple[DualEncoder, Tokenizer, ConfigDict]:
-  """The dual encoder of a Stage 1 workdir (its latest checkpoint unless `step`), its tokenizer and config."""
-  model, cfg = _load(workdir, abstract_dual_encoder, mesh, step, stage1_defaults())
+  """The dual encoder of a Stage 1 workdir (its latest checkpoint unless `step`), its tokenizer and config.
+  LoRA adapters come merged into the base weights: the same function, at no cost for encoding and serving."""
+  model, cfg = _load(workdir, abstract_dual_encoder, mesh, step, stage1_defaults(), trainable)
+  for tower in (model.query,) if cfg.tied else (model.query, model.doc):
+    lora.merge(tower.backbone)
   return model, stage1_tokenizer(cfg), cfg
 
 

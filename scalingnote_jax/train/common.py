@@ -129,13 +129,14 @@ def _all_finite(tree) -> jax.Array:
 
 
 def jit_step(step, mesh, params, opt_state):
-  """`step(params, opt_state, batch) -> (params, opt_state, metrics)` as training compiles it: outputs keep
-  the inputs' shardings, so it compiles once, and the old parameters and optimizer state are donated. The
-  metrics gain `state_finite`: whether the *updated* parameters and optimizer state (what a checkpoint of
-  this step saves) are all finite; the loss alone is computed before the update."""
+  """`step(params, opt_state, batch, *rest) -> (params, opt_state, metrics)` as training compiles it: outputs
+  keep the inputs' shardings, so it compiles once, and the old parameters and optimizer state are donated
+  (not `rest`: e.g. Stage 1's frozen parameters). The metrics gain `state_finite`: whether the *updated*
+  parameters and optimizer state (what a checkpoint of this step saves) are all finite; the loss alone is
+  computed before the update."""
 
-  def checked(params, opt_state, batch):
-    params, opt_state, metrics = step(params, opt_state, batch)
+  def checked(params, opt_state, batch, *rest):
+    params, opt_state, metrics = step(params, opt_state, batch, *rest)
     return params, opt_state, {**metrics, "state_finite": _all_finite((params, opt_state))}
 
   state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))

@@ -43,15 +43,15 @@ from scalingnote_jax.train.losses import contrastive_loss
 
 def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
   """The dual encoder at step 0: the towers a previous Stage 1 run trained (`model.init` a workdir), a
-  checkpoint's backbone for both, or random; parameters created (or imported) straight into their shardings."""
+  checkpoint's backbone for both, or random; parameters created (or imported) straight into their shardings;
+  then the config's LoRA adapters, if any."""
   m, rules = cfg.model, cfg.rules
   tower_cfg = TowerConfig(**cfg.tower)
   if trained.is_stage1_workdir(m.init):  # the next round starts from the towers a previous run trained
     trained.previous_round(cfg)  # refused unless the towers' structure agrees
-    model, tokenizer, _ = trained.load_stage1(m.init, mesh)
+    model, tokenizer, _ = trained.load_stage1(m.init, mesh)  # (its adapters merged)
     model.fixed_scale = 1.0 / cfg.loss.temperature
-    return model, tokenizer
-  if m.init == "random":
+  elif m.init == "random":
     bcfg = trained.backbone_config(m)
     # Both towers start from identical weights, like one checkpoint, unless the config gives the document
     # tower a seed of its own (`model.doc_seed`): then the two start unrelated and retrieval at chance.
@@ -60,6 +60,7 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
     doc = query if cfg.tied else sharding.create_sharded(make(m.seed if m.doc_seed is None else m.doc_seed), mesh,
                                                          rules)
     tokenizer = Tokenizer.from_pretrained(m.tokenizer)
+    model = DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
   else:
     place = sharding.param_sharding_fn(mesh, rules)
     load = lambda: Tower(load_backbone(m.init, sharding=place, **trained.checkpoint_overrides(m))[0],  # noqa: E731
@@ -67,8 +68,9 @@ def build_model(cfg: ConfigDict, mesh) -> tuple[DualEncoder, Tokenizer]:
     query = load()
     doc = query if cfg.tied else load()
     tokenizer = Tokenizer.from_pretrained(m.tokenizer or m.init)
-  model = DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
-  # the few parameters made outside the sharded paths (temperature, projection) get their shardings too
+    model = DualEncoder(query, doc, cfg.loss.temperature, cfg.loss.learn_temperature)
+  trained.add_adapters(model, cfg)
+  # the few parameters made outside the sharded paths (temperature, projection, adapters) get their shardings too
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
   return nnx.merge(graphdef, state), tokenizer
@@ -87,39 +89,43 @@ def _merge_chunks(x):
 
 
 def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False):
-  """(params, batch) -> ((loss, (accuracy, scale)), grads). With `chunks` > 1 this is GradCache: embeddings
-  are computed chunk by chunk without activations kept, the loss's gradient with respect to the embeddings
-  is taken on the full global batch, then each chunk is re-run to push that gradient into the parameters.
-  Same result as one big batch, with the activation memory of one chunk."""
+  """(params, batch, frozen=None) -> ((loss, (accuracy, scale)), grads). `params` are what trains, `frozen` the
+  rest (a LoRA run's base, frozen layers): gradients are taken with respect to `params` only. With `chunks` > 1
+  this is GradCache: embeddings are computed chunk by chunk without activations kept, the loss's gradient with
+  respect to the embeddings is taken on the full global batch, then each chunk is re-run to push that gradient
+  into the parameters. Same result as one big batch, with the activation memory of one chunk."""
 
-  def embed(params, tokens):
-    model = nnx.merge(graphdef, params)
+  def merge(params, frozen):
+    return nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
+
+  def embed(params, frozen, tokens):
+    model = merge(params, frozen)
     b, g, t = tokens["d_ids"].shape
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # hidden states stay split by rows (shard_batch)
       q_BxD = model.query(tokens["q_ids"], tokens["q_mask"])
       d_BxGxD = model.doc(tokens["d_ids"].reshape(b * g, t), tokens["d_mask"].reshape(b * g, t)).reshape(b, g, -1)
     return q_BxD, d_BxGxD
 
-  def loss_of(q_BxD, d_BxGxD, params, batch):
-    scale = nnx.merge(graphdef, params).scale()
+  def loss_of(q_BxD, d_BxGxD, params, frozen, batch):
+    scale = merge(params, frozen).scale()
     loss, accuracy = contrastive_loss(q_BxD, d_BxGxD, batch["doc_ids"], batch["pos_ids"], scale, mesh=mesh,
                                       symmetric=symmetric)
     return loss, (accuracy, scale)
 
-  def grads_direct(params, batch):
+  def grads_direct(params, batch, frozen=None):
     def f(p):
-      return loss_of(*embed(p, batch), p, batch)
+      return loss_of(*embed(p, frozen, batch), p, frozen, batch)
     return jax.value_and_grad(f, has_aux=True)(params)
 
-  def grads_cached(params, batch):
+  def grads_cached(params, batch, frozen=None):
     tokens = {k: _split_chunks(batch[k], chunks) for k in ("q_ids", "q_mask", "d_ids", "d_mask")}
-    q_c, d_c = jax.lax.map(lambda c: embed(params, c), tokens)
+    q_c, d_c = jax.lax.map(lambda c: embed(params, frozen, c), tokens)
     (loss, aux), (g_q, g_d, g_params) = jax.value_and_grad(loss_of, argnums=(0, 1, 2), has_aux=True)(
-        _merge_chunks(q_c), _merge_chunks(d_c), params, batch)
+        _merge_chunks(q_c), _merge_chunks(d_c), params, frozen, batch)
 
     def backprop_chunk(acc, xs):
       c, g_q_c, g_d_c = xs
-      _, vjp = jax.vjp(lambda p: embed(p, c), params)
+      _, vjp = jax.vjp(lambda p: embed(p, frozen, c), params)
       return jax.tree.map(jnp.add, acc, vjp((g_q_c, g_d_c))[0]), None
 
     grads, _ = jax.lax.scan(backprop_chunk, g_params, (tokens, _split_chunks(g_q, chunks), _split_chunks(g_d, chunks)))
@@ -129,11 +135,12 @@ def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False):
 
 
 def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = False):
-  """(params, opt_state, batch) -> (params, opt_state, metrics)."""
+  """(params, opt_state, batch, frozen=None) -> (params, opt_state, metrics); the optimizer updates `params`
+  only (it holds no state for the frozen parameters)."""
   grad_fn = make_grad_fn(graphdef, mesh, chunks=chunks, symmetric=symmetric)
 
-  def step(params, opt_state, batch):
-    (loss, (accuracy, scale)), grads = grad_fn(params, batch)
+  def step(params, opt_state, batch, frozen=None):
+    (loss, (accuracy, scale)), grads = grad_fn(params, batch, frozen)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(loss=loss, accuracy=accuracy, scale=scale, grad_norm=optax.tree.norm(grads))
@@ -183,16 +190,23 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   examples, held_out, corpus = load_data(cfg.data)
   tx = make_optimizer(cfg.optim, cfg.num_steps)
 
+  # What trains (`params`: all, or LoRA adapters, or the unfrozen layers) and what stays (`frozen`: saved once).
+  trainable = trained.trainable(cfg)
   if last is None:  # fresh start: parameters created (or imported) already sharded
     model, tokenizer = build_model(cfg, mesh)
-    graphdef, params = nnx.split(model)
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    trained.write_base(workdir, frozen)
     opt_state = sharding.init_optimizer(tx, params, mesh)
     start, data_state = 0, None
   else:  # resume: restore straight into this mesh's shardings (it may differ from the saving run's)
-    graphdef, params, opt_state, data_state = trained.restore(trained.abstract_dual_encoder(cfg), ckpt, last, mesh,
-                                                              cfg.rules, tx)
-    model, start = nnx.merge(graphdef, params), last
+    abstract = trained.abstract_dual_encoder(cfg)
+    graphdef, params, opt_state, data_state = trained.restore(abstract, ckpt, last, mesh, cfg.rules, tx, trainable)
+    frozen = trained.read_base(workdir, abstract, trainable, mesh, cfg.rules)
+    model, start = nnx.merge(graphdef, params, frozen), last
     tokenizer = trained.stage1_tokenizer(cfg)
+  if is_main() and jax.tree.leaves(frozen):
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    print(f"stage1: training {count(params):,} of {count(params) + count(frozen):,} parameters", flush=True)
 
   q_enc, d_enc = Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
@@ -224,7 +238,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   with preemption.listening():
     for step in bar:
       batch = sharding.global_batch(mesh, next(batches))
-      params, opt_state, metrics = step_fn(params, opt_state, batch)
+      params, opt_state, metrics = step_fn(params, opt_state, batch, frozen)
       preempted = preemption.reached(step)  # a preemption notice: save this step, then stop
       save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps or preempted
       if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
