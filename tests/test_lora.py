@@ -134,6 +134,12 @@ def test_stage1_with_lora_trains_the_adapters_only_saves_the_base_once_and_resum
   np.testing.assert_allclose(Encoder(merged.query, tokenizer).encode_queries(texts),
                              Encoder(model.query, whole["tokenizer"]).encode_queries(texts), atol=1e-5)
 
+  # The base is verified when read: one whose recorded fingerprint differs is refused, naming the file.
+  with open(os.path.join(workdir, trained.BASE_FILE), "w") as f:
+    f.write('{"fingerprint": "0000"}')
+  with pytest.raises(ValueError, match=r"whole/base: the frozen parameters do not match the fingerprint in base.json"):
+    trained.load_stage1(workdir)
+
 
 def test_frozen_layers_leave_the_embeddings_and_the_first_blocks_out_of_training():
   from scalingnote_jax.artifacts import trained
@@ -145,3 +151,17 @@ def test_frozen_layers_leave_the_embeddings_and_the_first_blocks_out_of_training
   assert all(".layers.0." in p or ".embed" in p for p in paths(frozen))
   assert any(".layers.1." in p for p in paths(params)) and any(p.endswith("backbone.norm.scale") for p in paths(params))
   assert not any(".layers.0." in p for p in paths(params))
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"model.lora.rank": 4, "model.freeze_layers": 1}, "LoRA freezes the whole backbone already"),
+    ({"model.lora.rank": 0, "model.freeze_layers": 2}, r"freeze_layers=2: the backbone has 2 blocks; freeze at most 1"),
+    ({"model.lora.rank": 0, "model.freeze_layers": -1}, "expected >= 0"),
+])
+def test_a_config_that_cannot_train_is_refused_before_anything_is_written(tmp_path, fields, error):
+  from scalingnote_jax.artifacts.lock import LOCK_FILE
+  from scalingnote_jax.train import stage1
+
+  with pytest.raises(ValueError, match=error):
+    stage1.train(lora_config(**fields), str(tmp_path / "run"))
+  assert os.listdir(tmp_path / "run") == [LOCK_FILE]

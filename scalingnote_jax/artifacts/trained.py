@@ -138,12 +138,17 @@ def lora_config(m: ConfigDict) -> lora.LoRAConfig | None:
   return lora.LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha, targets=tuple(m.lora.targets) or lora.TARGETS)
 
 
+def _towers(model: DualEncoder, cfg: ConfigDict) -> tuple:
+  """The distinct towers (one when tied)."""
+  return (model.query,) if cfg.tied else (model.query, model.doc)
+
+
 def add_adapters(model: DualEncoder, cfg: ConfigDict) -> None:
   """The config's LoRA adapters on both towers' backbones (one set when tied)."""
   adapters = lora_config(cfg.model)
   if adapters is not None:
     rngs = nnx.Rngs(cfg.model.seed + 1)
-    for tower in (model.query,) if cfg.tied else (model.query, model.doc):
+    for tower in _towers(model, cfg):
       lora.add(tower.backbone, adapters, rngs)
 
 
@@ -151,6 +156,11 @@ def trainable(cfg: ConfigDict):
   """The nnx filter of what a Stage 1 run trains: every parameter; with LoRA the adapters and what is not a
   backbone (temperature, projection); with `freeze_layers` K all but the embeddings and the first K blocks."""
   m = cfg.model
+  if m.lora.rank and m.freeze_layers:
+    raise ValueError(f"model.lora.rank={m.lora.rank} with model.freeze_layers={m.freeze_layers}: LoRA freezes the "
+                     "whole backbone already; set one of them")
+  if m.freeze_layers < 0:
+    raise ValueError(f"model.freeze_layers={m.freeze_layers}: expected >= 0 (the number of lower blocks frozen)")
   if not m.lora.rank and not m.freeze_layers:
     return nnx.Param
 
@@ -215,7 +225,7 @@ def load_stage1(workdir: str, mesh=None, step: int | None = None) -> tuple[DualE
   """The dual encoder of a Stage 1 workdir (its latest checkpoint unless `step`), its tokenizer and config.
   LoRA adapters come merged into the base weights: the same function, at no cost for encoding and serving."""
   model, cfg = _load(workdir, abstract_dual_encoder, mesh, step, stage1_defaults(), trainable)
-  for tower in (model.query,) if cfg.tied else (model.query, model.doc):
+  for tower in _towers(model, cfg):
     lora.merge(tower.backbone)
   return model, stage1_tokenizer(cfg), cfg
 

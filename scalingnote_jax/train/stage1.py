@@ -182,6 +182,12 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
 def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
   from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
+  # A config that cannot train is refused before anything is written: what trains, and what is frozen.
+  trainable = trained.trainable(cfg)
+  blocks = len(trained.abstract_dual_encoder(cfg).query.backbone.layers)
+  if cfg.model.freeze_layers >= blocks:
+    raise ValueError(f"model.freeze_layers={cfg.model.freeze_layers}: the backbone has {blocks} blocks; freeze at "
+                     f"most {blocks - 1} so that one trains")
   # config.json (what encode, distill, export rebuild the towers from) is written only once the run is allowed
   ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=stage1_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
@@ -191,7 +197,6 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   tx = make_optimizer(cfg.optim, cfg.num_steps)
 
   # What trains (`params`: all, or LoRA adapters, or the unfrozen layers) and what stays (`frozen`: saved once).
-  trainable = trained.trainable(cfg)
   if last is None:  # fresh start: parameters created (or imported) already sharded
     model, tokenizer = build_model(cfg, mesh)
     graphdef, params, frozen = nnx.split(model, trainable, ...)
