@@ -159,7 +159,8 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   t_q_enc, t_d_enc, t_cfg, identity = load_teacher(cfg.teacher, mesh)
   cache = cfg.teacher_cache or os.path.join(workdir, "teacher")  # students of one teacher may share it
   if last is not None and trained.read_spec(workdir)["teacher"]["query_fingerprint"] != identity["query_fingerprint"]:
-    raise ValueError(f"{workdir} was distilled from another teacher than {cfg.teacher} (fingerprints differ)")
+    raise ValueError(f"{workdir} was distilled from another teacher than {cfg.teacher} (fingerprints differ; a "
+                     "workdir from before 2026-12-06 recorded parameter-only fingerprints: distil it anew)")
   queries, held_out = training_queries(cfg, t_cfg)
   kw = dict(batch_size=cfg.teacher_encode.batch_size, chunk_size=cfg.teacher_encode.chunk_size)
   train_store = store.encode_corpus(t_q_enc, queries, os.path.join(cache, "queries"), queries=True, **kw)
