@@ -1,6 +1,6 @@
 """A cross-encoder reranker on the synthetic corpus (or any BEIR directory): all-MiniLM-L6-v2's first 2 layers
 with a score head, groups of 4 first-stage candidates, ListNet by default (`--config.loss=bce|ranknet`). The
-test config: ~1 minute on 2 cores. Pairs are cut to 32 tokens: the synthetic queries name their document's
+test config: ~40 s on 2 cores. Pairs are cut to 24 tokens: the synthetic queries name their document's
 entity, which its title holds. (A BERT from scratch barely learns to match query and document in a few
 hundred steps; a pretrained one does in tens.)
 

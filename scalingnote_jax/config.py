@@ -104,7 +104,7 @@ def rerank_defaults() -> ConfigDict:
                             param_dtype="float32", remat=False, backbone=ConfigDict()))
   # The pair's tokens: query prompt, then document prompt (cut longest-first to max_length); unset fields
   # follow the checkpoint. BERT scores from [CLS]; a decoder from its last token (pooling="last", append_eos).
-  c.tower = ConfigDict(dict(pooling="cls", max_length=32, query_prompt="{text}", document_prompt="{title} {text}"))
+  c.tower = ConfigDict(dict(pooling="cls", max_length=24, query_prompt="{text}", document_prompt="{title} {text}"))
   # First stage: "bm25" or a TREC run file per split; groups draw the others from each query's top_k.
   c.data = ConfigDict(dict(path="", train_split="train", val_split="test", train_run="bm25", val_run="bm25",
                            top_k=30, group_size=4, train_fraction=1.0, seed=0))

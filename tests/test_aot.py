@@ -96,7 +96,7 @@ def test_hidden_states_stay_split_by_rows(monkeypatch):
   states out like the embedding table and the step needs far more temporary memory per device."""
   from scalingnote_jax.models import layers
 
-  cfg = tiny((1, 8, 1), chunks=2)
+  cfg = tiny((1, 8, 1), chunks=2, **ONE_LAYER)
   pinned = aot.compile_report(cfg, "cpu-8")["temp_bytes"]
   monkeypatch.setattr(layers, "shard_batch", lambda x: x)
   free = aot.compile_report(cfg, "cpu-8")["temp_bytes"]

@@ -7,6 +7,7 @@ Each process has two CPU devices and the mesh is data=2 x fsdp=2: the data axis 
 do), fsdp stays within one. (A data=4 mesh over 2 x 2 devices gives the same losses but ~24 s per step in
 XLA:CPU's gloo all-reduce here, against ~0.7 s for data=2 x fsdp=2: see BENCHMARKS.md.)"""
 
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +31,8 @@ LAUNCH = os.path.join(ROOT, "launch", "local.sh")
 
 def env(**extra):
   e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from SCALINGNOTE_CPU_DEVICES
-  return {**e, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu", **extra}
+  # PYTHONFAULTHANDLER: a process sent SIGABRT prints every thread's Python stack (what `run` does on a timeout)
+  return {**e, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "JAX_PLATFORMS": "cpu", **extra}
 
 
 def cli(*args):
@@ -43,9 +45,37 @@ def train(workdir, *extra):
              f"--config.eval.every={STEPS}", "--config.eval.at_start=False", MESH, *extra)
 
 
-def run(cmd, **kw):
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, **kw)
-  assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stderr[-3000:]}"
+def run(cmd, timeout=400, **kw):
+  """`cmd` to completion; on a timeout, the stacks of every process it started are in the failure message."""
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+  try:
+    stdout, stderr = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    pids = descendants(proc.pid)
+    proc.kill()  # first, so that it does not stop the others while they print
+    for pid in pids:
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGABRT)
+    _, stderr = proc.communicate()
+    pytest.fail(f"{' '.join(map(str, cmd))} still running after {timeout} s; its processes' stacks:\n{stderr[-20000:]}")
+  assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{stderr[-3000:]}"
+  return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def descendants(pid: int) -> list[int]:
+  """The python processes started (at any depth) by process `pid`."""
+  children = {}
+  for p in filter(str.isdigit, os.listdir("/proc")):
+    with contextlib.suppress(OSError, IndexError):
+      with open(f"/proc/{p}/stat") as f:
+        children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(p))
+  out, todo = [], [pid]
+  while todo:
+    for c in children.get(todo.pop(), []):
+      todo.append(c)
+      with contextlib.suppress(OSError):
+        if b"python" in open(f"/proc/{c}/cmdline", "rb").read().split(b"\0")[0]:
+          out.append(c)
   return out
 
 
