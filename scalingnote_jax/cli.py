@@ -172,8 +172,9 @@ def serve(args, cfg) -> int:
   from scalingnote_jax.serve import http
   from scalingnote_jax.serve.retriever import Retriever
 
-  given = {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "max_queries": args.max_queries,
-           "max_query_chars": args.max_query_chars, "max_k": args.max_k}
+  given = {name: getattr(args, name) for name in ("max_batch", "max_wait_ms", "max_queries", "max_query_chars", "max_k",
+                                                 "max_pending", "max_connections", "request_timeout_s",
+                                                 "idle_timeout_s")}
   try:
     limits = http.Limits(**{name: value for name, value in given.items() if value is not None})
   except ValueError as e:
@@ -295,6 +296,14 @@ def _serve_args(p):
   p.add_argument("--max-queries", type=int, default=None, help="queries per request (default 64)")
   p.add_argument("--max-query-chars", type=int, default=None, help="characters per query (default 2048)")
   p.add_argument("--max-k", type=int, default=None, help="results per query (default 1000)")
+  p.add_argument("--max-pending", type=int, default=None,
+                 help="queries waiting for the encoder before /search answers 503 (default 4096)")
+  p.add_argument("--max-connections", type=int, default=None,
+                 help="open connections before requests are answered 503 (default 256)")
+  p.add_argument("--request-timeout-s", type=float, default=None,
+                 help="to send a request's head, and again its body (408) (default 10)")
+  p.add_argument("--idle-timeout-s", type=float, default=None,
+                 help="an idle keep-alive connection is closed after this (default 5)")
 
 
 # ----------------------------------------------------------------------------------------------------------

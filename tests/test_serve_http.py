@@ -3,8 +3,11 @@
 calls, and a real uvicorn server under 16 concurrent clients answers everything correctly (p50/p99/QPS printed)."""
 
 import concurrent.futures
+import contextlib
 import hashlib
 import inspect
+import json
+import select
 import socket
 import sys
 import threading
@@ -12,6 +15,8 @@ import time
 import types
 
 import httpx
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import uvicorn
@@ -39,6 +44,8 @@ class FakeRetriever:
     self.calls = []  # (number of queries, k) per search call
     self.fail_next = False
     self.thread_ids = set()
+    self.gate = threading.Event()  # search waits until it is set (held open: tests of requests in flight)
+    self.gate.set()
 
   def expected(self, queries: list[str], k: int) -> Hits:
     ids, scores = [], []
@@ -54,6 +61,7 @@ class FakeRetriever:
     self.calls.append((len(queries), k))
     self.thread_ids.add(threading.get_ident())
     time.sleep(self.delay_s)  # an encoder call takes time: concurrent requests pile up meanwhile
+    self.gate.wait()
     if self.fail_next:
       self.fail_next = False
       raise RuntimeError("encoder fell over")
@@ -229,18 +237,81 @@ def test_concurrent_requests_share_encoder_calls():
   assert metrics["queries"] == 16 and metrics["requests"]["total"] == 16
 
 
-def test_load_on_a_real_server():
-  fake = FakeRetriever(delay_s=0.001)  # ~1 ms per encoder call on top of the search itself
+# Requests that are nearly right (the queries as text, with lone surrogates too; k any number or any JSON), any
+# JSON (NaN included, as Python's json reads it) in or out of a request's shape, and raw bytes. Hypothesis
+# leaves surrogates out of text, even from an alphabet that has them: they are pieces joined in.
+_plain = st.text(st.characters(exclude_categories=["Zs", "Cc"]), min_size=1, max_size=30)  # rarely blank
+_text = st.one_of(_plain, _plain, _plain, st.text(max_size=12), st.lists(
+    st.text(max_size=12) | st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2), max_size=4).map("".join))
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | _text,
+                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+_request = st.fixed_dictionaries(
+    {"queries": st.lists(_text, min_size=1, max_size=9)},
+    optional={"k": st.integers(-5, 200) | st.sampled_from([1.0, 2.5, float("nan"), float("inf")]) | st.floats()
+                   | _json})
+_shaped = st.fixed_dictionaries({}, optional={"queries": _json, "k": _json, "extra": _json})
+_bodies = st.one_of(_request, _request, _request, _shaped, _json).map(json.dumps).map(str.encode) | st.binary(max_size=200)
+
+
+def test_fuzzed_bodies_get_2xx_or_4xx_never_5xx_and_good_requests_are_unaffected(fake):
+  """Hypothesis: every /search body answers 200 (with one result list per query) or 4xx with an error message,
+  never 5xx, while a client sending good requests all along gets every answer right."""
+  stop, good = threading.Event(), []
+
+  def good_client(client):
+    while not stop.is_set():
+      q = f"good query {len(good)}"
+      r = client.post("/search", json={"queries": [q], "k": 3})
+      good.append(r.status_code == 200 and r.json()["results"] == results_of(fake, [q], 3))
+
+  @hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                       suppress_health_check=list(hypothesis.HealthCheck))
+  @hypothesis.given(body=_bodies)
+  def fuzz(client, body):
+    r = client.post("/search", content=body, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (body, r.status_code, r.text)
+    answer = r.json()
+    if r.status_code == 200:
+      assert len(answer["results"]) == len(json.loads(body)["queries"])
+    else:
+      assert 400 <= r.status_code < 500 and answer["error"], (body, r.text)
+
+  with TestClient(http.create_app(fake, LIMITS)) as client:
+    thread = threading.Thread(target=good_client, args=(client,))
+    thread.start()
+    try:
+      fuzz(client)
+    finally:
+      stop.set()
+      thread.join()
+  assert good and all(good), f"{good.count(False)} of {len(good)} good requests answered wrongly"
+
+
+@contextlib.contextmanager
+def real_server(fake, limits=http.Limits()):
+  """(port, metrics()) of `serve`'s uvicorn configuration over `fake`, on a thread; shut down (and checked to be)
+  on exit."""
   sock = socket.socket()
   sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
   port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(http.create_app(fake), log_level="warning"))
+  server = uvicorn.Server(http.server_config(http.create_app(fake, limits), limits, log_level="warning"))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   deadline = time.time() + 10
   while not server.started:
     assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
     time.sleep(0.01)
+  try:
+    yield port, lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").json()
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)
+  assert not thread.is_alive()  # shut down cleanly
+
+
+def test_load_on_a_real_server():
+  fake = FakeRetriever(delay_s=0.001)  # ~1 ms per encoder call on top of the search itself
 
   clients, per_client = 16, 25
   def client_run(c: int) -> list[tuple[float, bool]]:
@@ -256,15 +327,12 @@ def test_load_on_a_real_server():
                     len(queries)))
     return out
 
-  try:
+  with real_server(fake) as (port, get_metrics):
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
       runs = [row for rows in pool.map(client_run, range(clients)) for row in rows]
     wall = time.perf_counter() - t0
-    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").json()
-  finally:
-    server.should_exit = True
-    thread.join(timeout=10)
+    metrics = get_metrics()
 
   n = clients * per_client
   latency_ms = 1000 * np.array([s for s, _, _ in runs])
@@ -278,7 +346,79 @@ def test_load_on_a_real_server():
   assert metrics["queries"] == sum(q for _, _, q in runs)
   assert metrics["batches"] == len(fake.calls) < n  # concurrent requests shared encoder calls
   assert metrics["latency_ms"]["window"] == n
-  assert not thread.is_alive()  # shut down cleanly
+
+
+def seconds_until_closed(sock: socket.socket, trickle: bytes = b"") -> tuple[float, bytes]:
+  """(seconds until the server closes `sock`, what it sent before), sending `trickle` a byte every 50 ms."""
+  t0, received = time.perf_counter(), b""
+  while time.perf_counter() - t0 < 10:
+    if select.select([sock], [], [], 0.05)[0]:
+      try:
+        data = sock.recv(65536)
+      except ConnectionResetError:
+        data = b""
+      if not data:
+        return time.perf_counter() - t0, received
+      received += data
+    if trickle:
+      with contextlib.suppress(OSError):  # closed under us: the next recv says so
+        sock.send(trickle[:1])
+      trickle = trickle[1:]
+  raise AssertionError(f"still open after 10 s (received {received!r})")
+
+
+def test_slow_and_silent_connections_are_cut_off_and_good_requests_still_answered():
+  """The review's slowloris: a connection that sends nothing, one that trickles its headers and one whose body
+  stops arriving are each ended after request_timeout_s (the last with a 408), while a good request answers."""
+  fake = FakeRetriever()
+  limits = http.Limits(request_timeout_s=0.5, idle_timeout_s=0.5)
+  with real_server(fake, limits) as (port, get_metrics):
+    connect = lambda: socket.create_connection(("127.0.0.1", port), timeout=10)  # noqa: E731
+    silent, trickling, stalled = connect(), connect(), connect()
+    stalled.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n{\"queries\": [")
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      closed = [pool.submit(seconds_until_closed, silent),
+                pool.submit(seconds_until_closed, trickling, b"POST /search HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200),
+                pool.submit(seconds_until_closed, stalled)]
+      r = httpx.post(f"http://127.0.0.1:{port}/search", json={"queries": ["q"], "k": 3}, timeout=10)
+      (t_silent, got_silent), (t_trickling, got_trickling), (t_stalled, got_stalled) = [f.result() for f in closed]
+    assert r.status_code == 200 and r.json()["results"] == results_of(fake, ["q"], 3)
+    assert 0.4 < t_silent < 5 and got_silent == b""
+    assert 0.4 < t_trickling < 5 and got_trickling == b""  # it never finished its headers: no answer
+    assert got_stalled.startswith(b"HTTP/1.1 408 ") and b"body: not received within 0.5 s" in got_stalled
+    assert get_metrics()["requests"]["by_status"] == {"200": 1, "408": 1}
+
+
+def test_excess_connections_and_queries_are_refused_with_503():
+  """Beyond max_connections a request is answered 503; beyond max_pending queries waiting for the encoder a
+  /search is a 503 with Retry-After, and those already admitted are answered once the encoder frees up."""
+  fake = FakeRetriever()
+  with real_server(fake, http.Limits(max_connections=2, max_pending=4)) as (port, get_metrics):
+    url = f"http://127.0.0.1:{port}/search"
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    time.sleep(0.2)  # accepted by the server
+    assert httpx.post(url, json={"queries": ["q"]}, timeout=10).status_code == 503
+    held.pop().close()
+    held.pop().close()
+    time.sleep(0.2)
+    assert httpx.post(url, json={"queries": ["q"]}, timeout=10).status_code == 200
+
+    fake.gate.clear()  # the encoder is busy: requests stay pending
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      first = pool.submit(httpx.post, url, json={"queries": ["a", "b", "c"]}, timeout=10)
+      deadline = time.time() + 10
+      while len(fake.calls) < 2:  # the first request's search has started: 3 queries pending
+        assert time.time() < deadline
+        time.sleep(0.01)
+      refused = httpx.post(url, json={"queries": ["d", "e"]}, timeout=10)  # 3 + 2 > 4
+      fits = pool.submit(httpx.post, url, json={"queries": ["f"]}, timeout=10)  # 3 + 1 <= 4: waits its turn
+      time.sleep(0.2)
+      fake.gate.set()
+      assert first.result().status_code == 200 and fits.result().status_code == 200
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "3 queries already waiting for the encoder (the limit is 4)" in refused.json()["error"]
+    assert first.result().json()["results"] == results_of(fake, ["a", "b", "c"], 10)
 
 
 def test_serve_binds_localhost_by_default(monkeypatch):
@@ -302,9 +442,10 @@ def test_serve_binds_localhost_by_default(monkeypatch):
   retriever_module.Retriever = Retriever
   monkeypatch.setitem(sys.modules, "scalingnote_jax.serve.retriever", retriever_module)
   monkeypatch.setattr(http, "serve", lambda retriever, **kw: seen.update(retriever=retriever, **kw))
-  assert cli.main(["serve", "some/bundle", "--max-batch", "8", "--max-wait-ms", "5"]) == 0
+  assert cli.main(["serve", "some/bundle", "--max-batch", "8", "--max-wait-ms", "5", "--request-timeout-s", "3",
+                   "--max-connections", "9"]) == 0
   assert seen == {"bundle": "some/bundle", "max_batch": 8, "retriever": fake, "host": "127.0.0.1", "port": 8000,
-                  "limits": http.Limits(max_batch=8, max_wait_ms=5.0)}
+                  "limits": http.Limits(max_batch=8, max_wait_ms=5.0, request_timeout_s=3.0, max_connections=9)}
 
 
 def test_limits_refuse_nonsense():
@@ -312,3 +453,7 @@ def test_limits_refuse_nonsense():
     http.Limits(max_batch=0)
   with pytest.raises(ValueError, match="max_wait_ms"):
     http.Limits(max_wait_ms=-1)
+  with pytest.raises(ValueError, match="request_timeout_s=0"):
+    http.Limits(request_timeout_s=0)
+  with pytest.raises(ValueError, match="max_pending"):
+    http.Limits(max_pending=0)

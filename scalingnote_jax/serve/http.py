@@ -25,6 +25,12 @@ Bad input is answered 4xx with {"error": "<field>: <what is wrong and the limit>
 not a JSON object, 413 for too many queries, a query too long or a body too large, 422 for a wrong field.
 Text that is not Unicode (a lone surrogate escape) is a 422 too. When a batched `search` fails, each of its
 requests is searched again alone, so only the request that fails is answered 500; the service keeps going.
+
+Slow and excess clients (`serve`, Limits): a connection must deliver each request's line and headers within
+`request_timeout_s` of opening (or of its previous response) or it is closed; a body not received within
+`request_timeout_s` is a 408; an idle keep-alive connection is closed after `idle_timeout_s`. Beyond
+`max_connections` open connections a request is answered 503, and beyond `max_pending` queries waiting for
+the encoder a /search is answered 503 with Retry-After (overload shows as refusals, not as unbounded latency).
 """
 
 from __future__ import annotations
@@ -60,13 +66,20 @@ class Limits:
   max_k: int = 1000  # results per query
   max_batch: int = 64  # queries in one `retriever.search` call (one encoder batch)
   max_wait_ms: float = 2.0  # how long a batch waits for more requests after its first
+  max_pending: int = 4096  # queries waiting for (or in) an encoder call; more: 503 with Retry-After
+  max_connections: int = 256  # open connections (serve); a request beyond: 503
+  request_timeout_s: float = 10.0  # to send a request's head, and again its body (serve; body: 408)
+  idle_timeout_s: float = 5.0  # a keep-alive connection with no next request is closed (serve)
 
   def __post_init__(self):
-    for name in ("max_queries", "max_query_chars", "max_k", "max_batch"):
+    for name in ("max_queries", "max_query_chars", "max_k", "max_batch", "max_pending", "max_connections"):
       if getattr(self, name) < 1:
         raise ValueError(f"Limits.{name}={getattr(self, name)}: must be at least 1")
     if self.max_wait_ms < 0:
       raise ValueError(f"Limits.max_wait_ms={self.max_wait_ms}: must be at least 0")
+    for name in ("request_timeout_s", "idle_timeout_s"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"Limits.{name}={getattr(self, name)}: must be more than 0")
 
   @property
   def max_body_bytes(self) -> int:
@@ -81,6 +94,7 @@ class ErrorReply(Exception):
   def __init__(self, status: int, message: str):
     super().__init__(message)
     self.status = status
+    self.headers = {"Retry-After": "1"} if status == 503 else None
 
 
 @dataclasses.dataclass
@@ -137,6 +151,7 @@ class Batcher:
     self.task: asyncio.Task | None = None
     self.batch: list[_Job] = []  # the batch being searched (or last searched)
     self.carried: _Job | None = None  # the job that did not fit in the last batch: first in the next
+    self.pending = 0  # queries of requests not yet answered: admission control
 
   def start(self) -> None:
     self.task = asyncio.get_running_loop().create_task(self.run())
@@ -157,17 +172,24 @@ class Batcher:
 
   async def search(self, queries: list[str], k: int) -> Hits:
     """Results of one request: ids and scores (lists of floats) per query, k each."""
+    if self.pending + len(queries) > self.limits.max_pending:
+      raise ErrorReply(503, f"service: {self.pending} queries already waiting for the encoder (the limit is "
+                            f"{self.limits.max_pending}); retry shortly")
     loop = asyncio.get_running_loop()
     step = self.limits.max_batch
     jobs = [_Job(queries[i:i + step], k, loop.create_future()) for i in range(0, len(queries), step)]
-    for job in jobs:
-      self.queue.put_nowait(job)
-    ids, scores = [], []
-    for job in jobs:
-      hits = await job.future
-      ids += hits.ids
-      scores += hits.scores
-    return Hits(ids, scores)
+    self.pending += len(queries)
+    try:
+      for job in jobs:
+        self.queue.put_nowait(job)
+      ids, scores = [], []
+      for job in jobs:
+        hits = await job.future
+        ids += hits.ids
+        scores += hits.scores
+      return Hits(ids, scores)
+    finally:
+      self.pending -= len(queries)
 
   async def run(self) -> None:
     loop = asyncio.get_running_loop()
@@ -293,7 +315,7 @@ def create_app(retriever, limits: Limits = Limits()) -> Starlette:
     t0 = time.perf_counter()
     num_queries = 0
     try:
-      body = await read_body(request, limits.max_body_bytes)
+      body = await read_body(request, limits.max_body_bytes, limits.request_timeout_s)
       queries, k = parse_search(body, limits, retriever.num_docs)
       num_queries = len(queries)
       batcher = state["batcher"]
@@ -301,13 +323,15 @@ def create_app(retriever, limits: Limits = Limits()) -> Starlette:
         raise ErrorReply(503, "service: not started (run the app with its lifespan)")
       try:
         hits = await batcher.search(queries, k)
+      except ErrorReply:  # refused at admission (503)
+        raise
       except Exception as e:  # noqa: BLE001 -- reported to this request; the batcher keeps running
         raise ErrorReply(500, f"search failed: {type(e).__name__}: {e}") from None
       # a result the index could not fill (id None, score -inf) is left out: no "None" document
       response = JSONResponse({"results": [[{"id": str(i), "score": s} for i, s in zip(row_ids, row_scores)
                                             if i is not None] for row_ids, row_scores in zip(hits.ids, hits.scores)]})
     except ErrorReply as e:
-      response = JSONResponse({"error": str(e)}, status_code=e.status)
+      response = JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
     except Exception as e:  # noqa: BLE001 -- e.g. a NaN score JSON refuses to encode: still a JSON answer
       log.exception("/search failed")
       response = JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
@@ -331,13 +355,18 @@ def create_app(retriever, limits: Limits = Limits()) -> Starlette:
                    exception_handlers={HTTPException: http_error}, lifespan=lifespan)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-  """The request body, refused with 413 as soon as it passes max_bytes (never buffers more)."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+  """The request body, refused with 413 as soon as it passes max_bytes (never buffers more), and with 408
+  when it has not all arrived within timeout_s."""
   body = bytearray()
-  async for chunk in request.stream():
-    body += chunk
-    if len(body) > max_bytes:
-      raise ErrorReply(413, f"body: more than {max_bytes} bytes (the limit)")
+  try:
+    async with asyncio.timeout(timeout_s):
+      async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+          raise ErrorReply(413, f"body: more than {max_bytes} bytes (the limit)")
+  except TimeoutError:
+    raise ErrorReply(408, f"body: not received within {timeout_s:g} s ({len(body)} bytes arrived)") from None
   return bytes(body)
 
 
@@ -349,4 +378,41 @@ def serve(retriever, host: str = "127.0.0.1", port: int = 8000, limits: Limits =
   """
   import uvicorn  # only the server needs it; create_app works under any ASGI server
 
-  uvicorn.run(create_app(retriever, limits), host=host, port=port, log_level=log_level)
+  uvicorn.Server(server_config(create_app(retriever, limits), limits, host=host, port=port,
+                               log_level=log_level)).run()
+
+
+def server_config(app, limits: Limits, **kw):
+  """uvicorn's Config for `app` with `limits`' connection cap and timeouts (kw: host, port, log_level...)."""
+  import uvicorn
+  from uvicorn.protocols.http.h11_impl import H11Protocol
+
+  class Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's head, which uvicorn itself does not have: a
+    connection that has not sent a whole request line and headers within request_timeout_s of opening (or of
+    its previous response) is closed, so trickling or silent clients cannot hold connections for ever."""
+
+    def connection_made(self, transport):
+      super().connection_made(transport)
+      self.head_deadline = None
+      self.arm_head_deadline()
+
+    def on_response_complete(self):
+      super().on_response_complete()
+      self.arm_head_deadline()
+
+    def connection_lost(self, exc):
+      if self.head_deadline is not None:
+        self.head_deadline.cancel()
+      super().connection_lost(exc)
+
+    def arm_head_deadline(self):
+      if self.head_deadline is not None:
+        self.head_deadline.cancel()
+      waiting_after = self.cycle  # a new request replaces the cycle once its head has arrived
+      self.head_deadline = self.loop.call_later(
+          limits.request_timeout_s, lambda: self.cycle is waiting_after and self.transport.close())
+
+  # uvicorn answers 503 once its connection count (this one included) reaches limit_concurrency
+  return uvicorn.Config(app, http=Protocol, limit_concurrency=limits.max_connections + 1,
+                        timeout_keep_alive=limits.idle_timeout_s, **kw)
