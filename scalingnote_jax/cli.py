@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return run([a for a in argv if a != "--debug"])
   except Exception as e:
+    from scalingnote_jax import distributed
     from scalingnote_jax.train.common import Preempted  # (here: importing it loads orbax, slow for --help)
 
     if isinstance(e, Preempted):
@@ -452,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # a KeyError's str() is a repr
     print(f"scalingnote: error: {message or type(e).__name__} ({type(e).__name__}; --debug prints the "
           "traceback)", file=sys.stderr, flush=True)
+    distributed.exit_now_if_distributed(1)  # not through the shutdown barrier, where a peer may never arrive
     return 1
 
 

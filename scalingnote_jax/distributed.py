@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 
 log = logging.getLogger(__name__)
 _ENV = ("SCALINGNOTE_COORDINATOR", "SCALINGNOTE_NUM_PROCESSES", "SCALINGNOTE_PROCESS_ID")
+_started = False  # whether initialize() started jax.distributed in this process
 
 
 def initialize(environ=os.environ) -> None:
@@ -43,8 +45,21 @@ def initialize(environ=os.environ) -> None:
     jax.distributed.initialize()
   else:
     return
+  global _started
+  _started = True
   log.info("process %d of %d: %d local devices, %d in all", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())
+
+
+def exit_now_if_distributed(status: int) -> None:
+  """In a multi-process run, ends this process at once with `status`. A process that fails must not take the
+  normal way out: jax.distributed's exit handler waits for every peer at a shutdown barrier, and a peer blocked in
+  a collective that this process will never join waits for ever, so the job hangs instead of failing. Exiting
+  without it lets the launcher (or the cluster's scheduler) see the failure and stop the others."""
+  if _started:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def is_main() -> bool:

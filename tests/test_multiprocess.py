@@ -30,7 +30,10 @@ LAUNCH = os.path.join(ROOT, "launch", "local.sh")
 
 
 def env(**extra):
-  e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from SCALINGNOTE_CPU_DEVICES
+  # Devices come from SCALINGNOTE_CPU_DEVICES. No persistent compilation cache: with the session's shared one,
+  # 2-process runs on XLA:CPU deadlocked now and then (a process in a gloo all-gather its peer never joined),
+  # twice in ~10 loaded runs; never without it (BENCHMARKS.md, multi-process notes).
+  e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
   # PYTHONFAULTHANDLER: a process sent SIGABRT prints every thread's Python stack (what `run` does on a timeout)
   return {**e, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "JAX_PLATFORMS": "cpu", **extra}
 

@@ -73,3 +73,34 @@ def test_a_non_finite_update_stops_the_run_before_it_is_saved(tmp_path):
   for step in saved:  # every checkpoint loads, and holds finite parameters
     model, _, _ = trained.load_stage1(str(tmp_path), step=step)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_a_failed_background_save_stops_with_the_directory_and_the_last_complete_step(tmp_path):
+  """A save that fails while written in the background (here: a file-size limit, as a full disk does) is
+  reported at the next wait as one CheckpointWriteError naming the directory and the last complete step, which
+  still restores."""
+  import resource
+  import signal
+
+  from scalingnote_jax.artifacts.checkpoint import Checkpointer, CheckpointWriteError
+
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  small = {"w": jax.numpy.arange(8.0)}
+  ckpt.save(1, small, small, {"step": 1})
+  ckpt.wait()
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not the process
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+  try:
+    big = {"w": jax.numpy.asarray(np.random.default_rng(0).normal(size=1 << 20), jax.numpy.float32)}  # 4 MB
+    ckpt.save(2, big, big, {"step": 2})
+    with pytest.raises(CheckpointWriteError, match=re.escape(str(tmp_path / "checkpoints")) +
+                       r": a checkpoint could not be written \(.*File too large.*\); the last complete checkpoint "
+                       r"is step 1\. Free space"):
+      ckpt.wait()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+  params, _, _ = ckpt.restore(1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small))
+  np.testing.assert_array_equal(params["w"], np.arange(8.0))
+  ckpt.close()

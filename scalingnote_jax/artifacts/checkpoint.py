@@ -3,11 +3,13 @@
 Saves are asynchronous (training continues while arrays are written) and every process writes its own
 shards. Restoring takes an abstract tree with the target shardings, so a run can resume on a different
 mesh. A step directory is complete only once orbax has committed it; a save interrupted by a crash is
-ignored on restart and the previous step is used.
+ignored on restart and the previous step is used. A save that fails in the background (a full disk) stops
+the run at the next save or wait with CheckpointWriteError, naming the directory and the last complete step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -15,6 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+
+class CheckpointWriteError(RuntimeError):
+  """An asynchronous save failed; the checkpoints committed before it are intact."""
 
 
 class Checkpointer:
@@ -28,9 +34,10 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, params, opt_state, data_state: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                    opt_state=ocp.args.StandardSave(opt_state),
-                                                    data=ocp.args.JsonSave(data_state)))
+    with self.reporting_failed_saves():  # orbax first waits for the previous save, and raises its error
+      self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                      opt_state=ocp.args.StandardSave(opt_state),
+                                                      data=ocp.args.JsonSave(data_state)))
 
   def restore(self, step: int, abstract_params, abstract_opt_state=None):
     """(params, opt_state, data_state). Abstract trees hold ShapeDtypeStructs with the shardings to restore
@@ -42,7 +49,18 @@ class Checkpointer:
     return out.params, out.get("opt_state"), out.get("data")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self.reporting_failed_saves():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def reporting_failed_saves(self):
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 -- orbax raises whatever its writer raised (ValueError, OSError...)
+      last = self.manager.latest_step()
+      kept = f"the last complete checkpoint is step {last}" if last is not None else "no checkpoint is complete"
+      raise CheckpointWriteError(f"{self.manager.directory}: a checkpoint could not be written ({e}); {kept}. Free "
+                                 "space (or fix the cause) and rerun with --resume") from e
 
   def close(self) -> None:
     self.manager.close()
