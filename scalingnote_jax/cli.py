@@ -102,7 +102,7 @@ def evaluate(args, cfg) -> int:
                                  bm25=args.bm25, run_file=args.run_file, embeddings=args.embeddings,
                                  backend=args.backend, drop_self=not args.keep_self, batch_size=args.batch_size,
                                  num_negatives=args.num_negatives, temperature=args.temperature,
-                                 save_run=args.save_run)))
+                                 save_run=args.save_run, cache=not args.no_cache)))
   return 0
 
 
@@ -220,7 +220,10 @@ def _eval_args(p):
   p.add_argument("--data", required=True, help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
   p.add_argument("--split", default="test", help="the qrels file: DATA/qrels/SPLIT.tsv")
   p.add_argument("--embeddings", default=None, help="with --checkpoint: the corpus embedding store (resumable, "
-                                                   "reused; default: a temporary one)")
+                                                   "reused; default: kept in $SCALINGNOTE_CACHE_DIR, else "
+                                                   "~/.cache/scalingnote, under the tower's fingerprint)")
+  p.add_argument("--no-cache", action="store_true", help="with --checkpoint and no --embeddings: encode the corpus "
+                                                         "into a temporary store, deleted afterwards")
   p.add_argument("--backend", choices=("scann", "exact"), default="exact", help="with --checkpoint: the index")
   p.add_argument("--keep-self", action="store_true", help="keep a document whose id equals the query's")
   p.add_argument("--save-run", default=None, help="also write the system's top 100 per query as a TREC run file "

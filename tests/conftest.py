@@ -25,6 +25,8 @@ _session_dir("JAX_COMPILATION_CACHE_DIR", "scalingnote-test-jax-cache-")
 # Expensive artefacts (a trained tiny teacher) are made once per session, by whichever pytest-xdist worker
 # first needs them, in a directory every worker sees (workers inherit the controller's environment).
 _session_dir("SCALINGNOTE_TEST_SHARED", "scalingnote-test-shared-")
+# `scalingnote eval --checkpoint` keeps corpus embeddings in a cache: the session's own, never the user's.
+_session_dir("SCALINGNOTE_CACHE_DIR", "scalingnote-test-cache-")
 # ranx (the second implementation of the IR metrics) JIT-compiles its metrics with numba: ~1 minute of
 # compilation for runs that pure Python scores in seconds.
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")

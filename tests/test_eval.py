@@ -115,6 +115,32 @@ def test_eval_command_follows_beir_conventions(tmp_path, capsys):
   assert kept["mrr_at_10"] == pytest.approx(1 / 3)  # the query's own id ranks first: unjudged, non-relevant
 
 
+@pytest.mark.slow
+def test_eval_of_a_tower_keeps_its_corpus_embeddings_for_the_next_run(tmp_path, monkeypatch, minilm_dir):
+  """`eval --checkpoint` encodes a corpus once per tower: the second run (here with --save-run) reuses the store
+  in the cache, and another corpus gets a store of its own."""
+  import json
+
+  from scalingnote_jax.cli import main
+
+  monkeypatch.setenv("SCALINGNOTE_CACHE_DIR", str(tmp_path / "cache"))
+  corpus = {f"d{i}": f"document {i} about topic {i % 3}" for i in range(12)}
+  data = write_tiny_beir(tmp_path / "beir", corpus, {"q1": "topic 1", "q2": "document 5"}, [("q1", "d1", 1),
+                                                                                             ("q2", "d5", 1)])
+  stores = lambda: sorted((tmp_path / "cache" / "embeddings").iterdir())  # noqa: E731
+  files = lambda store: {p: p.stat().st_mtime_ns for p in store.rglob("*")  # noqa: E731
+                         if p.is_file() and p.name != ".lock"}  # (the lock file is rewritten by each taker)
+  assert main(["eval", "--checkpoint", minilm_dir, "--data", data]) == 0
+  [store] = stores()
+  written = files(store)
+  assert main(["eval", "--checkpoint", minilm_dir, "--data", data, "--save-run", str(tmp_path / "a.run")]) == 0
+  assert stores() == [store] and files(store) == written  # nothing encoded again
+  corpus["d0"] = "an edited document"
+  other = write_tiny_beir(tmp_path / "beir2", corpus, {"q1": "topic 1"}, [("q1", "d1", 1)])
+  assert main(["eval", "--checkpoint", minilm_dir, "--data", other]) == 0
+  assert len(stores()) == 2 and files(store) == written
+
+
 @pytest.fixture(scope="module")
 def scifact_bm25_run():
   import os

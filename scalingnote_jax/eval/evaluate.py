@@ -19,6 +19,8 @@ retrieved, and reported (`qrels_unknown_documents`, `queries_relevant_not_in_cor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -79,11 +81,27 @@ def bundle_system(bundle: str) -> Dense:
   return Dense(retriever, *store.load_embeddings(os.path.join(bundle, "documents")))
 
 
-def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str, *, backend: str = "exact",
+CACHE_ENV = "SCALINGNOTE_CACHE_DIR"  # default ~/.cache/scalingnote
+
+
+def embedding_cache(encoder, corpus: dict[str, dict]) -> str:
+  """Where `eval` keeps a document tower's embeddings of a corpus between runs: CACHE/embeddings/<the tower's
+  fingerprint>-<a hash of the corpus's ids and texts>, so that a second evaluation of the same tower and corpus
+  (or one that adds --save-run) encodes nothing, and another tower or corpus gets a store of its own."""
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "scalingnote")
+  h = hashlib.sha256()
+  for doc_id, doc in corpus.items():
+    h.update(json.dumps([doc_id, doc], sort_keys=True, ensure_ascii=False).encode())
+  return os.path.join(root, "embeddings", f"{encoder.fingerprint[:16]}-{h.hexdigest()[:16]}")
+
+
+def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str | None, *, backend: str = "exact",
                  batch_size: int = 64) -> Dense:
   """A Stage 1 workdir's query and document towers, or one HF / GGUF / packaged encoder for both sides.
-  The corpus is encoded into the store `embeddings` (resumable; reused when complete and of this tower)."""
+  The corpus is encoded into the store `embeddings` (default: the cache, `embedding_cache`); resumable, and
+  reused when complete and of this tower."""
   q_enc, d_enc, temperature = towers(checkpoint, sharding.make_mesh(devices=jax.local_devices()))
+  embeddings = embeddings or embedding_cache(d_enc, corpus)
   store.encode_corpus(d_enc, corpus, embeddings, batch_size=batch_size)
   doc_ids, d_NxD = store.load_embeddings(embeddings)
   return Dense(Retriever(q_enc, Index.build(d_NxD, doc_ids, backend=backend), max_batch=batch_size),
@@ -183,8 +201,10 @@ def evaluate_run_file(path: str, data: beir.Dataset, *, drop_self: bool = True, 
 
 
 def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str | None = None, bm25: bool = False,
-        run_file: str | None = None, embeddings: str | None = None, backend: str = "exact", **kw) -> dict:
-  """`scalingnote eval`: exactly one of bundle / checkpoint / bm25 / run_file."""
+        run_file: str | None = None, embeddings: str | None = None, backend: str = "exact", cache: bool = True,
+        **kw) -> dict:
+  """`scalingnote eval`: exactly one of bundle / checkpoint / bm25 / run_file. A checkpoint's corpus embeddings
+  go to `embeddings`, else to the cache (`embedding_cache`), else (cache=False) to a temporary store."""
   if sum([bool(bundle), bool(checkpoint), bm25, bool(run_file)]) != 1:
     raise ValueError("eval: give exactly one of --bundle, --checkpoint, --bm25, --run")
   data, counts = load_split(data_dir, split)
@@ -198,8 +218,8 @@ def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str
     if bundle:
       system, name = bundle_system(bundle), os.path.abspath(bundle)
     elif checkpoint:
-      system = tower_system(checkpoint, data.corpus, embeddings or os.path.join(tmp, "documents"), backend=backend,
-                            batch_size=kw.get("batch_size", 64))
+      store_dir = embeddings or (None if cache else os.path.join(tmp, "documents"))
+      system = tower_system(checkpoint, data.corpus, store_dir, backend=backend, batch_size=kw.get("batch_size", 64))
       name = checkpoint
     else:
       system, name = Lexical(data.corpus), "bm25"
