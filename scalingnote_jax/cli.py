@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return run([a for a in argv if a != "--debug"])
   except Exception as e:
-    from scalingnote_jax import distributed
+    from scalingnote_jax import distributed  # (here, as in `run`: --help starts without loading JAX)
     from scalingnote_jax.train.common import Preempted  # (here: importing it loads orbax, slow for --help)
 
     if isinstance(e, Preempted):

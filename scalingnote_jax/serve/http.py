@@ -384,7 +384,7 @@ def serve(retriever, host: str = "127.0.0.1", port: int = 8000, limits: Limits =
 
 def server_config(app, limits: Limits, **kw):
   """uvicorn's Config for `app` with `limits`' connection cap and timeouts (kw: host, port, log_level...)."""
-  import uvicorn
+  import uvicorn  # as in `serve`: only the server needs it
   from uvicorn.protocols.http.h11_impl import H11Protocol
 
   class Protocol(H11Protocol):
