@@ -3,7 +3,7 @@ into the resumable embedding store, a ScaNN index saved, loaded and searched wit
 exact search, and dense hard-negative mining of the train queries. SciFact (5,183 documents) is below the
 brute-force line, so the default index is exact by construction; the tree index (k-means leaves, asymmetric
 hashing, exact re-scoring) is forced here so that the approximate path is what is measured. Documents are
-cut at 32 tokens to keep the encoding short (~40 s here)."""
+cut at 64 tokens to keep the encoding under a minute."""
 
 import json
 import os
@@ -25,7 +25,7 @@ SCIFACT = os.path.join(BEIR, "scifact")  # ../shared beside the checkout, in CI 
 @pytest.fixture(scope="module")
 def scifact_store(minilm_dir, tmp_path_factory):
   """(encoder, embedding store directory) of the whole SciFact corpus."""
-  enc = Encoder.from_pretrained(minilm_dir, max_length=32)
+  enc = Encoder.from_pretrained(minilm_dir, max_length=64)
   corpus = load_beir(SCIFACT, "test").corpus
   return enc, encode_corpus(enc, corpus, str(tmp_path_factory.mktemp("scifact") / "emb"), batch_size=128)
 
@@ -69,19 +69,19 @@ def test_scifact_minilm_index_vs_exact_search(scifact_store, tmp_path):
 def test_dense_mining_on_scifact_train_excludes_every_positive(scifact_store, minilm_dir, tmp_path):
   """`scalingnote mine` (dense, through the index, reusing the complete store) on the 809 train queries. The
   store is reused only by the tower that wrote it: MiniLM as shipped (256 tokens) is refused, the same model
-  directory saying 32 tokens (sentence-transformers' max_seq_length) reuses it."""
+  directory saying 64 tokens (sentence-transformers' max_seq_length) reuses it."""
   _, store = scifact_store
   out = str(tmp_path / "negatives.jsonl")
   cfg = mining.MiningConfig(range_min=10, range_max=50, num_negatives=8, relative_margin=0.05)
   with pytest.raises(ValueError, match="was encoded with fingerprint .* not this tower's"):
     mining.mine_from_checkpoint(minilm_dir, SCIFACT, "train", out, cfg, embeddings_dir=store)
-  model_32 = tmp_path / "minilm-32"
-  model_32.mkdir()
+  model_64 = tmp_path / "minilm-64"
+  model_64.mkdir()
   for name in os.listdir(minilm_dir):
-    os.symlink(os.path.join(minilm_dir, name), model_32 / name)
-  (model_32 / "sentence_bert_config.json").unlink()
-  (model_32 / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
-  mining.mine_from_checkpoint(str(model_32), SCIFACT, "train", out, cfg, embeddings_dir=store)
+    os.symlink(os.path.join(minilm_dir, name), model_64 / name)
+  (model_64 / "sentence_bert_config.json").unlink()
+  (model_64 / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+  mining.mine_from_checkpoint(str(model_64), SCIFACT, "train", out, cfg, embeddings_dir=store)
   qrels = load_beir(SCIFACT, "train").qrels
   with open(out, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]  # read raw: the training reader would drop positives silently
@@ -92,5 +92,5 @@ def test_dense_mining_on_scifact_train_excludes_every_positive(scifact_store, mi
     assert not set(r["negative_ids"]) & positives, r["query_id"]
     assert len(r["negative_ids"]) == len(set(r["negative_ids"])) <= 8
   # Where the positive itself ranks below the window, every candidate outscores it and the margin drops
-  # them all (~12% of queries with full-length documents, ~21% at 32 tokens); the rest get their 8.
-  assert np.mean([len(r["negative_ids"]) == 8 for r in rows]) > 0.75
+  # them all (~12% of queries with full-length documents); the rest get their 8.
+  assert np.mean([len(r["negative_ids"]) == 8 for r in rows]) > 0.8

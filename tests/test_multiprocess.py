@@ -30,9 +30,10 @@ LAUNCH = os.path.join(ROOT, "launch", "local.sh")
 
 
 def env(**extra):
-  # Devices come from SCALINGNOTE_CPU_DEVICES. No persistent compilation cache: with the session's shared one,
-  # 2-process runs on XLA:CPU deadlocked now and then (a process in a gloo all-gather its peer never joined),
-  # twice in ~10 loaded runs; never without it (BENCHMARKS.md, multi-process notes).
+  # Devices come from SCALINGNOTE_CPU_DEVICES. No persistent compilation cache: every hang of these 2-process
+  # runs seen so far (both processes stuck in a gloo all-gather; twice in CI, once in a loaded repro) had the
+  # session's shared cache, none of 6 loaded runs without it; other loaded runs with it passed, so this is a
+  # precaution, not a found cause (BENCHMARKS.md, multi-process notes).
   e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
   # PYTHONFAULTHANDLER: a process sent SIGABRT prints every thread's Python stack (what `run` does on a timeout)
   return {**e, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "JAX_PLATFORMS": "cpu", **extra}
