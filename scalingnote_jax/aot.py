@@ -194,13 +194,16 @@ def _bytes_per_device(tree) -> int:
 def abstract_inputs(cfg: ConfigDict, mesh, tx):
   """(graphdef, params, opt_state, batch, frozen): ShapeDtypeStructs with this mesh's shardings, nothing
   allocated. `params` are what trains (all, or LoRA adapters, or the unfrozen layers), `frozen` the rest."""
-  graphdef, trainable, frozen = nnx.split(abstract_dual_encoder(cfg), trained.trainable(cfg), ...)
+  model = abstract_dual_encoder(cfg)
+  graphdef, trainable, frozen = nnx.split(model, trained.trainable(cfg), ...)
   params = abstract_like(trainable, sharding.state_shardings(trainable, mesh, cfg.rules))
   frozen = abstract_like(frozen, sharding.state_shardings(frozen, mesh, cfg.rules))
   opt_state = sharding.abstract_optimizer(tx, params, mesh)
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
-  batch = {k: jax.ShapeDtypeStruct(s, np.int32, sharding=sharding.batch_sharding(mesh, len(s)))
-           for k, s in spec.shapes().items()}
+  trunk_width = model.query.backbone.cfg.hidden_size if cfg.model.trunk_cache else 0  # batches of cached states
+  batch = {k: jax.ShapeDtypeStruct(s, np.float32 if k.endswith("_trunk") else np.int32,
+                                   sharding=sharding.batch_sharding(mesh, len(s)))
+           for k, s in spec.shapes(trunk_width).items()}
   return graphdef, params, opt_state, batch, frozen
 
 

@@ -82,6 +82,11 @@ class Encoder:
     return self.tower.dim
 
   @property
+  def row_shape(self) -> tuple[int, ...]:
+    """The shape of one encoded item (what an embedding store holds per row)."""
+    return (self.dim,)
+
+  @property
   def fingerprint(self) -> str:
     """What identifies the embeddings this encoder makes: a content hash of the tower's parameters
     (`artifacts.checkpoint.fingerprint`: the same on any mesh) and of its config (pooling, prompts, length,

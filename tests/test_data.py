@@ -24,6 +24,22 @@ def test_real_scifact_loads():
   assert len(test.queries) == 300
 
 
+def test_a_dev_split_is_held_out_of_the_training_queries():
+  from scalingnote_jax.config import stage1_defaults
+  from scalingnote_jax.data.training import load_data
+
+  d = stage1_defaults().data
+  d.update(dict(source="beir", path=f"{BEIR}/scifact", train_split="train", val_split="train", val_fraction=0.15))
+  examples, dev, _ = load_data(d)
+  trained = {ex.query_id for ex in examples}
+  assert len(dev.queries) == round(0.15 * 809) and not trained & set(dev.queries)
+  assert len(trained) + len(dev.queries) == 809  # (every SciFact train query has a positive)
+  assert set(load_data(d)[1].queries) == set(dev.queries)  # the same queries every time
+  d.val_fraction = 1.0
+  with pytest.raises(ValueError, match="holding out dev queries needs 0 < data.val_fraction < 1"):
+    load_data(d)
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"_id": "1", "text": "ok"', r"corpus\.jsonl:2: invalid JSON"),
     ('{"_id": "2"}', r"corpus\.jsonl:2: missing field 'text'"),

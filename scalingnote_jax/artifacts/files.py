@@ -55,3 +55,13 @@ def replace_dir(src: str, dst: str) -> None:
   _fsync_dir(parent)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+CACHE_ENV = "SCALINGNOTE_CACHE_DIR"  # default ~/.cache/scalingnote
+
+
+def cache_dir(*parts: str) -> str:
+  """A path under the user's cache of derived data that runs share and may always recompute (an evaluation's
+  corpus embeddings, a frozen trunk's hidden states): $SCALINGNOTE_CACHE_DIR, else ~/.cache/scalingnote."""
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "scalingnote")
+  return os.path.join(root, *parts)

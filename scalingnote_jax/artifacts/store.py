@@ -5,7 +5,8 @@ corpus encodings of `scalingnote encode`, a bundle's documents and the Stage 2 t
 Layout of the output directory:
   ids.json            the ids in row order (written first; a rerun checks it is the same corpus)
   ENCODER             JSON {fingerprint, kind}: which tower wrote it (a rerun with another tower is refused)
-  embeddings.zarr/    float32 [N, D], one zarr chunk per encoding chunk of `chunk_size` items
+  embeddings.zarr/    float32 [N, D] (or [N, *row_shape] of another encoder, e.g. a frozen trunk's hidden
+                      states [N, T, E]), one zarr chunk per encoding chunk of `chunk_size` items
   done/<chunk>        an empty marker written after its chunk's rows are durably written
   COMPLETE            JSON {num_docs, dim, fingerprint, kind}, written last: a store without it is never read
                       as complete
@@ -37,7 +38,7 @@ def open_array(out_dir: str, shape=None, chunk_rows=None, *, create: bool):
   spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(out_dir, ARRAY)}}
   if create:
     spec["metadata"] = {"shape": list(shape), "data_type": "float32",
-                        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, shape[1]]}}}
+                        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *shape[1:]]}}}
   return ts.open(spec, create=create, open=True).result()
 
 
@@ -65,9 +66,10 @@ def encode_corpus(encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk
   elif is_main():
     write_atomic(encoder_path, json.dumps(encoder_info))
     write_atomic(ids_path, json.dumps(ids))
-  array = open_array(out_dir, (len(ids), encoder.dim), chunk_size, create=True)
-  if array.shape != (len(ids), encoder.dim):
-    raise ValueError(f"{out_dir}/{ARRAY}: shape {array.shape}, expected {(len(ids), encoder.dim)}")
+  shape = (len(ids), *encoder.row_shape)
+  array = open_array(out_dir, shape, chunk_size, create=True)
+  if array.shape != shape:
+    raise ValueError(f"{out_dir}/{ARRAY}: shape {array.shape}, expected {shape}")
 
   encode = encoder.encode_queries if queries else encoder.encode_documents
   # Chunks are dealt to processes, each encoding with its own devices; a tower sharded over every process

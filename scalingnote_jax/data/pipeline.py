@@ -29,12 +29,16 @@ class BatchSpec:
   # of time, a typical few: a few integers per row, memory-neutral).
   max_positives: int = 4
 
-  def shapes(self) -> dict[str, tuple[int, ...]]:
-    """Every field of a global batch and its shape (all int32): the query's tokens and mask, G = 1 + n_neg
-    document slots with theirs, the slots' corpus rows (-1: empty) and the query's positives' rows."""
+  def shapes(self, trunk_width: int = 0) -> dict[str, tuple[int, ...]]:
+    """Every field of a global batch and its shape (int32): the query's tokens and mask, G = 1 + n_neg
+    document slots with theirs, the slots' corpus rows (-1: empty) and the query's positives' rows. With a
+    frozen trunk's cache (`trunk_width` E) the tokens give way to their states (float32): q_trunk [B, Tq, E],
+    d_trunk [B, G, Td, E]."""
     b, g = self.batch_size, 1 + self.n_neg
-    return dict(q_ids=(b, self.query_len), q_mask=(b, self.query_len), d_ids=(b, g, self.doc_len),
-                d_mask=(b, g, self.doc_len), doc_ids=(b, g), pos_ids=(b, self.max_positives))
+    q, d = ("q_trunk", "d_trunk") if trunk_width else ("q_ids", "d_ids")
+    e = (trunk_width,) if trunk_width else ()
+    return {q: (b, self.query_len, *e), "q_mask": (b, self.query_len), d: (b, g, self.doc_len, *e),
+            "d_mask": (b, g, self.doc_len), "doc_ids": (b, g), "pos_ids": (b, self.max_positives)}
 
 
 def pad(ids: list[int], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +78,7 @@ class TrainData:
     self.doc_index = {doc_id: i for i, doc_id in enumerate(corpus)}
     self.doc_tokens = doc_tokenize(list(corpus.values()))
     self.query_tokens = query_tokenize([ex.query for ex in examples])
+    self.trunk = None  # a frozen trunk's cached states (data/trunk.py): batches carry them instead of token ids
 
   def record(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     ex, spec = self.examples[index], self.spec
@@ -89,11 +94,20 @@ class TrainData:
     q_ids, q_mask = pad(self.query_tokens[index], spec.query_len, self.pad_id)
     pos_ids = np.full(spec.max_positives, -1, np.int32)
     pos_ids[:len(ex.positive_ids)] = [self.doc_index[d] for d in ex.positive_ids]
-    return dict(q_ids=q_ids, q_mask=q_mask, d_ids=d_ids, d_mask=d_mask, doc_ids=doc_ids, pos_ids=pos_ids)
+    out = dict(q_ids=q_ids, q_mask=q_mask, d_ids=d_ids, d_mask=d_mask, doc_ids=doc_ids, pos_ids=pos_ids)
+    return out if self.trunk is None else {**out, "q_row": np.int32(index)}
+
+  def with_trunk_states(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch's token ids replaced by their trunk states: q_trunk [B, Tq, E], d_trunk [B, G, Td, E]."""
+    batch = dict(batch)
+    q_rows, _, _ = batch.pop("q_row"), batch.pop("q_ids"), batch.pop("d_ids")
+    return {**batch, "q_trunk": self.trunk.queries(q_rows), "d_trunk": self.trunk.documents(batch["doc_ids"])}
 
   def iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
     """An endless iterator over this process's share of each global batch (state: get_state/set_state)."""
     ds = _batches(len(self.examples), self.spec.batch_size, seed, process_index, process_count, self.record)
+    if self.trunk is not None:
+      ds = ds.map(self.with_trunk_states)
     return iter(ds.to_iter_dataset(READ_OPTIONS))
 
 

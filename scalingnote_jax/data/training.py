@@ -29,9 +29,26 @@ def load_data(d: ConfigDict) -> tuple[list[beir.TrainExample], synthetic.Dataset
     train = beir.load_beir(d.path, d.train_split)
     examples = (beir.load_train_jsonl(d.train_jsonl, train.corpus) if d.train_jsonl
                 else beir.examples_from_qrels(train))
-    held_out = beir.load_beir(d.path, d.val_split, unknown="skip") if d.val_split else None
+    if d.val_split and d.val_split == d.train_split:  # a dev split held out of the training queries
+      examples, held_out = hold_out(train, examples, d.val_fraction, d.seed)
+    else:
+      held_out = beir.load_beir(d.path, d.val_split, unknown="skip") if d.val_split else None
     return subsample(examples, d.train_fraction, d.seed), held_out, train.corpus
   raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
+
+
+def hold_out(train: synthetic.Dataset, examples: list[beir.TrainExample], fraction: float,
+             seed: int) -> tuple[list[beir.TrainExample], synthetic.Dataset]:
+  """A fixed random `fraction` of the training queries set apart as a dev split (for a dataset without one,
+  e.g. SciFact: settings are chosen on it, the test split is reported once); the rest train."""
+  if not 0 < fraction < 1:
+    raise ValueError(f"data.val_split = data.train_split: holding out dev queries needs 0 < data.val_fraction < 1, "
+                     f"got {fraction}")
+  qids = sorted(train.qrels)
+  dev = set(np.random.default_rng(seed).permutation(qids)[:round(fraction * len(qids))].tolist())
+  held_out = synthetic.Dataset(train.corpus, {q: train.queries[q] for q in sorted(dev)},
+                               {q: train.qrels[q] for q in sorted(dev)})
+  return [ex for ex in examples if ex.query_id not in dev], held_out
 
 
 def subsample(examples: list, fraction: float, seed: int) -> list:

@@ -32,6 +32,7 @@ import numpy as np
 
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import store
+from scalingnote_jax.artifacts.files import cache_dir
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.runs import read_run, write_run
 from scalingnote_jax.encoder import towers
@@ -81,18 +82,14 @@ def bundle_system(bundle: str) -> Dense:
   return Dense(retriever, *store.load_embeddings(os.path.join(bundle, "documents")))
 
 
-CACHE_ENV = "SCALINGNOTE_CACHE_DIR"  # default ~/.cache/scalingnote
-
-
 def embedding_cache(encoder, corpus: dict[str, dict]) -> str:
   """Where `eval` keeps a document tower's embeddings of a corpus between runs: CACHE/embeddings/<the tower's
   fingerprint>-<a hash of the corpus's ids and texts>, so that a second evaluation of the same tower and corpus
   (or one that adds --save-run) encodes nothing, and another tower or corpus gets a store of its own."""
-  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "scalingnote")
   h = hashlib.sha256()
   for doc_id, doc in corpus.items():
     h.update(json.dumps([doc_id, doc], sort_keys=True, ensure_ascii=False).encode())
-  return os.path.join(root, "embeddings", f"{encoder.fingerprint[:16]}-{h.hexdigest()[:16]}")
+  return cache_dir("embeddings", f"{encoder.fingerprint[:16]}-{h.hexdigest()[:16]}")
 
 
 def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str | None, *, backend: str = "exact",

@@ -146,14 +146,27 @@ class LLM(nnx.Module):
                                  param_dtype=pdt, rngs=rngs) if untied_head else None)
 
   def __call__(self, ids_BxT, mask_BxT):
+    return self.top(self.trunk(ids_BxT, mask_BxT, 0), mask_BxT, 0)
+
+  def trunk(self, ids_BxT, mask_BxT, blocks: int):
+    """The hidden states [B, T, E] after the embedding and the first `blocks` blocks (no final norm). With
+    right padding and causal attention a real token's state does not depend on the padding after it."""
+    x = layers.shard_batch(self.embed[...].astype(self.cfg.dtype)[ids_BxT])
+    return self._blocks(x, mask_BxT, 0, blocks)
+
+  def top(self, hidden_BxTxE, mask_BxT, start: int):
+    """The rest of the forward from the states after block `start` (`trunk`): the blocks from `start` on and
+    the final norm. `top(trunk(ids, mask, k), mask, k)` is the whole forward for any k."""
+    return self.norm(self._blocks(hidden_BxTxE, mask_BxT, start, len(self.layers)))
+
+  def _blocks(self, x_BxTxE, mask_BxT, start: int, stop: int):
     cfg = self.cfg
-    x = layers.shard_batch(self.embed[...].astype(cfg.dtype)[ids_BxT])
-    positions_BxT = jnp.broadcast_to(jnp.arange(ids_BxT.shape[1]), ids_BxT.shape)
+    positions_BxT = jnp.broadcast_to(jnp.arange(mask_BxT.shape[1]), mask_BxT.shape)
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
     run = layers.maybe_remat(lambda block, x: block(x, mask_BxT, positions_BxT, inv_freq), cfg.remat)
-    for block in self.layers:
-      x = layers.shard_batch(run(block, x))
-    return self.norm(x)
+    for i in range(start, stop):
+      x_BxTxE = layers.shard_batch(run(self.layers[i], x_BxTxE))
+    return x_BxTxE
 
   def logits(self, hidden_BxTxE):
     if not self.cfg.lm_head:

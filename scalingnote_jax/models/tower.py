@@ -100,7 +100,17 @@ class Tower(nnx.Module):
 
   def __call__(self, ids_BxT, mask_BxT, normalize: bool | None = None):
     """`normalize` overrides the config (distillation's MSE may compare unnormalised student vectors)."""
-    emb_BxD = pool(self.backbone(ids_BxT, mask_BxT), mask_BxT, self.cfg.pooling)
+    return self._embed(self.backbone(ids_BxT, mask_BxT), mask_BxT, normalize)
+
+  def from_trunk(self, trunk_BxTxE, mask_BxT, start: int):
+    """The embeddings from a decoder's hidden states after its first `start` blocks (`LLM.trunk`): what a
+    step with a frozen trunk's cache runs. Equal to the tower on the token ids those states came from."""
+    if not hasattr(self.backbone, "top"):
+      raise ValueError(f"{type(self.backbone).__name__}: a trunk cache needs a decoder backbone")
+    return self._embed(self.backbone.top(trunk_BxTxE, mask_BxT, start), mask_BxT)
+
+  def _embed(self, hidden_BxTxE, mask_BxT, normalize: bool | None = None):
+    emb_BxD = pool(hidden_BxTxE, mask_BxT, self.cfg.pooling)
     if self.projection is not None:
       emb_BxD = self.projection(emb_BxD)
     if self.cfg.normalize if normalize is None else normalize:

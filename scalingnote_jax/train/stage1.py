@@ -22,7 +22,7 @@ from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.config import stage1_defaults
-from scalingnote_jax.data import synthetic
+from scalingnote_jax.data import synthetic, trunk
 from scalingnote_jax.data.pipeline import BatchSpec, TrainData
 from scalingnote_jax.data.training import load_data, validation_doc_ids
 from scalingnote_jax.distributed import is_main
@@ -88,9 +88,11 @@ def _merge_chunks(x):
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False):
+def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False, trunk_blocks: int = 0):
   """(params, batch, frozen=None) -> ((loss, (accuracy, scale)), grads). `params` are what trains, `frozen` the
-  rest (a LoRA run's base, frozen layers): gradients are taken with respect to `params` only. With `chunks` > 1
+  rest (a LoRA run's base, frozen layers): gradients are taken with respect to `params` only. With
+  `trunk_blocks` K the batch carries the frozen trunk's states after block K (q_trunk, d_trunk: data/trunk.py)
+  instead of token ids, and only the blocks above K run. With `chunks` > 1
   this is GradCache: embeddings are computed chunk by chunk without activations kept, the loss's gradient with
   respect to the embeddings is taken on the full global batch, then each chunk is re-run to push that gradient
   into the parameters. Same result as one big batch, with the activation memory of one chunk."""
@@ -100,11 +102,16 @@ def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False):
 
   def embed(params, frozen, tokens):
     model = merge(params, frozen)
-    b, g, t = tokens["d_ids"].shape
+    b, g, t = tokens["d_mask"].shape
+    d_mask = tokens["d_mask"].reshape(b * g, t)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # hidden states stay split by rows (shard_batch)
-      q_BxD = model.query(tokens["q_ids"], tokens["q_mask"])
-      d_BxGxD = model.doc(tokens["d_ids"].reshape(b * g, t), tokens["d_mask"].reshape(b * g, t)).reshape(b, g, -1)
-    return q_BxD, d_BxGxD
+      if trunk_blocks:
+        q_BxD = model.query.from_trunk(tokens["q_trunk"], tokens["q_mask"], trunk_blocks)
+        d_NxD = model.doc.from_trunk(tokens["d_trunk"].reshape(b * g, t, -1), d_mask, trunk_blocks)
+      else:
+        q_BxD = model.query(tokens["q_ids"], tokens["q_mask"])
+        d_NxD = model.doc(tokens["d_ids"].reshape(b * g, t), d_mask)
+    return q_BxD, d_NxD.reshape(b, g, -1)
 
   def loss_of(q_BxD, d_BxGxD, params, frozen, batch):
     scale = merge(params, frozen).scale()
@@ -118,7 +125,7 @@ def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False):
     return jax.value_and_grad(f, has_aux=True)(params)
 
   def grads_cached(params, batch, frozen=None):
-    tokens = {k: _split_chunks(batch[k], chunks) for k in ("q_ids", "q_mask", "d_ids", "d_mask")}
+    tokens = {k: _split_chunks(v, chunks) for k, v in batch.items() if k not in ("doc_ids", "pos_ids")}
     q_c, d_c = jax.lax.map(lambda c: embed(params, frozen, c), tokens)
     (loss, aux), (g_q, g_d, g_params) = jax.value_and_grad(loss_of, argnums=(0, 1, 2), has_aux=True)(
         _merge_chunks(q_c), _merge_chunks(d_c), params, frozen, batch)
@@ -134,10 +141,10 @@ def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False):
   return grads_cached if chunks > 1 else grads_direct
 
 
-def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = False):
+def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = False, trunk_blocks: int = 0):
   """(params, opt_state, batch, frozen=None) -> (params, opt_state, metrics); the optimizer updates `params`
   only (it holds no state for the frozen parameters)."""
-  grad_fn = make_grad_fn(graphdef, mesh, chunks=chunks, symmetric=symmetric)
+  grad_fn = make_grad_fn(graphdef, mesh, chunks=chunks, symmetric=symmetric, trunk_blocks=trunk_blocks)
 
   def step(params, opt_state, batch, frozen=None):
     (loss, (accuracy, scale)), grads = grad_fn(params, batch, frozen)
@@ -150,8 +157,9 @@ def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = Fa
 
 def jit_train_step(cfg: ConfigDict, graphdef, tx, mesh, params, opt_state):
   """The Stage 1 step as training compiles it (also for ahead-of-time compilation)."""
-  return jit_step(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric), mesh,
-                  params, opt_state)
+  trunk_blocks = cfg.model.freeze_layers if cfg.model.trunk_cache else 0
+  return jit_step(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric,
+                                  trunk_blocks=trunk_blocks), mesh, params, opt_state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,6 +196,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   if cfg.model.freeze_layers >= blocks:
     raise ValueError(f"model.freeze_layers={cfg.model.freeze_layers}: the backbone has {blocks} blocks; freeze at "
                      f"most {blocks - 1} so that one trains")
+  if cfg.model.trunk_cache and not cfg.model.freeze_layers:
+    raise ValueError("model.trunk_cache=True needs model.freeze_layers > 0: it caches the frozen blocks' states")
   # config.json (what encode, distill, export rebuild the towers from) is written only once the run is allowed
   ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=stage1_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
@@ -217,6 +227,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
   data = TrainData(examples, corpus, lambda qs: q_enc.tokenize(q_enc.query_texts(qs)),
                    lambda ds: d_enc.tokenize(d_enc.document_texts(ds)), tokenizer.pad_id, spec)
+  if cfg.model.trunk_cache:  # computed once (or found): a step then runs only the trained blocks
+    data.trunk = trunk.cache_training_texts(model.query, model.doc, cfg.model.freeze_layers, data)
   batches = data.iterator(cfg.data.seed, jax.process_index(), jax.process_count())
   if data_state is not None:
     batches.set_state(data_state)
