@@ -102,7 +102,7 @@ def evaluate(args, cfg) -> int:
                                  bm25=args.bm25, run_file=args.run_file, embeddings=args.embeddings,
                                  backend=args.backend, drop_self=not args.keep_self, batch_size=args.batch_size,
                                  num_negatives=args.num_negatives, temperature=args.temperature,
-                                 save_run=args.save_run, cache=not args.no_cache)))
+                                 save_run=args.save_run, cache=not args.no_cache, k=args.hits)))
   return 0
 
 
@@ -226,8 +226,10 @@ def _eval_args(p):
                                                          "into a temporary store, deleted afterwards")
   p.add_argument("--backend", choices=("scann", "exact"), default="exact", help="with --checkpoint: the index")
   p.add_argument("--keep-self", action="store_true", help="keep a document whose id equals the query's")
-  p.add_argument("--save-run", default=None, help="also write the system's top 100 per query as a TREC run file "
-                                                  "(the input of `scalingnote rerank`)")
+  p.add_argument("--save-run", default=None, help="also write the system's top --hits per query as a TREC run "
+                                                  "file (the input of `scalingnote rerank`)")
+  p.add_argument("--hits", type=int, default=100, help="documents retrieved per query: what the metrics see and "
+                                                       "--save-run writes (pyserini's name)")
   p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
   p.add_argument("--num-negatives", type=int, default=256, help="sampled documents per query for AUC and "
                                                                  "contrastive entropy (Fang et al.'s 256)")

@@ -114,6 +114,16 @@ def test_eval_command_follows_beir_conventions(tmp_path, capsys):
   kept = json.loads(capsys.readouterr().out)
   assert kept["mrr_at_10"] == pytest.approx(1 / 3)  # the query's own id ranks first: unjudged, non-relevant
 
+  # --hits: the ranking's depth, in the metrics and the run file (kept, a query's own id is its one hit)
+  assert main(["eval", "--bm25", "--data", data, "--keep-self", "--hits", "1", "--save-run",
+               str(tmp_path / "h1.run")]) == 0
+  shallow = json.loads(capsys.readouterr().out)
+  lines = [line.split() for line in (tmp_path / "h1.run").read_text().splitlines()]
+  assert sorted((q, d) for q, _, d, *_ in lines if q != "q5") == [("a1", "a1"), ("a3", "a3")]
+  assert len(lines) == 3 and kept["recall_at_100"] > 0 and shallow["recall_at_100"] == shallow["mrr_at_10"] == 0
+  assert main(["eval", "--bm25", "--data", data, "--hits", "0"]) == 1
+  assert "--hits 0: expected >= 1" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_eval_of_a_tower_keeps_its_corpus_embeddings_for_the_next_run(tmp_path, monkeypatch, minilm_dir):

@@ -204,6 +204,8 @@ def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str
   go to `embeddings`, else to the cache (`embedding_cache`), else (cache=False) to a temporary store."""
   if sum([bool(bundle), bool(checkpoint), bm25, bool(run_file)]) != 1:
     raise ValueError("eval: give exactly one of --bundle, --checkpoint, --bm25, --run")
+  if kw.get("k", 100) < 1:
+    raise ValueError(f"eval: --hits {kw['k']}: expected >= 1 documents per query")
   data, counts = load_split(data_dir, split)
   if run_file:
     if kw.get("save_run"):
