@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.checkpoint import fingerprint
-from scalingnote_jax.models import load_backbone, resolve_path
+from scalingnote_jax.models import bert, load_backbone, resolve_path
 from scalingnote_jax.models.tokenizer import Tokenizer
-from scalingnote_jax.models.tower import Tower, TowerConfig
+from scalingnote_jax.models.tower import Tower, TowerConfig, load_dense, sentence_transformers_folder
 
 MIN_LENGTH_BUCKET = 16
 
@@ -74,8 +74,13 @@ class Encoder:
     unknown = set(tower_fields) - {f.name for f in dataclasses.fields(TowerConfig)}
     if unknown:
       raise TypeError(f"unknown TowerConfig field(s): {sorted(unknown)}")
-    tower_cfg = TowerConfig.default_for(backbone_cfg, None if path.endswith(".gguf") else path, **tower_fields)
-    return cls(Tower(backbone, tower_cfg, rngs=nnx.Rngs(0)), Tokenizer.from_pretrained(path), mesh)
+    folder = None if path.endswith(".gguf") else path
+    tower_cfg = TowerConfig.default_for(backbone_cfg, folder, **tower_fields)
+    tower = Tower(backbone, tower_cfg, rngs=nnx.Rngs(0))
+    dense = sentence_transformers_folder(folder).dense if folder and isinstance(backbone_cfg, bert.BertConfig) else None
+    if dense:  # the folder's Dense module, with its weights
+      load_dense(tower, dense)
+    return cls(tower, Tokenizer.from_pretrained(path), mesh)
 
   @property
   def dim(self) -> int:

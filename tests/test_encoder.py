@@ -121,3 +121,66 @@ def test_normalize_embeddings_as_sentence_transformers_does(decoder):
 def test_progress_bar_for_long_inputs(minilm, capsys):
   minilm.encode(SENTENCES * 3, batch_size=2, show_progress=True)
   assert "encoding" in capsys.readouterr().err
+
+
+def st_folder(tmp_path, minilm_dir, modules, files=None, prompts=None):
+  """all-MiniLM-L6-v2's files with another modules.json (and module files, prompts)."""
+  import json
+  import os
+
+  out = tmp_path / "st"
+  out.mkdir()
+  for name in os.listdir(minilm_dir):
+    if name not in ("modules.json", "config_sentence_transformers.json"):
+      os.symlink(os.path.join(minilm_dir, name), out / name)
+  kinds = {"T": ("", "Transformer"), "P": ("1_Pooling", "Pooling"), "D": ("2_Dense", "Dense"),
+           "N": ("3_Normalize", "Normalize"), "L": ("2_LayerNorm", "LayerNorm")}
+  (out / "modules.json").write_text(json.dumps([
+      {"idx": i, "name": str(i), "path": kinds[k][0], "type": f"sentence_transformers.models.{kinds[k][1]}"}
+      for i, k in enumerate(modules)]))
+  (out / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts or {}}))
+  for name, write in (files or {}).items():
+    (out / name).mkdir(parents=True, exist_ok=True)
+    write(out / name)
+  return str(out)
+
+
+def test_a_sentence_transformers_folder_is_read_as_its_modules_say(tmp_path, minilm_dir, minilm):
+  """modules.json drives the modules: a Dense module is applied with its weights (torch's [out, in]),
+  Normalize only when listed, saved prompts are the tower's; a module it cannot compute is refused by name."""
+  import json
+
+  from safetensors.numpy import save_file
+
+  rng = np.random.default_rng(0)
+  w, b = rng.normal(0, 0.1, (16, 384)).astype(np.float32), rng.normal(0, 0.1, 16).astype(np.float32)
+
+  def dense(d, activation="torch.nn.modules.linear.Identity"):
+    (d / "config.json").write_text(json.dumps({"in_features": 384, "out_features": 16, "bias": True,
+                                               "activation_function": activation}))
+    save_file({"linear.weight": w, "linear.bias": b}, str(d / "model.safetensors"))
+
+  folder = st_folder(tmp_path, minilm_dir, "TPDN", {"2_Dense": dense},
+                     prompts={"query": "query: ", "passage": "passage {x}: "})
+  enc = Encoder.from_pretrained(folder)
+  pooled = Encoder.from_pretrained(minilm_dir, normalize=False).encode(SENTENCES)
+  want = pooled @ w.T + b
+  np.testing.assert_allclose(enc.encode(SENTENCES), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+  assert enc.cfg.query_prompt == "query: {text}" and enc.cfg.document_prompt == "passage {{x}}: {title} {text}"
+  assert enc.document_texts([{"title": "t", "text": "d"}]) == ["passage {x}: t d"]  # (braces kept as text)
+  np.testing.assert_array_equal(enc.encode_query(SENTENCES[:2]), enc.encode(["query: " + s for s in SENTENCES[:2]]))
+
+  # without Normalize in modules.json the embeddings are not normalised
+  import shutil
+  shutil.rmtree(tmp_path / "st")
+  np.testing.assert_allclose(Encoder.from_pretrained(st_folder(tmp_path, minilm_dir, "TP")).encode(SENTENCES),
+                             pooled, atol=1e-6)
+
+  for modules, files, error in (
+      ("TPLN", {}, r"module '2' of type 'sentence_transformers.models.LayerNorm' is not supported"),
+      ("TPDN", {"2_Dense": lambda d: dense(d, "torch.nn.modules.activation.Tanh")}, "only a linear Dense module"),
+      ("TNP", {}, r"modules \['Transformer', 'Normalize', 'Pooling'\]: expected Transformer, then"),
+  ):
+    shutil.rmtree(tmp_path / "st")
+    with pytest.raises(ValueError, match=error):
+      Encoder.from_pretrained(st_folder(tmp_path, minilm_dir, modules, files))

@@ -28,7 +28,7 @@ from scalingnote_jax.config import stage1_defaults, with_defaults
 from scalingnote_jax.models import bert, llm, lora
 from scalingnote_jax.models.dual import DualEncoder
 from scalingnote_jax.models.tokenizer import Tokenizer
-from scalingnote_jax.models.tower import Tower, TowerConfig
+from scalingnote_jax.models.tower import Tower, TowerConfig, sentence_transformers_folder
 
 CONFIG_FILE = "config.json"
 STUDENT_FILE = "student.json"
@@ -250,8 +250,11 @@ def tower_spec(s: ConfigDict, tower: ConfigDict, teacher_dim: int | None = None)
   projection = tower.projection
   if projection == "auto":
     projection = teacher_dim if bcfg.hidden_size != teacher_dim else None
-  tower = TowerConfig.default_for(bcfg, model_dir if model_dir and os.path.isdir(model_dir) else None,
-                                  projection_dim=projection or None, **fields)
+  folder = model_dir if model_dir and os.path.isdir(model_dir) else None
+  if folder and isinstance(bcfg, bert.BertConfig) and sentence_transformers_folder(folder).dense:
+    raise ValueError(f"{s.init}: its sentence-transformers Dense module would be left out of this tower (it has its "
+                     "own `projection`); start from a folder without one")
+  tower = TowerConfig.default_for(bcfg, folder, projection_dim=projection or None, **fields)
   kind = "bert" if isinstance(bcfg, bert.BertConfig) else "llm"
   return {"backbone": {"kind": kind, **dataclasses.asdict(bcfg)}, "tower": dataclasses.asdict(tower),
           "tokenizer": tokenizer, "init": model_dir or "random"}
