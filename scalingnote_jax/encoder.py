@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.checkpoint import fingerprint
-from scalingnote_jax.models import bert, load_backbone, resolve_path
+from scalingnote_jax.models import load_backbone, resolve_path
 from scalingnote_jax.models.tokenizer import Tokenizer
-from scalingnote_jax.models.tower import Tower, TowerConfig, load_dense, sentence_transformers_folder
+from scalingnote_jax.models.st_folder import load_dense, sentence_transformers_folder
+from scalingnote_jax.models.tower import Tower, TowerConfig
 
 MIN_LENGTH_BUCKET = 16
 
@@ -77,7 +78,7 @@ class Encoder:
     folder = None if path.endswith(".gguf") else path
     tower_cfg = TowerConfig.default_for(backbone_cfg, folder, **tower_fields)
     tower = Tower(backbone, tower_cfg, rngs=nnx.Rngs(0))
-    dense = sentence_transformers_folder(folder).dense if folder and isinstance(backbone_cfg, bert.BertConfig) else None
+    dense = sentence_transformers_folder(folder).dense if folder else None
     if dense:  # the folder's Dense module, with its weights
       load_dense(tower, dense)
     return cls(tower, Tokenizer.from_pretrained(path), mesh)

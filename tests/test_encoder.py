@@ -184,3 +184,38 @@ def test_a_sentence_transformers_folder_is_read_as_its_modules_say(tmp_path, min
     shutil.rmtree(tmp_path / "st")
     with pytest.raises(ValueError, match=error):
       Encoder.from_pretrained(st_folder(tmp_path, minilm_dir, modules, files))
+
+
+@pytest.mark.parametrize("which", ["decoder", "bert"])
+def test_a_tower_exported_as_a_folder_reads_back_as_the_same_encoder(tmp_path, which, decoder, minilm_dir):
+  """save_folder (export-hf) writes HF config + safetensors through the import table in reverse, the tokenizer
+  (EOS moved into its template), the sentence-transformers modules and the exact tower settings:
+  `Encoder.from_pretrained` of the folder encodes exactly as the tower did."""
+  from scalingnote_jax.models import load_backbone
+  from scalingnote_jax.models.st_folder import save_folder
+
+  if which == "decoder":  # last-token pooling on an appended EOS, a title slot in the document prompt, projection
+    tower = Tower.create(decoder.tower.backbone.cfg, TowerConfig(
+        pooling="last", append_eos=True, max_length=24, query_prompt="Query: {text}",
+        document_prompt="Title: {title}\nContent: {text}", projection_dim=8, projection_bias=True),
+        nnx.Rngs(3))
+    enc = Encoder(tower, decoder.tokenizer)
+  else:  # MiniLM's first two layers with a projection, not normalised
+    backbone, _ = load_backbone(minilm_dir, num_layers=2)
+    enc = Encoder(Tower(backbone, TowerConfig.default_for(backbone.cfg, minilm_dir, projection_dim=16,
+                                                         normalize=False), rngs=nnx.Rngs(1)),
+                  Tokenizer.from_pretrained(minilm_dir))
+  rng = np.random.default_rng(0)
+  for var in (enc.tower.projection.kernel, enc.tower.projection.bias):
+    if var is not None:
+      var[...] = rng.normal(0, 0.1, var.shape).astype(np.float32)
+  save_folder(enc.tower, enc.tokenizer, str(tmp_path))
+  back = Encoder.from_pretrained(str(tmp_path))
+  docs = [{"title": "A title", "text": t} for t in texts(6)] + texts(3, seed=1)
+  long = [" ".join(["retrieval"] * 60)]  # truncated: the EOS (when appended) still ends it
+  for a, b in ((enc.encode_queries(texts(7) + long), back.encode_queries(texts(7) + long)),
+               (enc.encode_documents(docs), back.encode_documents(docs))):
+    np.testing.assert_allclose(b, a, atol=1e-6)
+  if which == "decoder":  # the EOS is in the exported tokenizer's template, not appended twice
+    ids = back.tokenize(back.query_texts(["x"]))[0]
+    assert ids == enc.tokenize(enc.query_texts(["x"]))[0] and ids[-1] == enc.tokenizer.eos_id

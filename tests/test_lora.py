@@ -134,6 +134,16 @@ def test_stage1_with_lora_trains_the_adapters_only_saves_the_base_once_and_resum
   np.testing.assert_allclose(Encoder(merged.query, tokenizer).encode_queries(texts),
                              Encoder(model.query, whole["tokenizer"]).encode_queries(texts), atol=1e-5)
 
+  # Exported (export-hf) as two Hugging Face / sentence-transformers folders, the adapters merged in.
+  from scalingnote_jax.artifacts.hf_export import export_hf
+  out = str(tmp_path / "hf")
+  assert export_hf(workdir, out) == {f"{out}/query": "query", f"{out}/document": "document"}
+  for side, tower in (("query", merged.query), ("document", merged.doc)):
+    np.testing.assert_allclose(Encoder.from_pretrained(f"{out}/{side}").encode_queries(texts),
+                               Encoder(tower, tokenizer).encode_queries(texts), atol=1e-6)
+  with pytest.raises(ValueError, match="exists and is not empty"):
+    export_hf(workdir, out)
+
   # The base is verified when read: one whose recorded fingerprint differs is refused, naming the file.
   with open(os.path.join(workdir, trained.BASE_FILE), "w") as f:
     f.write('{"fingerprint": "0000"}')

@@ -92,6 +92,10 @@ def test_export_then_retriever_and_service_answer_like_the_student(distilled, tm
   from scalingnote_jax.encoder import Encoder
 
   np.testing.assert_allclose(retriever.encode(texts), Encoder(student, tokenizer).encode_queries(texts), atol=1e-5)
+  # the student leaves the project as a Hugging Face / sentence-transformers folder (`export-hf`)
+  assert cli.main(["export-hf", distilled["workdir"], "--out", str(tmp_path / "hf")]) == 0
+  np.testing.assert_allclose(Encoder.from_pretrained(str(tmp_path / "hf")).encode_queries(texts),
+                             retriever.encode(texts), atol=1e-5)
   hits = retriever.search(texts, k=100)  # ScaNN scores 1024 documents exactly (brute force)
   metrics = ir_metrics(held_out.qrels, hits.run(qids, drop_self=True))
   for key in ("recall_at_10", "ndcg_at_10"):

@@ -28,7 +28,8 @@ from scalingnote_jax.config import stage1_defaults, with_defaults
 from scalingnote_jax.models import bert, llm, lora
 from scalingnote_jax.models.dual import DualEncoder
 from scalingnote_jax.models.tokenizer import Tokenizer
-from scalingnote_jax.models.tower import Tower, TowerConfig, sentence_transformers_folder
+from scalingnote_jax.models.st_folder import sentence_transformers_folder
+from scalingnote_jax.models.tower import Tower, TowerConfig
 
 CONFIG_FILE = "config.json"
 STUDENT_FILE = "student.json"
@@ -116,7 +117,9 @@ def _backbone(fields: dict, **overrides):
 # A Stage 1 workdir: the dual encoder.
 
 def is_stage1_workdir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints"))
+  """A trainer's workdir (config.json, checkpoints/) that is not a one-tower one (a student's, a reranker's)."""
+  return (os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints"))
+          and not any(os.path.exists(os.path.join(path, f)) for f in (STUDENT_FILE, RERANKER_FILE)))
 
 
 def backbone_config(m: ConfigDict):

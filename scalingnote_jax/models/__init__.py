@@ -14,7 +14,7 @@ import os
 from flax import nnx
 
 from scalingnote_jax.models import bert, llm
-from scalingnote_jax.models.checkpoint import CheckpointError, SafetensorsReader, detect_prefix, load_params
+from scalingnote_jax.models.checkpoint import CheckpointError, SafetensorsReader, detect_prefix, load_params, save_params
 from scalingnote_jax.models.gguf import open_gguf
 
 BackboneConfig = llm.LLMConfig | bert.BertConfig
@@ -85,3 +85,13 @@ def load_backbone(path: str, *, sharding=None, **overrides) -> tuple[nnx.Module,
   ignored = lambda name: name in dropped or arch.hf_ignored(name)  # noqa: E731
   create = lambda: create_backbone(cfg, nnx.Rngs(0))  # noqa: E731
   return load_params(create, rows, reader, ignored, sharding), cfg
+
+
+def save_backbone(backbone: nnx.Module, out_dir: str) -> None:
+  """The backbone as HF's base model (`BertModel`, `LlamaModel`, ...): config.json and model.safetensors, its
+  import table run in reverse; `load_backbone(out_dir)` reads it back. LoRA adapters must be merged first."""
+  cfg = backbone.cfg
+  arch = bert if isinstance(cfg, bert.BertConfig) else llm
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(cfg.to_hf(), f, indent=2)
+  save_params(backbone, arch.hf_rows(cfg, ""), os.path.join(out_dir, "model.safetensors"))

@@ -42,6 +42,14 @@ class BertConfig:
               pad_token_id=hf.get("pad_token_id") or 0)
     return dataclasses.replace(cfg, **overrides)
 
+  def to_hf(self) -> dict:
+    """The HF config.json of a `BertModel` (`from_hf` reads it back to this config)."""
+    return dict(model_type="bert", architectures=["BertModel"], vocab_size=self.vocab_size,
+                hidden_size=self.hidden_size, num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                intermediate_size=self.intermediate_size, hidden_act="gelu", position_embedding_type="absolute",
+                max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
+                layer_norm_eps=self.layer_norm_eps, pad_token_id=self.pad_token_id, torch_dtype="float32")
+
 
 class Layer(nnx.Module):
   """Self-attention + GELU MLP, each followed by residual and LayerNorm (post-LN)."""

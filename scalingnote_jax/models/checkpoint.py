@@ -1,10 +1,10 @@
-"""Checkpoint import: a declarative table from checkpoint tensor names to NNX parameter paths.
+"""Checkpoint import (and export): a declarative table from checkpoint tensor names to NNX parameter paths.
 
 A table is a tuple of `(checkpoint_name, module_path, transpose)` rows; `{i}` in both names stands for the
 layer index. `load_params` creates the module abstractly (no memory), then reads one tensor at a time from
 the checkpoint, transposes it, checks its shape against the parameter and places it on device, so a large
 checkpoint never sits twice in memory. Missing, unexpected and mis-shaped tensors are errors naming the
-tensor and the file.
+tensor and the file. `save_params` runs the same table the other way (export to a HF folder).
 """
 
 from __future__ import annotations
@@ -139,3 +139,19 @@ def load_params(create: Callable[[], nnx.Module], rows: dict[str, tuple[str, boo
   for key, var in flat.items():
     var.set_value(values[key])
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_params(module: nnx.Module, rows: dict[str, tuple[str, bool]], path: str) -> None:
+  """Writes `module`'s parameters as the checkpoint tensors `rows` name (an import table run in reverse) into
+  one safetensors file, float32 as torch lays it out; a parameter the table leaves out is an error."""
+  from safetensors.numpy import save_file
+
+  flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  unmapped = sorted(set(flat) - {p for p, _ in rows.values()})
+  if unmapped:
+    raise CheckpointError(f"export table leaves model parameters out: {unmapped[:5]}")
+  tensors = {}
+  for name, (param_path, transpose) in rows.items():
+    x = np.asarray(jax.device_get(flat[param_path][...]), np.float32)
+    tensors[name] = np.ascontiguousarray(x.T if transpose else x)
+  save_file(tensors, path, metadata={"format": "pt"})

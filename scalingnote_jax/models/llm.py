@@ -73,6 +73,21 @@ class LLMConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
+  def to_hf(self) -> dict:
+    """The HF config.json of this architecture's base model (`from_hf` reads it back to this config)."""
+    rope = {"rope_type": "default", **dict(self.rope_scaling or ())}
+    arch = {"llama": "LlamaModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}[self.model_type]
+    return dict(model_type=self.model_type, architectures=[arch], vocab_size=self.vocab_size,
+                hidden_size=self.hidden_size, num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+                intermediate_size=self.intermediate_size, hidden_act="silu", rms_norm_eps=self.rms_norm_eps,
+                rope_theta=self.rope_theta, rope_scaling=None if self.rope_scaling is None else rope,
+                attention_bias=self.attention_bias, mlp_bias=False, tie_word_embeddings=self.tie_word_embeddings,
+                bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                max_position_embeddings=dict(self.rope_scaling or ()).get("original_max_position_embeddings", 8192),
+                torch_dtype="float32")
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
