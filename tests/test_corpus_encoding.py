@@ -74,3 +74,19 @@ def test_data_parallel_encoding_equals_single_device(tmp_path):
   with pytest.raises(ValueError, match="holds a partial encoding of a different corpus"):
     (tmp_path / "p" / "COMPLETE").unlink()
     encode_corpus(parallel, shrunk, str(tmp_path / "p"), chunk_size=32)
+
+
+def test_a_corrupted_store_is_refused_when_loaded(tmp_path):
+  """COMPLETE records a checksum of the rows as written; a store whose bytes changed since is refused, naming it."""
+  enc = Encoder.from_pretrained("all-MiniLM-L6-v2")
+  corpus = {f"d{i}": f"document {i}" for i in range(10)}
+  out = tmp_path / "s"
+  encode_corpus(enc, corpus, str(out), chunk_size=4)
+  _, emb = load_embeddings(str(out))  # verified
+  np.testing.assert_allclose(emb, enc.encode_documents(list(corpus.values())), atol=1e-6)
+  chunk = sorted(p for p in (out / "embeddings.zarr").rglob("*") if p.is_file() and p.name != "zarr.json")[1]
+  raw = bytearray(chunk.read_bytes())
+  raw[-3] ^= 0x40  # one bit of one float (an exponent bit: the value changes, it stays a number)
+  chunk.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match=r"s/embeddings.zarr: its contents do not match the checksum in COMPLETE"):
+    load_embeddings(str(out))

@@ -8,8 +8,8 @@ Layout of the output directory:
   embeddings.zarr/    float32 [N, D] (or [N, *row_shape] of another encoder, e.g. a frozen trunk's hidden
                       states [N, T, E]), one zarr chunk per encoding chunk of `chunk_size` items
   done/<chunk>        an empty marker written after its chunk's rows are durably written
-  COMPLETE            JSON {num_docs, dim, fingerprint, kind}, written last: a store without it is never read
-                      as complete
+  COMPLETE            JSON {num_docs, dim, fingerprint, kind, sha256}, written last: a store without it is never
+                      read as complete; sha256 (of the rows as read back) is checked whenever the store is loaded
 
 Chunks are dealt round-robin to JAX processes; within a process each batch is split over all its devices.
 A killed run leaves some chunks without markers; rerunning writes exactly those, so the result equals an
@@ -18,7 +18,9 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 
 import jax
@@ -87,11 +89,10 @@ def encode_corpus(encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk
     open(os.path.join(out_dir, "done", str(c)), "w").close()
 
   if jax.process_count() > 1:  # every process's chunks are written before the store is declared complete
-    
     multihost_utils.sync_global_devices("encode_corpus")
-  if is_main():
-    write_atomic(os.path.join(out_dir, COMPLETE),
-                 json.dumps({"num_docs": len(ids), "dim": encoder.dim, **encoder_info}))
+  if is_main():  # the checksum is of what was written, read back from disk
+    write_atomic(os.path.join(out_dir, COMPLETE), json.dumps({"num_docs": len(ids), "dim": encoder.dim,
+                                                              **encoder_info, "sha256": _digest(array)}))
   if jax.process_count() > 1:  # and no process reads the store before it is
     multihost_utils.sync_global_devices("encode_corpus_complete")
   return out_dir
@@ -117,11 +118,33 @@ def store_info(out_dir: str) -> dict:
   return _read_json(out_dir, COMPLETE)
 
 
+def _digest(array) -> str:
+  """sha256 of the array's float32 rows in order, read a slice of rows at a time (bounded memory)."""
+  h = hashlib.sha256()
+  n, rows = array.shape[0], max(1, (64 << 20) // max(1, 4 * math.prod(array.shape[1:])))
+  for start in range(0, n, rows):  # (tensorstore does not clip a slice to the array's bounds)
+    h.update(np.ascontiguousarray(array[start:min(start + rows, n)].read().result(), np.float32).tobytes())
+  return h.hexdigest()
+
+
+def open_verified(out_dir: str):
+  """The array of a complete store after checking it against the checksum its COMPLETE marker records (a
+  store written before checksums existed has none to check); a corrupted store is refused."""
+  info = store_info(out_dir)
+  array = open_array(out_dir, create=False)
+  if array.shape[0] != info["num_docs"]:
+    raise ValueError(f"{out_dir}/{ARRAY}: {array.shape[0]} rows, but {COMPLETE} records {info['num_docs']}")
+  if "sha256" in info and _digest(array) != info["sha256"]:
+    raise ValueError(f"{out_dir}/{ARRAY}: its contents do not match the checksum in {COMPLETE}: the store is "
+                     "corrupted; delete it and encode again")
+  return array
+
+
 def load_embeddings(out_dir: str) -> tuple[list[str], np.ndarray]:
-  """(ids, float32 [N, D]) of a complete encoding; an incomplete one is refused."""
+  """(ids, float32 [N, D]) of a complete, verified encoding; an incomplete or corrupted one is refused."""
   info = store_info(out_dir)
   doc_ids = _read_json(out_dir, IDS)
-  emb = open_array(out_dir, create=False).read().result()
+  emb = open_verified(out_dir).read().result()
   if emb.shape != (info["num_docs"], info["dim"]) or len(doc_ids) != info["num_docs"]:
     raise ValueError(f"{out_dir}: {len(doc_ids)} ids and an array of {emb.shape} disagree with {COMPLETE} {info}")
   return doc_ids, np.asarray(emb, np.float32)

@@ -111,7 +111,7 @@ def cache_training_texts(query: Tower, doc: Tower, blocks: int, data: TrainData)
     out = cache_dir("trunk", f"{trunk.fingerprint[:16]}-{_token_hash(rows)}", kind)
     store.encode_corpus(trunk, {str(i): r for i, r in enumerate(rows)}, out, chunk_size=CHUNK_ROWS,
                         batch_size=CHUNK_ROWS, queries=kind == "queries")
-    stores.append(store.open_array(out, create=False))
+    stores.append(store.open_verified(out))
   doc_row_of_corpus = np.full(len(data.doc_tokens), -1, np.int64)
   doc_row_of_corpus[named] = np.arange(len(named))
   return TrunkStates(*stores, doc_row_of_corpus)

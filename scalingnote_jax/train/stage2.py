@@ -188,7 +188,7 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
 
   # Data: the student's tokens of each training query with its cached teacher row.
   query_tokens = s_enc.tokenize(s_enc.query_texts(list(queries.values())))
-  data = DistillData(query_tokens, store.open_array(train_store, create=False), s_tok.pad_id, cfg.data.query_len,
+  data = DistillData(query_tokens, store.open_verified(train_store), s_tok.pad_id, cfg.data.query_len,
                      cfg.batch_size)
   batches = data.iterator(cfg.data.seed, jax.process_index(), jax.process_count())
   if data_state is not None:
