@@ -220,7 +220,9 @@ def compile_report(cfg: ConfigDict, topology: str) -> dict:
   tx = make_optimizer(cfg.optim, cfg.num_steps)
   graphdef, params, opt_state, batch, frozen = abstract_inputs(cfg, mesh, tx)
   t0 = time.perf_counter()
-  lowered = stage1.jit_train_step(cfg, graphdef, tx, mesh, params, opt_state).lower(params, opt_state, batch, frozen)
+  keyed = () if stage1.dropout_seed(cfg) is None else (jax.ShapeDtypeStruct((), np.int32),)  # LoRA dropout's step
+  lowered = stage1.jit_train_step(cfg, graphdef, tx, mesh, params, opt_state).lower(params, opt_state, batch, frozen,
+                                                                                   *keyed)
   t1 = time.perf_counter()
   report = dict(
       topology=topology, description=topo.description, platform=devices[0].platform,

@@ -39,14 +39,14 @@ def stage1_defaults() -> ConfigDict:
   # a Stage 1 workdir (a further round from the towers it trained). doc_seed (random init only): the document
   # tower's own seed; None: both towers start from identical weights.
   # lora.rank > 0: LoRA adapters on the backbone's projections (lora.targets, e.g. ("q", "v"); () = all of q, k,
-  # v, o, gate, up, down) are trained and the backbone is frozen. freeze_layers = K (without LoRA): the
-  # embeddings and the first K blocks are frozen. Frozen parameters are saved once (WORKDIR/base), not per
-  # checkpoint, and get no optimizer state. trunk_cache (with freeze_layers, decoders, one process): the frozen
+  # v, o, gate, up, down) are trained and the backbone is frozen; lora.dropout: on the adapters' inputs, in
+  # training steps only. freeze_layers = K (without LoRA): the embeddings and the first K blocks are frozen.
+  # Frozen parameters are saved once (WORKDIR/base), not per checkpoint, and get no optimizer state. trunk_cache (with freeze_layers, decoders, one process): the frozen
   # blocks' hidden states of the training texts are computed once into a store under $SCALINGNOTE_CACHE_DIR
   # (data/trunk.py) and a step runs only the trained blocks.
   c.model = ConfigDict(dict(init="random", num_layers=0, tokenizer="", seed=0, doc_seed=None, dtype="float32",
                             param_dtype="float32", remat=False, backbone=ConfigDict(),
-                            lora=ConfigDict(dict(rank=0, alpha=16.0, targets=())), freeze_layers=0,
+                            lora=ConfigDict(dict(rank=0, alpha=16.0, targets=(), dropout=0.0)), freeze_layers=0,
                             trunk_cache=False))
   c.tower = ConfigDict(dict(pooling="last", append_eos=True, projection_dim=None, normalize=True, max_length=128,
                             query_prompt="{text}", document_prompt="{title}\n{text}"))

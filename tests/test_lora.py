@@ -175,3 +175,77 @@ def test_a_config_that_cannot_train_is_refused_before_anything_is_written(tmp_pa
   with pytest.raises(ValueError, match=error):
     stage1.train(lora_config(**fields), str(tmp_path / "run"))
   assert os.listdir(tmp_path / "run") == [LOCK_FILE]
+
+
+@pytest.mark.slow
+def test_lora_dropout_acts_in_training_steps_only_and_replays_in_both_passes():
+  """Dropout on the adapters' inputs happens only under a training step's key: encoding and evaluation (no key)
+  compute the undropped function; the same key drops the same units; and a GradCache step, whose second pass
+  re-runs each chunk, gives the gradients of the dropped-out forward it computed (its chunks keyed apart)."""
+  from scalingnote_jax import sharding
+  from scalingnote_jax.data.pipeline import BatchSpec, TrainData
+  from scalingnote_jax.data.training import load_data
+  from scalingnote_jax.encoder import Encoder
+  from scalingnote_jax.models import layers
+  from scalingnote_jax.train import stage1
+  from scalingnote_jax.train.losses import contrastive_loss
+
+  plain = create_backbone(CFG, nnx.Rngs(0))
+  lora.add(plain, lora.LoRAConfig(rank=4, alpha=8.0), nnx.Rngs(1))
+  dropped = create_backbone(CFG, nnx.Rngs(0))
+  lora.add(dropped, lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.5), nnx.Rngs(1))
+  rng = np.random.default_rng(1)
+  for m in (plain, dropped):
+    for _, var in nnx.iter_graph(m):
+      if isinstance(var, nnx.LoRAParam) and var.shape[0] == 4:
+        var[...] = jnp.asarray(np.random.default_rng(2).normal(0, 0.3, var.shape), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(dropped(IDS, MASK)), np.asarray(plain(IDS, MASK)))  # no key: no dropout
+  run = jax.jit(lambda key: _keyed(dropped, key))
+  a, b, c = (np.asarray(run(jax.random.key(k))) for k in (0, 0, 1))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 1e-3 and np.abs(a - np.asarray(plain(IDS, MASK))).max() > 1e-3
+
+  # GradCache with dropout: its gradients are those of the forward it ran (each chunk under its own key)
+  cfg = lora_config(**{"model.lora.dropout": 0.3, "batch_size": 8, "data.n_neg": 1, "chunks": 2, "mesh": "(1,1,1)"})
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  dual, tok = stage1.build_model(cfg, mesh)
+  for _, var in nnx.iter_graph(dual):
+    if isinstance(var, nnx.LoRAParam) and var.shape[0] == 4:
+      var[...] = jnp.asarray(rng.normal(0, 0.1, var.shape), jnp.float32)
+  examples, _, corpus = load_data(cfg.data)
+  enc = Encoder(dual.query, tok)
+  data = TrainData(examples, corpus, lambda qs: enc.tokenize(enc.query_texts(qs)),
+                   lambda ds: enc.tokenize(enc.document_texts(ds)), tok.pad_id,
+                   BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len))
+  batch = {k: jnp.asarray(v) for k, v in next(data.iterator(seed=0)).items()}
+  graphdef, params, frozen = nnx.split(dual, nnx.LoRAParam, ...)
+  seed, step = stage1.dropout_seed(cfg), np.int32(7)
+  (loss, _), grads = jax.jit(stage1.make_grad_fn(graphdef, mesh, chunks=2, dropout_seed=seed))(params, batch, frozen,
+                                                                                               step)
+
+  def reference(p):  # the same forward, written out: chunk i = rows i, i + 2, ... under key fold_in(step key, i)
+    model = nnx.merge(graphdef, p, frozen)
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    qs, ds = [], []
+    for i in range(2):
+      rows = {k: v[i::2] for k, v in batch.items()}
+      with layers.dropout_key(jax.random.fold_in(key, i)):
+        qs.append(model.query(rows["q_ids"], rows["q_mask"]))
+        b, g, t = rows["d_ids"].shape
+        ds.append(model.doc(rows["d_ids"].reshape(b * g, t), rows["d_mask"].reshape(b * g, t)).reshape(b, g, -1))
+    merge = lambda xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:])  # noqa: E731  (back to batch order)
+    return contrastive_loss(merge(qs), merge(ds), batch["doc_ids"], batch["pos_ids"], model.scale())[0]
+
+  want_loss, want = jax.value_and_grad(reference)(params)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  (undropped, _), _ = jax.jit(stage1.make_grad_fn(graphdef, mesh, chunks=2))(params, batch, frozen)
+  assert abs(float(undropped) - float(loss)) > 1e-4  # (the dropout did something)
+
+
+def _keyed(module, key):
+  from scalingnote_jax.models import layers
+
+  with layers.dropout_key(key):
+    return module(IDS, MASK)

@@ -138,7 +138,8 @@ def lora_config(m: ConfigDict) -> lora.LoRAConfig | None:
   """The LoRA adapters of a `model` section (None: the backbone trains whole)."""
   if not m.lora.rank:
     return None
-  return lora.LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha, targets=tuple(m.lora.targets) or lora.TARGETS)
+  return lora.LoRAConfig(rank=m.lora.rank, alpha=m.lora.alpha, targets=tuple(m.lora.targets) or lora.TARGETS,
+                         dropout=m.lora.dropout)
 
 
 def _towers(model: DualEncoder, cfg: ConfigDict) -> tuple:

@@ -26,6 +26,35 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nn
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
+# LoRA dropout's randomness: a key given by the training step for one forward (`dropout_key`); each adapter in
+# call order folds in its own index. Without a key (evaluation, encoding, serving) nothing is dropped. Re-running
+# the same forward under the same key (remat, GradCache's second pass) drops the same units.
+_DROPOUT: dict = {"key": None, "count": 0}
+
+
+class dropout_key:
+  """`with dropout_key(key): model(...)`: the forward traced inside drops LoRA inputs at their adapters' rate."""
+
+  def __init__(self, key):
+    self.key = key
+
+  def __enter__(self):
+    self.saved = dict(_DROPOUT)
+    _DROPOUT.update(key=self.key, count=0)
+
+  def __exit__(self, *exc):
+    _DROPOUT.update(self.saved)
+
+
+def _dropped(x, rate: float):
+  if not rate or _DROPOUT["key"] is None:
+    return x
+  key = jax.random.fold_in(_DROPOUT["key"], _DROPOUT["count"])
+  _DROPOUT["count"] += 1
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 class Dense(nnx.Module):
   """y = x @ kernel (+ bias) (+ a LoRA adapter's (alpha / r) x @ A @ B, once `add_lora` gave it one). The
   kernel is stored [in, out] (the transpose of torch's Linear)."""
@@ -36,28 +65,29 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, nnx.initializers.normal(init_std), (din, dout), axes, param_dtype)
     self.bias = param(rngs, nnx.initializers.zeros, (dout,), axes[1:], param_dtype) if use_bias else None
     self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)  # (data: an adapter may take their place)
-    self.lora_scale = 0.0
+    self.lora_scale, self.lora_dropout = 0.0, 0.0
 
   def __call__(self, x):
     x = x.astype(self.dtype)
     y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    if self.lora_a is not None:  # the low-rank path: [..., in] -> [..., r] -> [..., out]
-      y = y + self.lora_scale * jnp.dot(jnp.dot(x, self.lora_a[...].astype(self.dtype)),
-                                        self.lora_b[...].astype(self.dtype))
+    if self.lora_a is not None:  # the low-rank path: [..., in] -> [..., r] -> [..., out], its input dropped out
+      h = jnp.dot(_dropped(x, self.lora_dropout), self.lora_a[...].astype(self.dtype))
+      y = y + self.lora_scale * jnp.dot(h, self.lora_b[...].astype(self.dtype))
     return y
 
-  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
+  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dropout: float = 0.0) -> None:
     """A LoRA adapter (Hu et al., 2021): A [in, r] random (Kaiming-uniform, as peft), B [r, out] zero, so the
-    layer computes what it did until B is trained. `LoRAParam`s, sharded along the kernel's own axes."""
+    layer computes what it did until B is trained. `LoRAParam`s, sharded along the kernel's own axes.
+    `dropout`: peft's lora_dropout, on the adapter's input, only inside a training step (`dropout_key`)."""
     din, dout = self.kernel.shape
     init_a = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # torch's kaiming_uniform(a=sqrt(5))
     self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (din, rank), self.kernel.dtype),
                                 out_sharding=(self.axes[0], None), eager_sharding=False)
     self.lora_b = nnx.LoRAParam(jnp.zeros((rank, dout), self.kernel.dtype), out_sharding=(None, self.axes[1]),
                                 eager_sharding=False)
-    self.lora_scale = alpha / rank
+    self.lora_scale, self.lora_dropout = alpha / rank, float(dropout)
 
   def merge_lora(self) -> None:
     """Folds the adapter into the kernel (kernel + (alpha / r) A B, computed in float32) and removes it."""
@@ -66,7 +96,7 @@ class Dense(nnx.Module):
     delta = self.lora_scale * jnp.dot(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
     self.kernel[...] = (self.kernel[...].astype(jnp.float32) + delta).astype(self.kernel.dtype)
     self.lora_a = self.lora_b = None
-    self.lora_scale = 0.0
+    self.lora_scale, self.lora_dropout = 0.0, 0.0
 
 
 class RMSNorm(nnx.Module):

@@ -21,10 +21,13 @@ class LoRAConfig:
   rank: int = 8
   alpha: float = 16.0  # the update is scaled by alpha / rank
   targets: tuple[str, ...] = TARGETS  # the Dense layers (by attribute name) that get an adapter
+  dropout: float = 0.0  # on the adapters' inputs, in training steps only (layers.dropout_key)
 
   def __post_init__(self):
     if self.rank < 1:
       raise ValueError(f"lora.rank={self.rank}: expected >= 1")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"lora.dropout={self.dropout}: expected 0 <= dropout < 1")
     if not self.targets:
       raise ValueError("lora.targets is empty: name the projections to adapt, e.g. ('q', 'v')")
 
@@ -42,7 +45,7 @@ def add(module: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> int:
     names = sorted({str(path[-1]) for path, _ in _dense_layers(module)})
     raise ValueError(f"lora.targets={tuple(cfg.targets)}: no such projection in the model (it has: {names})")
   for _, layer in found:
-    layer.add_lora(cfg.rank, cfg.alpha, rngs)
+    layer.add_lora(cfg.rank, cfg.alpha, rngs, cfg.dropout)
   return len(found)
 
 

@@ -29,7 +29,7 @@ from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import Encoder
 from scalingnote_jax.eval.retrieval import ir_metrics, pair_metrics
 from scalingnote_jax.index.exact import exact_search
-from scalingnote_jax.models import load_backbone
+from scalingnote_jax.models import layers, load_backbone
 from scalingnote_jax.models.dual import DualEncoder
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.tower import Tower, TowerConfig
@@ -88,9 +88,12 @@ def _merge_chunks(x):
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False, trunk_blocks: int = 0):
-  """(params, batch, frozen=None) -> ((loss, (accuracy, scale)), grads). `params` are what trains, `frozen` the
-  rest (a LoRA run's base, frozen layers): gradients are taken with respect to `params` only. With
+def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False, trunk_blocks: int = 0,
+                 dropout_seed: int | None = None):
+  """(params, batch, frozen=None, step=None) -> ((loss, (accuracy, scale)), grads). `params` are what trains,
+  `frozen` the rest (a LoRA run's base, frozen layers): gradients are taken with respect to `params` only. With
+  `dropout_seed` (LoRA dropout) the step number `step` keys the step's dropout, the same on any mesh and after a
+  resume; each GradCache chunk folds in its index, and both passes over a chunk drop the same units. With
   `trunk_blocks` K the batch carries the frozen trunk's states after block K (q_trunk, d_trunk: data/trunk.py)
   instead of token ids, and only the blocks above K run. With `chunks` > 1
   this is GradCache: embeddings are computed chunk by chunk without activations kept, the loss's gradient with
@@ -100,11 +103,15 @@ def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False, tr
   def merge(params, frozen):
     return nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
 
-  def embed(params, frozen, tokens):
+  def step_key(step):
+    return None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), step)
+
+  def embed(params, frozen, tokens, key=None):
     model = merge(params, frozen)
     b, g, t = tokens["d_mask"].shape
     d_mask = tokens["d_mask"].reshape(b * g, t)
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # hidden states stay split by rows (shard_batch)
+    # hidden states stay split by rows (shard_batch); LoRA inputs dropped under the key, if any
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), layers.dropout_key(key):
       if trunk_blocks:
         q_BxD = model.query.from_trunk(tokens["q_trunk"], tokens["q_mask"], trunk_blocks)
         d_NxD = model.doc.from_trunk(tokens["d_trunk"].reshape(b * g, t, -1), d_mask, trunk_blocks)
@@ -119,35 +126,43 @@ def make_grad_fn(graphdef, mesh, *, chunks: int = 1, symmetric: bool = False, tr
                                       symmetric=symmetric)
     return loss, (accuracy, scale)
 
-  def grads_direct(params, batch, frozen=None):
+  def grads_direct(params, batch, frozen=None, step=None):
+    key = step_key(step)
+
     def f(p):
-      return loss_of(*embed(p, frozen, batch), p, frozen, batch)
+      return loss_of(*embed(p, frozen, batch, key), p, frozen, batch)
     return jax.value_and_grad(f, has_aux=True)(params)
 
-  def grads_cached(params, batch, frozen=None):
+  def grads_cached(params, batch, frozen=None, step=None):
+    key = step_key(step)
+    chunk_key = lambda i: None if key is None else jax.random.fold_in(key, i)  # noqa: E731
     tokens = {k: _split_chunks(v, chunks) for k, v in batch.items() if k not in ("doc_ids", "pos_ids")}
-    q_c, d_c = jax.lax.map(lambda c: embed(params, frozen, c), tokens)
+    index = jnp.arange(chunks)
+    q_c, d_c = jax.lax.map(lambda xs: embed(params, frozen, xs[0], chunk_key(xs[1])), (tokens, index))
     (loss, aux), (g_q, g_d, g_params) = jax.value_and_grad(loss_of, argnums=(0, 1, 2), has_aux=True)(
         _merge_chunks(q_c), _merge_chunks(d_c), params, frozen, batch)
 
     def backprop_chunk(acc, xs):
-      c, g_q_c, g_d_c = xs
-      _, vjp = jax.vjp(lambda p: embed(p, frozen, c), params)
+      c, i, g_q_c, g_d_c = xs
+      _, vjp = jax.vjp(lambda p: embed(p, frozen, c, chunk_key(i)), params)
       return jax.tree.map(jnp.add, acc, vjp((g_q_c, g_d_c))[0]), None
 
-    grads, _ = jax.lax.scan(backprop_chunk, g_params, (tokens, _split_chunks(g_q, chunks), _split_chunks(g_d, chunks)))
+    grads, _ = jax.lax.scan(backprop_chunk, g_params,
+                            (tokens, index, _split_chunks(g_q, chunks), _split_chunks(g_d, chunks)))
     return (loss, aux), grads
 
   return grads_cached if chunks > 1 else grads_direct
 
 
-def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = False, trunk_blocks: int = 0):
-  """(params, opt_state, batch, frozen=None) -> (params, opt_state, metrics); the optimizer updates `params`
-  only (it holds no state for the frozen parameters)."""
-  grad_fn = make_grad_fn(graphdef, mesh, chunks=chunks, symmetric=symmetric, trunk_blocks=trunk_blocks)
+def make_train_step(graphdef, tx, mesh, *, chunks: int = 1, symmetric: bool = False, trunk_blocks: int = 0,
+                    dropout_seed: int | None = None):
+  """(params, opt_state, batch, frozen=None, step_number=None) -> (params, opt_state, metrics); the optimizer
+  updates `params` only (it holds no state for the frozen parameters)."""
+  grad_fn = make_grad_fn(graphdef, mesh, chunks=chunks, symmetric=symmetric, trunk_blocks=trunk_blocks,
+                         dropout_seed=dropout_seed)
 
-  def step(params, opt_state, batch, frozen=None):
-    (loss, (accuracy, scale)), grads = grad_fn(params, batch, frozen)
+  def step(params, opt_state, batch, frozen=None, step_number=None):
+    (loss, (accuracy, scale)), grads = grad_fn(params, batch, frozen, step_number)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(loss=loss, accuracy=accuracy, scale=scale, grad_norm=optax.tree.norm(grads))
@@ -159,7 +174,12 @@ def jit_train_step(cfg: ConfigDict, graphdef, tx, mesh, params, opt_state):
   """The Stage 1 step as training compiles it (also for ahead-of-time compilation)."""
   trunk_blocks = cfg.model.freeze_layers if cfg.model.trunk_cache else 0
   return jit_step(make_train_step(graphdef, tx, mesh, chunks=cfg.chunks, symmetric=cfg.loss.symmetric,
-                                  trunk_blocks=trunk_blocks), mesh, params, opt_state)
+                                  trunk_blocks=trunk_blocks, dropout_seed=dropout_seed(cfg)), mesh, params, opt_state)
+
+
+def dropout_seed(cfg: ConfigDict) -> int | None:
+  """The seed of a run's LoRA dropout (None: no dropout)."""
+  return cfg.model.seed if cfg.model.lora.rank and cfg.model.lora.dropout else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,7 +275,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   with preemption.listening():
     for step in bar:
       batch = sharding.global_batch(mesh, next(batches))
-      params, opt_state, metrics = step_fn(params, opt_state, batch, frozen)
+      keyed = () if dropout_seed(cfg) is None else (np.int32(step),)  # the step keys its dropout
+      params, opt_state, metrics = step_fn(params, opt_state, batch, frozen, *keyed)
       preempted = preemption.reached(step)  # a preemption notice: save this step, then stop
       save = step % cfg.checkpoint.every == 0 or step == cfg.num_steps or preempted
       if step % cfg.log_every == 0 or save:  # a sync point: the loss is checked before anything is saved
