@@ -10,6 +10,7 @@ resumes the interrupted one from its checkpoints or finished chunks):
   teacher         Stage 1: LLM query and document towers, contrastive loss             -> teacher/
   mine            hard negatives from the teacher's own ranking                           -> mined/train.jsonl
   teacher_mined   Stage 1 again from those towers, with the mined negatives (the teacher) -> teacher_mined/
+                  (mine and teacher_mined only with mining.num_steps > 0; else teacher/ is the teacher)
   baseline        the small dual tower trained directly on the same examples              -> baseline/
   encode          the corpus by the teacher's document tower                              -> embeddings/documents
   student_L<n>    Stage 2: the teacher's query tower distilled into an n-layer encoder    -> students/L<n>/
@@ -73,8 +74,10 @@ def prepare_data(d: ConfigDict, out: str) -> dict:
 
 
 def stage1_config(base: ConfigDict, data: dict, split: str, **fields) -> ConfigDict:
+  """A Stage 1 run on the pipeline's data, validated on its config's own `val_split` (a dev split; the train
+  split itself: dev queries held out of it) or, without one, on the pipeline's `split`."""
   c = ConfigDict(base.to_dict())
-  c.data.update(dict(source="beir", path=data["path"], train_split="train", val_split=split))
+  c.data.update(dict(source="beir", path=data["path"], train_split="train", val_split=base.data.val_split or split))
   for key, value in fields.items():
     target = c
     *parents, leaf = key.split(".")
@@ -116,7 +119,7 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
   stages("teacher", t_cfg.to_dict(), lambda: train("teacher", t_cfg), stage1_defaults())
 
   m = cfg.mining
-  mined = path("mined", "train.jsonl")
+  mined = path("mined", "train.jsonl") if m.num_steps else ""
 
   def mine():
     os.makedirs(path("mined"), exist_ok=True)
@@ -125,14 +128,15 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
     examples = mining.mine_from_checkpoint(path("teacher"), data["path"], "train", mined, mc,
                                            embeddings_dir=path("mined", "documents"), backend="exact")
     return {"queries": len(examples), "negatives": sum(len(e.negative_ids) for e in examples)}
-  stages("mine", m.to_dict(), mine)
+  teacher, n_neg = path("teacher"), cfg.teacher.data.n_neg
+  if m.num_steps:  # a mining round: the teacher's own hard negatives, then more steps with them
+    stages("mine", m.to_dict(), mine)
+    final_cfg = stage1_config(cfg.teacher, data, split, **{"model.init": path("teacher"), "data.train_jsonl": mined,
+                                                           "data.n_neg": m.n_neg, "num_steps": m.num_steps})
+    stages("teacher_mined", final_cfg.to_dict(), lambda: train("teacher_mined", final_cfg), stage1_defaults())
+    teacher, n_neg = path("teacher_mined"), m.n_neg
 
-  final_cfg = stage1_config(cfg.teacher, data, split, **{"model.init": path("teacher"), "data.train_jsonl": mined,
-                                                         "data.n_neg": m.n_neg, "num_steps": m.num_steps})
-  stages("teacher_mined", final_cfg.to_dict(), lambda: train("teacher_mined", final_cfg), stage1_defaults())
-  teacher = path("teacher_mined")
-
-  b_cfg = stage1_config(cfg.baseline, data, split, **{"data.train_jsonl": mined, "data.n_neg": m.n_neg})
+  b_cfg = stage1_config(cfg.baseline, data, split, **{"data.train_jsonl": mined, "data.n_neg": n_neg})
   stages("baseline", b_cfg.to_dict(), lambda: train("baseline", b_cfg), stage1_defaults())
 
   def encode():

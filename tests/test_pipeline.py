@@ -121,3 +121,27 @@ def test_rerun_with_another_config_names_the_stage(uninterrupted, capsys):
                       r"configuration.*\(ValueError; --debug prints the traceback\)", err), err
   with pytest.raises(ValueError, match=r"stages/teacher\.json: stage 'teacher' completed with another configuration"):
     main(["pipeline", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.optim.lr=0.5", "--debug"])
+
+
+@pytest.mark.slow
+def test_without_a_mining_round_the_first_teacher_is_the_teacher(uninterrupted, tmp_path):
+  """mining.num_steps=0: no mine or teacher_mined stage; the first Stage 1 run is the teacher everything after
+  it uses (encoded, distilled, evaluated), and the baseline trains without mined negatives."""
+  import shutil
+
+  src, _ = uninterrupted
+  workdir = tmp_path / "run"
+  (workdir / "stages").mkdir(parents=True)
+  for name in ("data", "teacher"):  # the finished first stages, as a rerun would find them
+    shutil.copytree(src / name, workdir / name)
+    shutil.copy(src / "stages" / f"{name}.json", workdir / "stages" / f"{name}.json")
+  out = run_cli("pipeline", "--config", CONFIG, "--workdir", str(workdir), "--config.mining.num_steps=0").stdout
+  ran = [line.split()[1].rstrip(":") for line in out.splitlines() if line.endswith(": running")]
+  assert ran == ["baseline", "encode", "student_L1", "export_L1", "eval", "report"]
+  assert not (workdir / "mined").exists() and not (workdir / "teacher_mined").exists()
+  assert json.loads((workdir / "stages" / "encode.json").read_text())["config"]["teacher"] == str(workdir / "teacher")
+  baseline = json.loads((workdir / "baseline" / "config.json").read_text())
+  assert baseline["data"]["train_jsonl"] == "" and baseline["data"]["n_neg"] == 0
+  final = json.loads((workdir / "stages" / "teacher.json").read_text())["result"]["final"]
+  teacher = json.loads((workdir / "report.json").read_text())["systems"]["teacher"]
+  assert teacher["ndcg_at_10"] == pytest.approx(final["ndcg_at_10"], abs=1e-6)

@@ -62,6 +62,8 @@ def plot_training(workdir: str, students: list[str], out: str) -> None:
   offset = 0
   for name in ("teacher", "teacher_mined", "baseline"):
     rows = read_metrics(os.path.join(workdir, name, "metrics.jsonl"))
+    if not rows:  # no mining round
+      continue
     steps, loss = curve(rows, "train/loss")
     start = offset if name == "teacher_mined" else 0  # the mining round continues the teacher's steps
     axes[0].plot([s + start for s in steps], loss, marker="o" if len(steps) < 5 else None, label=name)  # a short round
