@@ -185,6 +185,17 @@ def test_a_sentence_transformers_folder_is_read_as_its_modules_say(tmp_path, min
     with pytest.raises(ValueError, match=error):
       Encoder.from_pretrained(st_folder(tmp_path, minilm_dir, modules, files))
 
+  # broken files are errors naming the file (and line)
+  shutil.rmtree(tmp_path / "st")
+  folder = st_folder(tmp_path, minilm_dir, "TPN")
+  (tmp_path / "st" / "modules.json").write_text('[\n  {"idx": 0,\n')
+  with pytest.raises(ValueError, match=r"st/modules.json:3: invalid JSON"):
+    Encoder.from_pretrained(folder)
+  (tmp_path / "st" / "modules.json").unlink()
+  (tmp_path / "st" / "scalingnote_tower.json").write_text('{"pooling": "mean", "poling": "cls"}')
+  with pytest.raises(ValueError, match=r"st/scalingnote_tower.json: unknown field\(s\) \['poling'\]"):
+    Encoder.from_pretrained(folder)
+
 
 @pytest.mark.parametrize("which", ["decoder", "bert"])
 def test_a_tower_exported_as_a_folder_reads_back_as_the_same_encoder(tmp_path, which, decoder, minilm_dir):

@@ -73,10 +73,20 @@ def test_stage1_with_a_trunk_cache_trains_as_without_it_resumes_and_reuses_the_s
   assert plain["history"][-1]["loss"] < plain["history"][0]["loss"]  # (the comparison is of a run that learns)
 
 
-def test_a_trunk_cache_without_frozen_layers_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("which, error", [
+    ("no frozen layers", "model.trunk_cache=True needs model.freeze_layers > 0"),
+    ("bert", "the towers' backbone is Bert; a trunk cache needs a decoder"),
+])
+def test_a_trunk_cache_the_run_cannot_have_is_refused_before_anything_is_written(tmp_path, which, error):
+  from ml_collections import ConfigDict
+
   from scalingnote_jax.artifacts.lock import LOCK_FILE
   from scalingnote_jax.train import stage1
 
-  with pytest.raises(ValueError, match="model.trunk_cache=True needs model.freeze_layers > 0"):
-    stage1.train(trunk_config(**{"model.freeze_layers": 0}), str(tmp_path / "run"))
+  cfg = trunk_config(**({"model.freeze_layers": 0} if which == "no frozen layers" else {}))
+  if which == "bert":
+    cfg.model.backbone = ConfigDict(dict(kind="bert", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                         intermediate_size=64))
+  with pytest.raises(ValueError, match=error):
+    stage1.train(cfg, str(tmp_path / "run"))
   assert os.listdir(tmp_path / "run") == [LOCK_FILE]

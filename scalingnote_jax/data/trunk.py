@@ -29,6 +29,19 @@ from scalingnote_jax.models.tower import Tower
 CHUNK_ROWS = 8  # rows per store chunk: a batch reads scattered rows, each costs a chunk's read
 
 
+def check_possible(backbone, freeze_layers: int) -> None:
+  """Refuses a trunk cache the run cannot have, before it writes anything: frozen blocks to cache, a decoder
+  backbone, one process (each process would need the whole store)."""
+  if not freeze_layers:
+    raise ValueError("model.trunk_cache=True needs model.freeze_layers > 0: it caches the frozen blocks' states")
+  if not isinstance(backbone, llm.LLM):
+    raise ValueError(f"model.trunk_cache: the towers' backbone is {type(backbone).__name__}; a trunk cache needs "
+                     "a decoder")
+  if jax.process_count() > 1:
+    raise ValueError("model.trunk_cache: a trunk cache is for single-host budgets; a multi-process run trains "
+                     "without it (model.trunk_cache=False)")
+
+
 class Trunk:
   """The embedding and first `blocks` blocks of a decoder tower as an encoder (the embedding store's
   interface) of token-id rows into hidden states [length, E], rows cut or right-padded to `length` as a
@@ -36,9 +49,6 @@ class Trunk:
 
   def __init__(self, tower: Tower, blocks: int, length: int, pad_id: int):
     backbone = tower.backbone
-    if not isinstance(backbone, llm.LLM):
-      raise ValueError(f"model.trunk_cache: the towers' backbone is {type(backbone).__name__}; a trunk cache "
-                       "needs a decoder (llm.LLM)")
     graphdef, self._state = nnx.split(backbone)
     self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).trunk(ids, mask, blocks))
     self.blocks, self.length, self.pad_id = blocks, length, pad_id
@@ -97,10 +107,7 @@ class TrunkStates:
 
 def cache_training_texts(query: Tower, doc: Tower, blocks: int, data: TrainData) -> TrunkStates:
   """Computes (or finds, or finishes) the trunk states of `data`'s training queries and of the documents its
-  examples name; returns their reader. Single process only: each process would need the whole store."""
-  if jax.process_count() > 1:
-    raise ValueError("model.trunk_cache: a trunk cache is for single-host budgets; a multi-process run trains "
-                     "without it (model.trunk_cache=False)")
+  examples name; returns their reader (`check_possible` first)."""
   spec = data.spec
   named = sorted({data.doc_index[d] for ex in data.examples for d in (*ex.positive_ids, *ex.negative_ids)})
   doc_rows = [data.doc_tokens[r] for r in named]

@@ -36,10 +36,7 @@ def sentence_transformers_folder(model_dir: str) -> SentenceTransformersFolder:
   embeddings would silently differ. Without modules.json: `1_Pooling` and `sentence_bert_config.json` if present."""
   def read(*parts):
     fn = os.path.join(model_dir, *parts)
-    if not os.path.exists(fn):
-      return fn, None
-    with open(fn) as f:
-      return fn, json.load(f)
+    return fn, _read_json(fn)
 
   fields, dense = {}, None
   max_length = (read("sentence_bert_config.json")[1] or {}).get("max_seq_length")
@@ -70,6 +67,8 @@ def sentence_transformers_folder(model_dir: str) -> SentenceTransformersFolder:
       if not os.path.exists(os.path.join(model_dir, path, "model.safetensors")):
         raise ValueError(f"{os.path.join(model_dir, path)}: a Dense module's weights are read from "
                          "model.safetensors only (pickled pytorch_model.bin is never loaded)")
+      if not isinstance(d.get("out_features"), int):
+        raise ValueError(f"{dfn}: field 'out_features' missing or not an integer")
       fields.update(projection_dim=d["out_features"], projection_bias=bool(d.get("bias", True)))
       dense = os.path.join(model_dir, path)
   if kinds[:1] != ["Transformer"] or kinds != sorted(kinds, key=ST_TYPES.index) or len(set(kinds)) != len(kinds):
@@ -112,11 +111,18 @@ def load_dense(tower, dense_dir: str) -> None:
 
 def read_saved_tower(model_dir: str) -> dict | None:
   """The TowerConfig fields an exported folder records, or None."""
-  fn = os.path.join(model_dir, TOWER_FILE)
+  return _read_json(os.path.join(model_dir, TOWER_FILE))
+
+
+def _read_json(fn: str):
+  """A folder's JSON file, None when absent; invalid JSON is an error naming the file and line."""
   if not os.path.exists(fn):
     return None
   with open(fn) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{fn}:{e.lineno}: invalid JSON: {e.msg}") from None
 
 
 def save_folder(tower, tokenizer, out_dir: str) -> None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scalingnote_jax.models import BackboneConfig, bert, create_backbone, layers
-from scalingnote_jax.models.st_folder import read_saved_tower, sentence_transformers_folder
+from scalingnote_jax.models.st_folder import TOWER_FILE, read_saved_tower, sentence_transformers_folder
 
 POOLINGS = ("last", "mean", "cls")
 
@@ -40,6 +40,9 @@ class TowerConfig:
     decoders last-token pooling with EOS, BERT mean pooling."""
     saved = read_saved_tower(model_dir) if model_dir else None
     if saved is not None:
+      unknown = set(saved) - {f.name for f in dataclasses.fields(cls)}
+      if unknown:
+        raise ValueError(f"{model_dir}/{TOWER_FILE}: unknown field(s) {sorted(unknown)}")
       return dataclasses.replace(cls(**saved), **overrides)
     st = sentence_transformers_folder(model_dir) if model_dir else None
     if isinstance(backbone, bert.BertConfig):

@@ -212,12 +212,13 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
   # A config that cannot train is refused before anything is written: what trains, and what is frozen.
   trainable = trained.trainable(cfg)
-  blocks = len(trained.abstract_dual_encoder(cfg).query.backbone.layers)
+  backbone = trained.abstract_dual_encoder(cfg).query.backbone
+  blocks = len(backbone.layers)
   if cfg.model.freeze_layers >= blocks:
     raise ValueError(f"model.freeze_layers={cfg.model.freeze_layers}: the backbone has {blocks} blocks; freeze at "
                      f"most {blocks - 1} so that one trains")
-  if cfg.model.trunk_cache and not cfg.model.freeze_layers:
-    raise ValueError("model.trunk_cache=True needs model.freeze_layers > 0: it caches the frozen blocks' states")
+  if cfg.model.trunk_cache:
+    trunk.check_possible(backbone, cfg.model.freeze_layers)
   # config.json (what encode, distill, export rebuild the towers from) is written only once the run is allowed
   ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=stage1_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
