@@ -109,7 +109,7 @@ def evaluate(args, cfg) -> int:
                                  bm25=args.bm25, run_file=args.run_file, embeddings=args.embeddings,
                                  backend=args.backend, drop_self=not args.keep_self, batch_size=args.batch_size,
                                  num_negatives=args.num_negatives, temperature=args.temperature,
-                                 save_run=args.save_run, cache=not args.no_cache, k=args.hits)))
+                                 save_run=args.save_run, cache=not args.no_cache, k=args.hits, step=args.step)))
   return 0
 
 
@@ -231,7 +231,10 @@ def _eval_args(p):
   which.add_argument("--run", dest="run_file", help="a TREC run file (e.g. from `scalingnote rerank`): its IR "
                                                     "metrics only")
   p.add_argument("--data", required=True, help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
-  p.add_argument("--split", default="test", help="the qrels file: DATA/qrels/SPLIT.tsv")
+  p.add_argument("--split", default="test", help="the qrels file: DATA/qrels/SPLIT.tsv; or held-out: the dev "
+                                                  "queries a Stage 1 --checkpoint held out of its train split")
+  p.add_argument("--step", type=int, default=None, help="with a Stage 1 --checkpoint: the checkpoint step "
+                                                        "(default: the latest)")
   p.add_argument("--embeddings", default=None, help="with --checkpoint: the corpus embedding store (resumable, "
                                                    "reused; default: kept in $SCALINGNOTE_CACHE_DIR, else "
                                                    "~/.cache/scalingnote, under the tower's fingerprint)")

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.checkpoint import fingerprint
+from scalingnote_jax.data import trunk
 from scalingnote_jax.models import load_backbone, resolve_path
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.st_folder import load_dense, sentence_transformers_folder
@@ -56,12 +57,12 @@ class Encoder:
     """With a `mesh`, each batch is split over its batch axes (data parallel over all devices); the tower's
     parameters keep whatever sharding they have."""
     self.tower, self.tokenizer, self.cfg, self.mesh = tower, tokenizer, tower.cfg, mesh
-    graphdef, self._state = nnx.split(tower)
-    self._fingerprint = None
+    self._graphdef, self._state = nnx.split(tower)
+    self._fingerprint, self.trunk = None, None
     # A mesh over several processes (evaluation during multi-process training): every process passes the
     # same batch and gets the whole result back.
     self.spans_processes = mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
-    self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask),
+    self._forward = jax.jit(lambda state, ids, mask: nnx.merge(self._graphdef, state)(ids, mask),
                             out_shardings=sharding.replicated(mesh) if self.spans_processes else None)
     self._rows_multiple = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
 
@@ -105,8 +106,19 @@ class Encoder:
     return self._fingerprint
 
   def update(self, tower: Tower) -> None:
-    """Use `tower`'s current parameters (same structure; e.g. during training): no recompilation."""
+    """Use `tower`'s current parameters (same structure; e.g. during training): no recompilation. (A trunk
+    cache in use stays: the caller trains above it.)"""
     self._state, self._fingerprint = nnx.state(tower), None
+
+  def use_trunk(self, cache) -> None:
+    """Encode every text a frozen trunk's cache holds (`data.trunk.TrunkCache`; None: none) from its cached
+    states, running only the blocks above the trunk: the same embeddings (tested <= 1e-5), a fraction of the
+    work. Texts the cache lacks are encoded in full."""
+    self.trunk = cache
+    if cache is not None:
+      blocks = cache.blocks
+      self._from_trunk = jax.jit(lambda state, h, mask: nnx.merge(self._graphdef, state).from_trunk(h, mask, blocks),
+                                 out_shardings=sharding.replicated(self.mesh) if self.spans_processes else None)
 
   def query_texts(self, queries: Sequence[str]) -> list[str]:
     """Queries with the query prompt applied."""
@@ -165,20 +177,47 @@ class Encoder:
     """Token id sequences -> [N, D], batched by length."""
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    starts = range(0, len(ids), batch_size)
-    show = len(starts) > 10 if show_progress is None else show_progress
+    # Batches: of the rows a trunk cache holds, by store and store row (reads in order); of the rest, by length.
+    store_of, row_of = self.trunk.locate(ids) if self.trunk else (np.full(len(ids), -1), None)
+    by_length = [i for i in np.argsort([-len(x) for x in ids], kind="stable") if store_of[i] < 0]
+    batches = [(by_length[s:s + batch_size], None) for s in range(0, len(by_length), batch_size)]
+    for k, st in enumerate(self.trunk.stores if self.trunk else ()):
+      held = np.flatnonzero(store_of == k)
+      held = held[np.argsort(row_of[held], kind="stable")]
+      batches += [(held[s:s + batch_size], st) for s in range(0, len(held), batch_size)]
+    show = len(batches) > 10 if show_progress is None else show_progress
     outs = []
-    for s in tqdm(starts, desc="encoding", unit="batch", disable=not show):
-      rows = [ids[i] for i in order[s:s + batch_size]]
-      ids_BxT, mask_BxT = self._pad(rows, batch_size)
-      if self.mesh is not None:
-        ids_BxT, mask_BxT = (jax.device_put(x, sharding.batch_sharding(self.mesh, 2)) for x in (ids_BxT, mask_BxT))
-      outs.append(self._forward(self._state, ids_BxT, mask_BxT)[:len(rows)])  # async: no sync per batch
-    emb = np.concatenate([np.asarray(o) for o in outs]).astype(np.float32)
-    out = np.empty_like(emb)
-    out[order] = emb
+    for rows, st in tqdm(batches, desc="encoding", unit="batch", disable=not show):
+      if st is None:
+        ids_BxT, mask_BxT = self._pad([ids[i] for i in rows], batch_size)
+        outs.append(self._forward(self._state, *self._put(ids_BxT, mask_BxT)))  # async: no sync per batch
+      else:
+        h_BxTxE, mask_BxT = self._trunk_rows(st, row_of[rows], [len(ids[i]) for i in rows], batch_size)
+        outs.append(self._from_trunk(self._state, *self._put(h_BxTxE, mask_BxT)))
+    out = np.zeros((0, *self.row_shape), np.float32) if not ids else None
+    for (rows, _), o in zip(batches, outs):
+      o = np.asarray(o[:len(rows)], np.float32)
+      out = np.empty((len(ids), *o.shape[1:]), np.float32) if out is None else out
+      out[np.asarray(rows, np.int64)] = o
     return out
+
+  def _put(self, *arrays):
+    """A batch's arrays split over the mesh's batch axes (as they are without a mesh)."""
+    if self.mesh is None:
+      return arrays
+    return tuple(jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim)) for x in arrays)
+
+  def _trunk_rows(self, st, rows, lengths: list[int], batch_size: int):
+    """Cached trunk states of store rows, padded as `_pad` pads token rows: [b, L, E] states, [b, L] mask."""
+    b = -(-bucket(len(rows), batch_size) // self._rows_multiple) * self._rows_multiple
+    states = st.read(rows)
+    h = np.zeros((b, *states.shape[1:]), np.float32)
+    h[:len(rows)] = states
+    mask = np.zeros((b, st.length), np.int32)
+    mask[len(rows):, 0] = 1  # filler rows get one token so no softmax row is fully masked
+    for r, n in enumerate(lengths):
+      mask[r, :n] = 1
+    return h, mask
 
   def warmup(self, batch_size: int = 32) -> int:
     """Compiles every (batch, length) bucket that `encode(..., batch_size)` can meet, so that the first
@@ -188,9 +227,7 @@ class Encoder:
               for b in powers(batch_size) for t in powers(self.cfg.max_length)}
     for b, t in sorted(shapes):
       ids, mask = np.full((b, t), self.tokenizer.pad_id, np.int32), np.ones((b, t), np.int32)
-      if self.mesh is not None:
-        ids, mask = (jax.device_put(x, sharding.batch_sharding(self.mesh, 2)) for x in (ids, mask))
-      jax.block_until_ready(self._forward(self._state, ids, mask))
+      jax.block_until_ready(self._forward(self._state, *self._put(ids, mask)))
     return len(shapes)
 
   def _pad(self, rows: list[list[int]], batch_size: int):
@@ -205,13 +242,20 @@ class Encoder:
     return ids, mask
 
 
-def towers(checkpoint: str, mesh: jax.sharding.Mesh | None = None) -> tuple[Encoder, Encoder, float | None]:
+def towers(checkpoint: str, mesh: jax.sharding.Mesh | None = None,
+           step: int | None = None) -> tuple[Encoder, Encoder, float | None]:
   """(query, document) encoders and the temperature they were trained at: a Stage 1 workdir's towers
-  (latest checkpoint; its fixed or learned temperature), or one HF dir / GGUF / packaged model for both
-  sides (None: not trained here)."""
+  (its checkpoint `step`, default the latest; its fixed or learned temperature), or one HF dir / GGUF /
+  packaged model for both sides (None: not trained here)."""
   if trained.is_stage1_workdir(checkpoint):
-    model, tokenizer, _ = trained.load_stage1(checkpoint, mesh)
-    return Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh), 1.0 / float(model.scale())
+    model, tokenizer, cfg = trained.load_stage1(checkpoint, mesh, step)
+    q_enc, d_enc = Encoder(model.query, tokenizer, mesh), Encoder(model.doc, tokenizer, mesh)
+    if cfg.model.trunk_cache:  # trained above a frozen trunk: the texts its cache holds are encoded from it
+      for enc in (q_enc, d_enc):
+        enc.use_trunk(trunk.TrunkCache.find(enc.tower, cfg.model.freeze_layers))
+    return q_enc, d_enc, 1.0 / float(model.scale())
+  if step is not None:
+    raise ValueError(f"{checkpoint}: a checkpoint step is for a Stage 1 workdir, and this is none")
   encoder = Encoder.from_pretrained(checkpoint, mesh=mesh)
   return encoder, encoder, None
 

@@ -71,14 +71,14 @@ def test_pair_metrics_auc_and_contrastive_entropy():
   assert ties == {"auc": 0.5, "contrastive_entropy": None, "contrastive_pairs": 0}
 
 
-def write_tiny_beir(root, corpus, queries, qrels_rows):
+def write_tiny_beir(root, corpus, queries, qrels_rows, split="test"):
   import json
 
   (root / "qrels").mkdir(parents=True)
   (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n"
                                              for i, t in corpus.items()))
   (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries.items()))
-  (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n"
+  (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n"
                                                                                     for q, d, g in qrels_rows))
   return str(root)
 
@@ -149,6 +149,40 @@ def test_eval_of_a_tower_keeps_its_corpus_embeddings_for_the_next_run(tmp_path, 
   other = write_tiny_beir(tmp_path / "beir2", corpus, {"q1": "topic 1"}, [("q1", "d1", 1)])
   assert main(["eval", "--checkpoint", minilm_dir, "--data", other]) == 0
   assert len(stores()) == 2 and files(store) == written
+
+
+@pytest.mark.slow
+def test_eval_of_the_dev_queries_a_run_held_out_equals_its_own_validation(tmp_path, capsys):
+  """`eval --split held-out --step N`: the dev queries a Stage 1 run held out of its train split, over the whole
+  corpus, at checkpoint N, score as the run's own validation scored them at step N."""
+  import json
+
+  from helpers import ROOT
+  from scalingnote_jax.cli import main
+  from scalingnote_jax.config import load_config
+  from scalingnote_jax.data import synthetic
+  from scalingnote_jax.train import stage1
+
+  gen = synthetic.generate(24, queries_per_doc=1, seed=0)
+  data = write_tiny_beir(tmp_path / "beir", {i: d["text"] for i, d in gen.corpus.items()}, gen.queries,
+                         [(q, d, g) for q, judged in gen.qrels.items() for d, g in judged.items()], split="train")
+  fields = {"data.source": "beir", "data.path": data, "data.train_split": "train", "data.val_split": "train",
+            "data.val_fraction": 0.25, "data.n_neg": 0, "num_steps": 2, "checkpoint.every": 1, "eval.every": 1,
+            "eval.at_start": False, "eval.max_docs": 0}
+  cfg = load_config(f"{ROOT}/configs/tiny.py:smoke", [f"--config.{k}={v}" for k, v in fields.items()])
+  workdir = str(tmp_path / "run")
+  evals = stage1.train(cfg, workdir)["evals"]
+  capsys.readouterr()
+  # (step 1 scored otherwise than the latest, step 2: what --step 1 returns is step 1's)
+  assert [e["step"] for e in evals] == [1, 2] and evals[0]["contrastive_entropy"] != evals[1]["contrastive_entropy"]
+  assert main(["eval", "--checkpoint", workdir, "--data", data, "--split", "held-out", "--step", "1",
+               "--no-cache"]) == 0
+  got = json.loads(capsys.readouterr().out)
+  assert got["num_queries"] == 6 and got["num_docs"] == 24
+  for key in ("ndcg_at_10", "recall_at_10", "map", "contrastive_entropy"):
+    assert got[key] == pytest.approx(evals[0][key], abs=1e-5), key
+  assert main(["eval", "--bm25", "--data", data, "--split", "held-out"]) == 1
+  assert "--split held-out is the dev queries a Stage 1 run held out" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

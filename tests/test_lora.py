@@ -183,9 +183,6 @@ def test_lora_dropout_acts_in_training_steps_only_and_replays_in_both_passes():
   compute the undropped function; the same key drops the same units; and a GradCache step, whose second pass
   re-runs each chunk, gives the gradients of the dropped-out forward it computed (its chunks keyed apart)."""
   from scalingnote_jax import sharding
-  from scalingnote_jax.data.pipeline import BatchSpec, TrainData
-  from scalingnote_jax.data.training import load_data
-  from scalingnote_jax.encoder import Encoder
   from scalingnote_jax.models import layers
   from scalingnote_jax.train import stage1
   from scalingnote_jax.train.losses import contrastive_loss
@@ -206,20 +203,26 @@ def test_lora_dropout_acts_in_training_steps_only_and_replays_in_both_passes():
   assert np.abs(a - c).max() > 1e-3 and np.abs(a - np.asarray(plain(IDS, MASK))).max() > 1e-3
 
   # GradCache with dropout: its gradients are those of the forward it ran (each chunk under its own key)
-  cfg = lora_config(**{"model.lora.dropout": 0.3, "batch_size": 4, "data.n_neg": 1, "chunks": 2, "mesh": "(1,1,1)"})
+  from scalingnote_jax.models.dual import DualEncoder
+  from scalingnote_jax.models.tower import Tower, TowerConfig
+
+  def tower(seed):
+    backbone = create_backbone(CFG, nnx.Rngs(seed))
+    lora.add(backbone, lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.3, targets=("q", "v", "up")), nnx.Rngs(seed + 1))
+    for _, var in nnx.iter_graph(backbone):
+      if isinstance(var, nnx.LoRAParam) and var.shape[0] == 4:
+        var[...] = jnp.asarray(rng.normal(0, 0.1, var.shape), jnp.float32)
+    return Tower(backbone, TowerConfig(pooling="mean"), rngs=nnx.Rngs(0))
+
+  dual = DualEncoder(tower(0), tower(2), 0.05, False)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  dual, tok = stage1.build_model(cfg, mesh)
-  for _, var in nnx.iter_graph(dual):
-    if isinstance(var, nnx.LoRAParam) and var.shape[0] == 4:
-      var[...] = jnp.asarray(rng.normal(0, 0.1, var.shape), jnp.float32)
-  examples, _, corpus = load_data(cfg.data)
-  enc = Encoder(dual.query, tok)
-  data = TrainData(examples, corpus, lambda qs: enc.tokenize(enc.query_texts(qs)),
-                   lambda ds: enc.tokenize(enc.document_texts(ds)), tok.pad_id,
-                   BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len))
-  batch = {k: jnp.asarray(v) for k, v in next(data.iterator(seed=0)).items()}
+  ids = lambda *shape: jnp.asarray(rng.integers(1, 64, shape), jnp.int32)  # noqa: E731
+  doc_ids = jnp.arange(8, dtype=jnp.int32).reshape(4, 2)  # a positive and a negative per query
+  batch = {"q_ids": ids(4, 7), "q_mask": jnp.ones((4, 7), jnp.int32), "d_ids": ids(4, 2, 9),
+           "d_mask": jnp.asarray(np.arange(9) < rng.integers(2, 10, (4, 2, 1)), jnp.int32), "doc_ids": doc_ids,
+           "pos_ids": doc_ids[:, :1]}
   graphdef, params, frozen = nnx.split(dual, nnx.LoRAParam, ...)
-  seed, step = stage1.dropout_seed(cfg), np.int32(7)
+  seed, step = 1234, np.int32(7)
   (loss, _), grads = jax.jit(stage1.make_grad_fn(graphdef, mesh, chunks=2, dropout_seed=seed))(params, batch, frozen,
                                                                                                step)
 
@@ -236,7 +239,7 @@ def test_lora_dropout_acts_in_training_steps_only_and_replays_in_both_passes():
     merge = lambda xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:])  # noqa: E731  (back to batch order)
     return contrastive_loss(merge(qs), merge(ds), batch["doc_ids"], batch["pos_ids"], model.scale())[0]
 
-  want_loss, want = jax.value_and_grad(reference)(params)  # (dropping nothing, or other units, would differ)
+  want_loss, want = jax.jit(jax.value_and_grad(reference))(params)  # (dropping nothing, or other units, would differ)
   np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
   for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

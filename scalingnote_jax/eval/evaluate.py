@@ -31,10 +31,12 @@ import jax
 import numpy as np
 
 from scalingnote_jax import sharding
-from scalingnote_jax.artifacts import store
+from scalingnote_jax.artifacts import store, trained
+from scalingnote_jax.config import stage1_defaults
 from scalingnote_jax.artifacts.files import cache_dir
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.runs import read_run, write_run
+from scalingnote_jax.data.training import hold_out
 from scalingnote_jax.encoder import towers
 from scalingnote_jax.eval.retrieval import CONTRASTIVE_NEGATIVES, DEFAULT_TEMPERATURE, ir_metrics, pair_metrics
 from scalingnote_jax.index.bm25 import BM25
@@ -93,11 +95,11 @@ def embedding_cache(encoder, corpus: dict[str, dict]) -> str:
 
 
 def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str | None, *, backend: str = "exact",
-                 batch_size: int = 64) -> Dense:
-  """A Stage 1 workdir's query and document towers, or one HF / GGUF / packaged encoder for both sides.
-  The corpus is encoded into the store `embeddings` (default: the cache, `embedding_cache`); resumable, and
-  reused when complete and of this tower."""
-  q_enc, d_enc, temperature = towers(checkpoint, sharding.make_mesh(devices=jax.local_devices()))
+                 batch_size: int = 64, step: int | None = None) -> Dense:
+  """A Stage 1 workdir's query and document towers (checkpoint `step`, default the latest), or one HF / GGUF /
+  packaged encoder for both sides. The corpus is encoded into the store `embeddings` (default: the cache,
+  `embedding_cache`); resumable, and reused when complete and of this tower."""
+  q_enc, d_enc, temperature = towers(checkpoint, sharding.make_mesh(devices=jax.local_devices()), step)
   embeddings = embeddings or embedding_cache(d_enc, corpus)
   store.encode_corpus(d_enc, corpus, embeddings, batch_size=batch_size)
   doc_ids, d_NxD = store.load_embeddings(embeddings)
@@ -189,6 +191,24 @@ def load_split(data_dir: str, split: str) -> tuple[beir.Dataset, dict]:
   return beir.Dataset(corpus, {q: queries[q] for q in qrels}, qrels), counts
 
 
+HELD_OUT = "held-out"
+
+
+def held_out_split(checkpoint: str | None, data_dir: str) -> tuple[beir.Dataset, dict]:
+  """The dev queries a Stage 1 run held out of its train split (`data.val_split = data.train_split`), with
+  their qrels, over the whole corpus of `data_dir`: where settings are chosen, the test split untouched."""
+  if not checkpoint or not trained.is_stage1_workdir(checkpoint):
+    raise ValueError(f"eval: --split {HELD_OUT} is the dev queries a Stage 1 run held out of its training "
+                     "queries; give that run's workdir as --checkpoint")
+  d = trained.read_config(checkpoint, stage1_defaults()).data
+  if d.source != "beir" or d.val_split != d.train_split:
+    raise ValueError(f"eval: {checkpoint}/config.json holds no dev queries out of its train split (data.source "
+                     f"{d.source!r}, data.val_split {d.val_split!r}, data.train_split {d.train_split!r})")
+  train = load_split(data_dir, d.train_split)[0]
+  _, dev = hold_out(train, [], d.val_fraction, d.seed)
+  return beir.Dataset(train.corpus, dev.queries, dev.qrels), {}
+
+
 def evaluate_run_file(path: str, data: beir.Dataset, *, drop_self: bool = True, k: int = 100) -> dict:
   """The IR metrics of a run file (a reranker's output, another toolkit's run); judged queries it lacks
   score 0 and are counted."""
@@ -199,14 +219,15 @@ def evaluate_run_file(path: str, data: beir.Dataset, *, drop_self: bool = True, 
 
 def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str | None = None, bm25: bool = False,
         run_file: str | None = None, embeddings: str | None = None, backend: str = "exact", cache: bool = True,
-        **kw) -> dict:
-  """`scalingnote eval`: exactly one of bundle / checkpoint / bm25 / run_file. A checkpoint's corpus embeddings
-  go to `embeddings`, else to the cache (`embedding_cache`), else (cache=False) to a temporary store."""
+        step: int | None = None, **kw) -> dict:
+  """`scalingnote eval`: exactly one of bundle / checkpoint / bm25 / run_file (a checkpoint: its `step`, default
+  the latest). A checkpoint's corpus embeddings go to `embeddings`, else to the cache (`embedding_cache`), else
+  (cache=False) to a temporary store. `split` "held-out": the dev queries the checkpoint's run held out."""
   if sum([bool(bundle), bool(checkpoint), bm25, bool(run_file)]) != 1:
     raise ValueError("eval: give exactly one of --bundle, --checkpoint, --bm25, --run")
   if kw.get("k", 100) < 1:
     raise ValueError(f"eval: --hits {kw['k']}: expected >= 1 documents per query")
-  data, counts = load_split(data_dir, split)
+  data, counts = held_out_split(checkpoint, data_dir) if split == HELD_OUT else load_split(data_dir, split)
   if run_file:
     if kw.get("save_run"):
       raise ValueError("eval: --save-run with --run would only copy the run file")
@@ -218,7 +239,8 @@ def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str
       system, name = bundle_system(bundle), os.path.abspath(bundle)
     elif checkpoint:
       store_dir = embeddings or (None if cache else os.path.join(tmp, "documents"))
-      system = tower_system(checkpoint, data.corpus, store_dir, backend=backend, batch_size=kw.get("batch_size", 64))
+      system = tower_system(checkpoint, data.corpus, store_dir, backend=backend, batch_size=kw.get("batch_size", 64),
+                            step=step)
       name = checkpoint
     else:
       system, name = Lexical(data.corpus), "bm25"

@@ -248,8 +248,12 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   spec = BatchSpec(cfg.batch_size, cfg.data.n_neg, cfg.data.query_len, cfg.data.doc_len)
   data = TrainData(examples, corpus, lambda qs: q_enc.tokenize(q_enc.query_texts(qs)),
                    lambda ds: d_enc.tokenize(d_enc.document_texts(ds)), tokenizer.pad_id, spec)
-  if cfg.model.trunk_cache:  # computed once (or found): a step then runs only the trained blocks
-    data.trunk = trunk.cache_training_texts(model.query, model.doc, cfg.model.freeze_layers, data)
+  validate = held_out is not None and cfg.eval.every > 0
+  if cfg.model.trunk_cache:  # computed once (or found): a step, and validation, then run only the trained blocks
+    val_docs = validation_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed)) if validate else []
+    data.trunk = trunk.cache_training_texts(model.query, model.doc, cfg.model.freeze_layers, data, val_docs)
+    q_enc.use_trunk(data.trunk.cache())
+    d_enc.use_trunk(data.trunk.cache())
   batches = data.iterator(cfg.data.seed, jax.process_index(), jax.process_count())
   if data_state is not None:
     batches.set_state(data_state)
@@ -267,7 +271,6 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     log.write(step, "val", metrics)
     return metrics
 
-  validate = held_out is not None and cfg.eval.every > 0
   if validate and start == 0 and cfg.eval.at_start:
     run_eval(0)
   bar = tqdm(range(start + 1, cfg.num_steps + 1), desc="stage1", initial=start, total=cfg.num_steps,
