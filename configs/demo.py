@@ -22,7 +22,8 @@ def get_config(variant: str = ""):
   c = ConfigDict()
   # The synthetic corpus, written as a BEIR directory: train / test qrels and an unlabelled query log.
   c.data = ConfigDict(dict(source="synthetic", path="", split="test", query_log="", num_docs=1024,
-                           queries_per_doc=1, test_fraction=0.125, noise=0.3, unlabelled_per_doc=4, seed=0))
+                           queries_per_doc=1, test_fraction=0.125, style="named", noise=0.3, unlabelled_per_doc=4,
+                           seed=0))
   # The LLM: SmolLM2-135M (a pretrained Llama-architecture decoder, the tokenizer's own model) cut to its first
   # layer so that Stage 1 fits a CPU minute, both towers from it, mean-pooled (a cut decoder's last token is no
   # summary of the text: 2 layers' EOS state gives 0.03 nDCG@10 untrained and 0.68 after 40 steps; this layer

@@ -62,7 +62,7 @@ def prepare_data(d: ConfigDict, out: str) -> dict:
   if d.source != "synthetic":
     raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")
   data = synthetic.generate(d.num_docs, queries_per_doc=d.queries_per_doc, seed=d.seed, noise=d.noise,
-                            unlabelled_per_doc=d.unlabelled_per_doc)
+                            unlabelled_per_doc=d.unlabelled_per_doc, style=d.style)
   qids = list(data.queries)
   test = set(np.random.default_rng(d.seed).choice(qids, size=int(len(qids) * d.test_fraction), replace=False).tolist())
   if is_main():

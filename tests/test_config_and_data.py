@@ -37,6 +37,34 @@ def test_synthetic_corpus_is_deterministic_and_labelled():
   assert len(set(topics)) == len(synthetic.TOPICS) and len(topics) > len(set(topics))  # same-topic distractors
 
 
+def test_described_queries_have_one_answer_that_they_do_not_name():
+  """style="described": no two documents share kind, attributes and qualities, so the one document stating a
+  query's (in canonical words) is its only answer; the query never names the entity; `noise` is the chance of
+  each of its five words being a synonym (0: the document's words, 1: none of them)."""
+  import re
+
+  def stated(doc):  # (noun, {(attribute, quality)}) as every "described" document states them
+    noun = re.search(r"is a (.+?) studied in", doc["text"]).group(1)
+    a1, q1, a2, q2 = re.search(r"describe the (.+?) of \S+ as (\S+), while its (.+?) is (\S+)\.", doc["text"]).groups()
+    return noun, frozenset([(a1, q1), (a2, q2)])
+
+  for noise in (0.0, 1.0):
+    d = synthetic.generate(400, seed=2, noise=noise, style="described", unlabelled_per_doc=1)
+    kinds = [stated(doc) for doc in d.corpus.values()]
+    assert len(set(kinds)) == len(kinds) == 400
+    assert len(d.unlabelled) == 400
+    for qid, query in d.queries.items():
+      (doc_id,) = d.qrels[qid]
+      doc = d.corpus[doc_id]
+      assert doc["title"].split()[0].lower() not in query.lower()  # the entity is never named
+      noun, pairs = stated(doc)
+      canonical = [noun, *(w for pair in pairs for w in pair)]
+      said = [bool(re.search(rf"\b{re.escape(w)}\b", query)) for w in canonical]
+      assert all(x == (noise == 0.0) for x in said), (noise, query, canonical)
+  with pytest.raises(ValueError, match="data.style='plain': expected 'named' or 'described'"):
+    synthetic.generate(4, style="plain")
+
+
 def test_a_field_added_since_a_run_is_no_change_at_its_default(tmp_path):
   """Finished work stays valid when the schema grows: a recorded config (a pipeline stage's marker, a workdir's
   config.json) without a field that has since been declared matches a config holding that field's default,

@@ -1,9 +1,15 @@
 """A built-in synthetic retrieval corpus: no download, deterministic from a seed.
 
 Each topic has nouns and attributes (with synonyms). A document describes one invented entity of a topic by
-two attributes; a query asks about that entity with paraphrase noise (attribute synonyms, dropped words,
-shuffled order). Other documents of the same topic share vocabulary and act as hard distractors, so a good
-retriever must match the entity and attributes, not only the topic.
+two attributes and their qualities. Two styles of query:
+- "named": a query asks about the entity by its name, with paraphrase noise (attribute synonyms, dropped words,
+  shuffled order). Other documents of the same topic share vocabulary and act as hard distractors, so a good
+  retriever must match the entity and attributes, not only the topic. The name is in both: BM25 is near perfect.
+- "described": a query never names the entity; it asks for the kind of thing with those two qualities, each
+  word (the noun, the attributes, the qualities) in other words with probability `noise` ("which neutron star
+  has unusual distance and great heft" for a pulsar of high mass). No two documents share noun, attributes and
+  qualities, so every query has one answer, but it shares few words with it: BM25 finds what is written alike,
+  a model that knows (or learns) the synonyms and what goes with what finds the rest.
 """
 
 from __future__ import annotations
@@ -44,6 +50,29 @@ TOPICS = {
               {"tempo": ["speed", "pace"], "harmony": ["chords", "consonance"], "composer": ["author", "creator"],
                "instrumentation": ["orchestration", "instruments"], "premiere": ["debut", "first performance"]}),
 }
+# Other words for the nouns and qualities (the attributes' are in TOPICS): what "described" queries say.
+NOUN_SYNONYMS = {
+    "comet": ["icy wanderer", "tailed body"], "nebula": ["gas cloud", "dust cloud"],
+    "exoplanet": ["alien world", "distant planet"], "pulsar": ["spinning star", "neutron star"],
+    "enzyme": ["catalyst protein", "biocatalyst"], "vaccine": ["immunisation", "inoculation"],
+    "antibody": ["immunoglobulin", "immune protein"], "hormone": ["chemical messenger", "endocrine signal"],
+    "volcano": ["eruptive mountain", "lava vent"], "glacier": ["ice sheet", "ice river"],
+    "fault line": ["tectonic fracture", "crustal rift"], "mineral": ["crystal", "ore"],
+    "sauce": ["dressing", "gravy"], "pastry": ["baked dough", "tart"], "stew": ["casserole", "braise"],
+    "bread": ["loaf", "baked loaf"], "compiler": ["code translator", "build tool"],
+    "database": ["data store", "record system"], "scheduler": ["job planner", "task dispatcher"],
+    "protocol": ["network standard", "wire format"], "bond": ["debt security", "fixed income note"],
+    "index fund": ["passive fund", "tracker fund"], "currency": ["money", "legal tender"],
+    "derivative": ["financial contract", "option contract"], "wetland": ["marsh", "swamp"],
+    "coral reef": ["reef system", "coral colony"], "forest": ["woodland", "woods"], "grassland": ["prairie", "steppe"],
+    "symphony": ["orchestral work", "orchestral piece"], "ballad": ["love song", "slow song"],
+    "opera": ["sung drama", "musical drama"], "sonata": ["instrumental piece", "chamber piece"],
+}
+QUALITY_SYNONYMS = {
+    "high": ["elevated", "great"], "low": ["small", "reduced"], "unusual": ["atypical", "odd"],
+    "moderate": ["medium", "average"], "extreme": ["intense", "severe"], "stable": ["steady", "constant"],
+    "variable": ["changing", "fluctuating"], "remarkable": ["notable", "striking"],
+}
 SYLLABLES = ["ka", "lo", "mi", "ren", "tor", "va", "zel", "qua", "bri", "dun", "fe", "gro", "hal", "jin", "nor",
              "pel", "sar", "tu", "vek", "wim"]
 QUALITIES = ["high", "low", "unusual", "moderate", "extreme", "stable", "variable", "remarkable"]
@@ -59,6 +88,12 @@ QUERIES = [
     "{E} {a2}",
     "{noun} {E} with {q1} {a1} and {q2} {a2}",
     "how {q2} is the {a2} of the {noun} {E}",
+]
+DESCRIBED_QUERIES = [
+    "a {noun} with {q1} {a1} and {q2} {a2}",
+    "which {noun} has {q1} {a1} and {q2} {a2}",
+    "{noun} whose {a1} is {q1} and whose {a2} is {q2}",
+    "{q2} {a2} and {q1} {a1} in a {noun}",
 ]
 
 
@@ -77,12 +112,16 @@ def entity_name(rng: np.random.Generator) -> str:
 
 
 def generate(num_docs: int = 200, queries_per_doc: int = 1, seed: int = 0, noise: float = 0.3,
-             unlabelled_per_doc: int = 0) -> Dataset:
-  """`num_docs` documents spread over the topics; `noise` is the per-word paraphrase probability. The
+             unlabelled_per_doc: int = 0, style: str = "named") -> Dataset:
+  """`num_docs` documents spread over the topics; queries of `style` "named" (`noise`: the per-word
+  paraphrase probability) or "described" (`noise`: the probability that each of its words is a synonym). The
   `unlabelled_per_doc` extra queries come from their own random stream: the rest does not depend on it."""
+  if style not in ("named", "described"):
+    raise ValueError(f"data.style={style!r}: expected 'named' or 'described'")
+  ask = paraphrase if style == "named" else describe
   rng = np.random.default_rng(seed)
   topics = list(TOPICS)
-  corpus, queries, qrels, seen, all_slots = {}, {}, {}, set(), []
+  corpus, queries, qrels, seen, kinds, all_slots = {}, {}, {}, set(), set(), []
   for i in range(num_docs):
     topic = topics[i % len(topics)]
     nouns, attrs = TOPICS[topic]
@@ -90,28 +129,47 @@ def generate(num_docs: int = 200, queries_per_doc: int = 1, seed: int = 0, noise
     while name in seen:
       name = entity_name(rng)
     seen.add(name)
-    a1, a2 = rng.choice(list(attrs), size=2, replace=False)
-    slots = dict(E=name, noun=rng.choice(nouns), topic=topic, a1=a1, a2=a2, q1=rng.choice(QUALITIES),
-                 q2=rng.choice(QUALITIES))
-    sentences = [SENTENCES[k].format(**slots) for k in sorted(rng.choice(len(SENTENCES), 3, replace=False))]
+    while True:  # "described": no two documents of the same kind and qualities, so each query has one answer
+      a1, a2 = rng.choice(list(attrs), size=2, replace=False)
+      slots = dict(E=name, noun=str(rng.choice(nouns)), topic=topic, a1=str(a1), a2=str(a2),
+                   q1=str(rng.choice(QUALITIES)), q2=str(rng.choice(QUALITIES)))
+      kind = (slots["noun"], frozenset([(slots["a1"], slots["q1"]), (slots["a2"], slots["q2"])]))
+      if style == "named" or kind not in kinds:
+        kinds.add(kind)
+        break
+    if style == "named":
+      sentences = [SENTENCES[k].format(**slots) for k in sorted(rng.choice(len(SENTENCES), 3, replace=False))]
+    else:  # every document states its kind and both qualities, then one more sentence
+      sentences = [f"{name} is a {slots['noun']} studied in {topic}.", SENTENCES[1].format(**slots),
+                   SENTENCES[int(rng.choice([0, 2, 3, 4]))].format(**slots)]
     doc_id = f"d{i}"
     corpus[doc_id] = {"title": f"{name} ({topic})", "text": " ".join(sentences)}
     for j in range(queries_per_doc):
       qid = f"q{i}_{j}"
-      queries[qid] = paraphrase(rng.choice(QUERIES).format(**slots), attrs, rng, noise)
+      queries[qid] = ask(slots, attrs, rng, noise)
       qrels[qid] = {doc_id: 1}
     all_slots.append((slots, attrs))
   log_rng = np.random.default_rng([seed, 1])
-  unlabelled = [paraphrase(log_rng.choice(QUERIES).format(**slots), attrs, log_rng, noise)
-                for slots, attrs in all_slots for _ in range(unlabelled_per_doc)]
+  unlabelled = [ask(slots, attrs, log_rng, noise) for slots, attrs in all_slots for _ in range(unlabelled_per_doc)]
   return Dataset(corpus, queries, qrels, unlabelled)
 
 
-def paraphrase(query: str, attrs: dict[str, list[str]], rng: np.random.Generator, noise: float) -> str:
+def describe(slots: dict, attrs: dict[str, list[str]], rng: np.random.Generator, noise: float) -> str:
+  """A "described" query: the entity's kind and two qualities, each word a synonym with probability `noise`."""
+  words = dict(slots)
+  for key, table in (("noun", NOUN_SYNONYMS), ("a1", attrs), ("a2", attrs), ("q1", QUALITY_SYNONYMS),
+                     ("q2", QUALITY_SYNONYMS)):
+    if rng.random() < noise:
+      words[key] = str(rng.choice(table[slots[key]]))
+  return str(rng.choice(DESCRIBED_QUERIES)).format(**words)
+
+
+def paraphrase(slots: dict, attrs: dict[str, list[str]], rng: np.random.Generator, noise: float) -> str:
   """Swaps attributes for synonyms, drops filler words, sometimes moves the entity to the front, and writes
   the entity the way people type it: lower case, digits apart ('Halfeva-31' -> 'halfeva 31'). For a cased
   subword tokenizer (SmolLM2's) the query and its document then share no entity token, so a dense model
   learns the match; BM25's lower-casing word tokenizer matches them directly and is near perfect here."""
+  query = str(rng.choice(QUERIES)).format(**slots)
   for attr, synonyms in attrs.items():
     if attr in query and rng.random() < noise * 2:
       query = query.replace(attr, str(rng.choice(synonyms)))
