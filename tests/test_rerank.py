@@ -174,7 +174,9 @@ def first_stage(tiny_teacher):
     from scalingnote_jax.data.training import load_data
     from scalingnote_jax.pipeline import prepare_data
 
-    prepare_data(load_config(f"{ROOT}/configs/demo.py").data, os.path.join(path, "data"))
+    # the demo's corpus with the queries the tiny teacher was trained on (configs/tiny.py: named entities)
+    prepare_data(load_config(f"{ROOT}/configs/demo.py", ["--config.data.style=named", "--config.data.noise=0.3"]).data,
+                 os.path.join(path, "data"))
     _, held_out, _ = load_data(load_config(f"{ROOT}/configs/tiny.py").data)
     with open(os.path.join(path, "data", "qrels", "test.tsv")) as f:
       assert {line.split("\t")[0] for line in list(f)[1:]} == set(held_out.queries)

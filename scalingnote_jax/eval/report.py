@@ -11,7 +11,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from scalingnote_jax.artifacts.files import write_atomic  # noqa: E402
@@ -38,14 +37,10 @@ def curve(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_quality_vs_speed(systems: dict[str, dict], out: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for ax, (key, label) in zip(axes, (("ndcg_at_10", "nDCG@10"), ("recall_at_100", "Recall@100"))):
-    placed = []  # labels of points that (nearly) coincide are stacked, not overprinted
     for name, m in systems.items():
       marker = {"teacher": "s", "baseline": "^"}.get(name, "o" if name.startswith("student") else "x")
-      color = ax.scatter(m["qps"], m[key], marker=marker, s=60).get_facecolor()[0]
-      near = sum(abs(np.log10(m["qps"] / q)) < 0.4 and abs(m[key] - v) < 0.01 for q, v in placed)
-      placed.append((m["qps"], m[key]))
-      ax.annotate(name, (m["qps"], m[key]), textcoords="offset points", xytext=(6, 4 + 10 * near), fontsize=8,
-                  color=color)
+      ax.scatter(m["qps"], m[key], marker=marker, s=60, label=name)
+    ax.legend(fontsize=8, loc="best")  # (points that nearly coincide stay apart by marker and colour)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on a short log axis
     ax.set_xlabel("queries / s (encode + search, batched; log scale)")
