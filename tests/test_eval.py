@@ -179,6 +179,8 @@ def test_eval_of_the_dev_queries_a_run_held_out_equals_its_own_validation(tmp_pa
   assert got["num_queries"] == 6 and got["num_docs"] == 24
   for key in ("ndcg_at_10", "recall_at_10", "map", "contrastive_entropy"):
     assert got[key] == pytest.approx(evals[0][key], abs=1e-5), key
+  assert main(["eval", "--checkpoint", workdir, "--data", data, "--split", "held-out", "--step", "7"]) == 1
+  assert "checkpoints: no checkpoint of step 7 (there are: [1, 2])" in capsys.readouterr().err
   assert main(["eval", "--bm25", "--data", data, "--split", "held-out"]) == 1
   assert "--split held-out is the dev queries a Stage 1 run held out" in capsys.readouterr().err
 

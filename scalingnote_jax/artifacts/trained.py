@@ -64,6 +64,9 @@ def _load(workdir: str, abstract_of, mesh, step: int | None, defaults=None,
   abstract, trainable = abstract_of(cfg), trainable_of(cfg)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep)
   try:
+    if step is not None and step not in ckpt.manager.all_steps():
+      raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint of step {step} (there are: "
+                              f"{sorted(ckpt.manager.all_steps())})")
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint")
