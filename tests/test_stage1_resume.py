@@ -104,3 +104,49 @@ def test_a_failed_background_save_stops_with_the_directory_and_the_last_complete
   params, _, _ = ckpt.restore(1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small))
   np.testing.assert_array_equal(params["w"], np.arange(8.0))
   ckpt.close()
+
+
+def test_a_checkpoint_changed_on_disk_is_refused_naming_its_step(tmp_path):
+  """Each step records checksums of what it holds (computed where the arrays live, equal on any mesh) and a
+  restore verifies them: a step whose parameters were replaced by another step's (well-formed, other values)
+  and a step with flipped bytes are both refused naming the step directory, never loaded."""
+  import shutil
+
+  from jax.sharding import NamedSharding, PartitionSpec
+  from scalingnote_jax.artifacts.checkpoint import Checkpointer, CheckpointCorruptError
+
+  mesh = jax.make_mesh((8,), ("x",))
+  rng = np.random.default_rng(0)
+  tree = lambda: {"w": jax.device_put(rng.normal(size=(64, 128)).astype(np.float32),  # noqa: E731
+                                      NamedSharding(mesh, PartitionSpec("x"))),
+                  "n": jax.numpy.asarray(rng.integers(0, 9, size=(5,)), jax.numpy.int32),
+                  "h": jax.numpy.asarray(rng.normal(size=(4, 6)), jax.numpy.bfloat16)}
+  directory = tmp_path / "checkpoints"
+  ckpt = Checkpointer(str(directory), keep=5)
+  saved = {step: (tree(), tree()) for step in (1, 2, 3)}
+  for step, (params, opt_state) in saved.items():
+    ckpt.save(step, params, opt_state, {"step": step})
+  ckpt.wait()
+  # saved sharded over 8 devices, restored onto one: the checksums agree, the values are the saved ones
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[1][0])
+  params, opt_state, data = ckpt.restore(3, abstract, abstract)
+  assert data == {"step": 3}
+  for got, want in zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves(saved[3])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  # step 2's parameters replaced by step 1's: a well-formed checkpoint of other values
+  shutil.rmtree(directory / "2" / "params")
+  shutil.copytree(directory / "1" / "params", directory / "2" / "params")
+  with pytest.raises(CheckpointCorruptError, match=re.escape(f"{directory}/2: params ") + r".* does not match the "
+                     r"checksum recorded when step 2 was saved .*; the checkpoint before it is step 1 \(remove "):
+    ckpt.restore(2, abstract)
+  # bytes flipped in the largest file of step 3's optimizer state: unreadable or not matching, refused either way
+  files = [os.path.join(d, f) for d, _, names in os.walk(directory / "3" / "opt_state") for f in names]
+  victim = max(files, key=os.path.getsize)
+  data = bytearray(open(victim, "rb").read())
+  data[len(data) // 2: len(data) // 2 + 40] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 40])
+  open(victim, "wb").write(bytes(data))
+  with pytest.raises(CheckpointCorruptError, match=re.escape(f"{directory}/3: ")):
+    ckpt.restore(3, abstract, abstract)
+  np.testing.assert_array_equal(np.asarray(ckpt.restore(3, abstract)[0]["w"]), np.asarray(saved[3][0]["w"]))
+  ckpt.close()

@@ -5,6 +5,10 @@ shards. Restoring takes an abstract tree with the target shardings, so a run can
 mesh. A step directory is complete only once orbax has committed it; a save interrupted by a crash is
 ignored on restart and the previous step is used. A save that fails in the background (a full disk) stops
 the run at the next save or wait with CheckpointWriteError, naming the directory and the last complete step.
+
+Each step also records checksums of what it holds (`checksums`, computed on the devices where the arrays
+live, in the same orbax commit), and a restore verifies them: a checkpoint changed on disk after it was saved
+is a CheckpointCorruptError naming the step directory, never a silently different model.
 """
 
 from __future__ import annotations
@@ -14,13 +18,20 @@ import hashlib
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from scalingnote_jax.artifacts.faults import failpoint
+
 
 class CheckpointWriteError(RuntimeError):
   """An asynchronous save failed; the checkpoints committed before it are intact."""
+
+
+class CheckpointCorruptError(ValueError):
+  """A checkpoint that cannot be read, or whose contents differ from the checksums recorded when it was saved."""
 
 
 class Checkpointer:
@@ -34,19 +45,40 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, params, opt_state, data_state: dict) -> None:
+    sums = dict(params=checksums(params), opt_state=checksums(opt_state))
     with self.reporting_failed_saves():  # orbax first waits for the previous save, and raises its error
       self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                       opt_state=ocp.args.StandardSave(opt_state),
-                                                      data=ocp.args.JsonSave(data_state)))
+                                                      data=ocp.args.JsonSave(data_state),
+                                                      checksums=ocp.args.JsonSave(sums)))
+    failpoint("checkpoint.save")  # (the arrays are being written in the background)
 
   def restore(self, step: int, abstract_params, abstract_opt_state=None):
-    """(params, opt_state, data_state). Abstract trees hold ShapeDtypeStructs with the shardings to restore
-    into; without `abstract_opt_state` only the parameters are read (for encoding, export, distillation)."""
+    """(params, opt_state, data_state), verified against the step's checksums. Abstract trees hold
+    ShapeDtypeStructs with the shardings to restore into; without `abstract_opt_state` only the parameters
+    are read (for encoding, export, distillation)."""
+    where = os.path.join(str(self.manager.directory), str(step))
     items = dict(params=ocp.args.StandardRestore(abstract_params))
     if abstract_opt_state is not None:
       items.update(opt_state=ocp.args.StandardRestore(abstract_opt_state), data=ocp.args.JsonRestore())
-    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    recorded = os.path.isdir(os.path.join(where, "checksums"))  # (checkpoints saved before checksums: none)
+    if recorded:
+      items.update(checksums=ocp.args.JsonRestore())
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 -- orbax / tensorstore raise many kinds for an unreadable file
+      raise CheckpointCorruptError(f"{where}: checkpoint step {step} could not be read ({type(e).__name__}: "
+                                   f"{e}); {self.earlier(step, where)}") from e
+    for name in ("params", "opt_state") if recorded else ():
+      if out.get(name) is not None and (bad := _first_difference(checksums(out[name]), out.checksums[name])):
+        raise CheckpointCorruptError(f"{where}: {name} {bad} does not match the checksum recorded when step {step} "
+                                     f"was saved (the checkpoint was corrupted or modified); {self.earlier(step, where)}")
     return out.params, out.get("opt_state"), out.get("data")
+
+  def earlier(self, step: int, where: str) -> str:
+    older = [s for s in self.manager.all_steps() if s < step]
+    return (f"the checkpoint before it is step {max(older)} (remove {where} to resume from that one)" if older
+            else "there is no earlier checkpoint")
 
   def wait(self) -> None:
     with self.reporting_failed_saves():
@@ -69,6 +101,36 @@ class Checkpointer:
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` (arrays or abstract values) carrying `shardings` (a matching tree)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def checksums(tree) -> dict[str, str]:
+  """{leaf path: 16 hex digits}: two position-weighted sums of each leaf's bits, modulo 2**32, computed where
+  the arrays live (no leaf is gathered onto a host, unlike `fingerprint`). Integer sums do not depend on the
+  order they are added in, so they are equal on any mesh; any one changed element changes them."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = jax.device_get([_leaf_sums(x) for _, x in flat])  # one compilation per shape, dtype and sharding
+  return {jax.tree_util.keystr(path): f"{int(a):08x}{int(b):08x}" for (path, _), (a, b) in zip(flat, sums)}
+
+
+@jax.jit
+def _leaf_sums(x):
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize])
+  bits = bits.astype(jnp.uint32)
+  index = jnp.zeros(bits.shape, jnp.uint32)  # each element's row-major position
+  for d in range(bits.ndim):
+    index = index * jnp.uint32(bits.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d)
+  w1 = index * jnp.uint32(2654435761) | jnp.uint32(1)  # odd weights: a changed element always shows
+  w2 = (index ^ jnp.uint32(0x9E3779B9)) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
+  rotated = (bits << 13) | (bits >> 19)
+  return jnp.stack([jnp.sum(bits * w1, dtype=jnp.uint32), jnp.sum(rotated * w2, dtype=jnp.uint32)])
+
+
+def _first_difference(got: dict[str, str], recorded: dict[str, str]) -> str | None:
+  if got.keys() != recorded.keys():
+    return f"(leaves {sorted(got.keys() ^ recorded.keys())[:3]})"
+  return next((path for path in got if got[path] != recorded[path]), None)
 
 
 def fingerprint(params) -> str:

@@ -29,6 +29,7 @@ import tensorstore as ts
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from scalingnote_jax.artifacts.faults import failpoint
 from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.distributed import is_main
@@ -87,6 +88,7 @@ def encode_corpus(encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk
       continue
     array[c * chunk_size:c * chunk_size + len(rows)].write(emb_CxD).result()
     open(os.path.join(out_dir, "done", str(c)), "w").close()
+    failpoint("encode.chunk")
 
   if jax.process_count() > 1:  # every process's chunks are written before the store is declared complete
     multihost_utils.sync_global_devices("encode_corpus")

@@ -28,8 +28,9 @@ from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import store, trained
 from scalingnote_jax.artifacts.checkpoint import abstract_like, fingerprint
 from scalingnote_jax.artifacts.checksum import digest_tree, verify_tree
+from scalingnote_jax.artifacts.faults import failpoint
 from scalingnote_jax.artifacts.files import fsync_tree, replace_dir
-from scalingnote_jax.artifacts.lock import LOCK_FILE
+from scalingnote_jax.artifacts.lock import LOCK_FILE, locked
 from scalingnote_jax.data.beir import load_corpus
 from scalingnote_jax.data.training import load_data
 from scalingnote_jax.encoder import Encoder
@@ -88,59 +89,64 @@ def export(student_dir: str, out: str, *, corpus_dir: str | None = None, embeddi
   out = os.path.abspath(out)
   if os.path.lexists(out) and not (os.path.isfile(os.path.join(out, MANIFEST)) or not os.listdir(out)):
     raise FileExistsError(f"{out} exists and is not a bundle: refusing to replace it")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-  try:
-    # Documents, by the teacher's document tower: an existing store is checked, never re-encoded.
-    docs_dir = os.path.join(tmp, "documents")
-    if embeddings:
-      check_same_teacher(spec, store.store_info(embeddings).get("fingerprint"), embeddings)
-      shutil.copytree(embeddings, docs_dir, ignore=shutil.ignore_patterns(LOCK_FILE))  # not its writer's lock
-    else:
-      mesh = sharding.make_mesh(devices=jax.local_devices())
-      model, tokenizer, t_cfg = trained.load_stage1(teacher or spec["teacher"]["workdir"], mesh)
-      d_enc = Encoder(model.doc, tokenizer, mesh)
-      check_same_teacher(spec, d_enc.fingerprint, teacher or spec["teacher"]["workdir"])
-      docs = load_corpus(os.path.join(corpus_dir, "corpus.jsonl")) if corpus_dir else load_data(t_cfg.data)[2]
-      store.encode_corpus(d_enc, docs, docs_dir, batch_size=batch_size, chunk_size=chunk_size)
-      del model, d_enc
-    doc_ids, d_NxD = store.load_embeddings(docs_dir)
-    index = Index.build(d_NxD, doc_ids, backend=backend)
-    index.save(os.path.join(tmp, "index"))
+  # Written in a staging directory beside `out`, then renamed into place. One export to `out` at a time (its
+  # lock); what a killed export left there is removed by the next one.
+  staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export")
+  with locked(staging):
+    for name in set(os.listdir(staging)) - {LOCK_FILE}:
+      shutil.rmtree(os.path.join(staging, name))
+    tmp = tempfile.mkdtemp(dir=staging)
+    try:
+      # Documents, by the teacher's document tower: an existing store is checked, never re-encoded.
+      docs_dir = os.path.join(tmp, "documents")
+      if embeddings:
+        check_same_teacher(spec, store.store_info(embeddings).get("fingerprint"), embeddings)
+        shutil.copytree(embeddings, docs_dir, ignore=shutil.ignore_patterns(LOCK_FILE))  # not its writer's lock
+      else:
+        mesh = sharding.make_mesh(devices=jax.local_devices())
+        model, tokenizer, t_cfg = trained.load_stage1(teacher or spec["teacher"]["workdir"], mesh)
+        d_enc = Encoder(model.doc, tokenizer, mesh)
+        check_same_teacher(spec, d_enc.fingerprint, teacher or spec["teacher"]["workdir"])
+        docs = load_corpus(os.path.join(corpus_dir, "corpus.jsonl")) if corpus_dir else load_data(t_cfg.data)[2]
+        store.encode_corpus(d_enc, docs, docs_dir, batch_size=batch_size, chunk_size=chunk_size)
+        del model, d_enc
+      doc_ids, d_NxD = store.load_embeddings(docs_dir)
+      index = Index.build(d_NxD, doc_ids, backend=backend)
+      index.save(os.path.join(tmp, "index"))
 
-    # Student: parameters, structure and tokenizer; nothing refers back to the training workdir.
-    student, tokenizer, _ = trained.load_tower(student_dir, sharding.make_mesh(devices=jax.devices()[:1]))
-    params = nnx.state(student)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, "student", "params"), params)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    with open(os.path.join(tmp, "student", trained.STUDENT_FILE), "w") as f:
-      json.dump({**spec, "tokenizer": "tokenizer"}, f, indent=1)
-    tokenizer.save(os.path.join(tmp, "student", "tokenizer"))
+      # Student: parameters, structure and tokenizer; nothing refers back to the training workdir.
+      student, tokenizer, _ = trained.load_tower(student_dir, sharding.make_mesh(devices=jax.devices()[:1]))
+      params = nnx.state(student)
+      checkpointer = ocp.StandardCheckpointer()
+      checkpointer.save(os.path.join(tmp, "student", "params"), params)
+      checkpointer.wait_until_finished()
+      checkpointer.close()
+      with open(os.path.join(tmp, "student", trained.STUDENT_FILE), "w") as f:
+        json.dump({**spec, "tokenizer": "tokenizer"}, f, indent=1)
+      tokenizer.save(os.path.join(tmp, "student", "tokenizer"))
+      failpoint("export")
 
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "num_docs": len(doc_ids), "dim": int(d_NxD.shape[1]),
-        "student": {"fingerprint": fingerprint(params), "source": os.path.abspath(student_dir),
-                    "num_layers": spec["backbone"]["num_layers"], "hidden_size": spec["backbone"]["hidden_size"],
-                    "projection_dim": spec["tower"]["projection_dim"], "max_length": spec["tower"]["max_length"]},
-        "teacher": spec["teacher"],
-        "documents": {"fingerprint": store.store_info(docs_dir)["fingerprint"],
-                      "corpus": os.path.abspath(corpus_dir) if corpus_dir else "the teacher's training corpus"},
-        "index": {"backend": index.backend, "params": index.params},
-        "metrics": _last_metrics(student_dir),
-        "files": digest_tree(tmp),  # every file of the bundle, verified at load (index/ also by its own manifest)
-    }
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-      json.dump(manifest, f, indent=1)  # written last: a directory without it is no bundle
-    fsync_tree(tmp)
-    replace_dir(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+      manifest = {
+          "format": FORMAT, "format_version": FORMAT_VERSION,
+          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "versions": _versions(),
+          "num_docs": len(doc_ids), "dim": int(d_NxD.shape[1]),
+          "student": {"fingerprint": fingerprint(params), "source": os.path.abspath(student_dir),
+                      "num_layers": spec["backbone"]["num_layers"], "hidden_size": spec["backbone"]["hidden_size"],
+                      "projection_dim": spec["tower"]["projection_dim"], "max_length": spec["tower"]["max_length"]},
+          "teacher": spec["teacher"],
+          "documents": {"fingerprint": store.store_info(docs_dir)["fingerprint"],
+                        "corpus": os.path.abspath(corpus_dir) if corpus_dir else "the teacher's training corpus"},
+          "index": {"backend": index.backend, "params": index.params},
+          "metrics": _last_metrics(student_dir),
+          "files": digest_tree(tmp),  # every file of the bundle, verified at load (index/ also by its own manifest)
+      }
+      with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)  # written last: a directory without it is no bundle
+      fsync_tree(tmp)
+      replace_dir(tmp, out)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
   return manifest
 
 

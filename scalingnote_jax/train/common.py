@@ -24,6 +24,7 @@ from tensorboardX import SummaryWriter
 from scalingnote_jax import models, sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.checkpoint import Checkpointer
+from scalingnote_jax.artifacts.faults import failpoint
 from scalingnote_jax.artifacts.trained import CONFIG_FILE
 from scalingnote_jax.config import config_changes
 from scalingnote_jax.distributed import is_main
@@ -197,6 +198,7 @@ class SyncPoint:
       kept = (f"The last good checkpoint (step {last}) in {self.workdir} is intact." if last is not None else
               f"No checkpoint was saved in {self.workdir}.")
       raise FloatingPointError(f"step {step}: {what}; stopped, nothing of this step saved. {kept}")
+    failpoint("train.step")
     now = time.perf_counter()
     metrics["step_time_s"] = (now - self.time) / max(step - self.step, 1)
     self.step, self.time = step, now
