@@ -457,11 +457,38 @@ def run(argv: list[str]) -> int:
     parser.error(str(e))
 
 
+def _quiet_background_failures() -> None:
+  """A checkpoint save that fails in the background (a full disk) is reported once, as the CheckpointWriteError
+  that stops the run; without this, orbax logs the same error with its traceback from each of its threads and
+  tensorstore prints a traceback for every write still pending on orbax's closed event loop (~500 lines
+  before the one that names the problem). `--debug` keeps them."""
+  import logging
+
+  class FromOrbaxThreads(logging.Filter):  # orbax's records through absl begin "[process=N]"
+    def filter(self, record):
+      return not (record.levelno >= logging.ERROR and str(record.msg).startswith("[process="))
+
+  absl = logging.getLogger("absl")
+  if not any(isinstance(f, FromOrbaxThreads) for f in absl.filters):
+    absl.addFilter(FromOrbaxThreads())
+  previous = sys.unraisablehook
+  if getattr(previous, "quiet", False):
+    return
+
+  def unraisablehook(u):  # where tensorstore reports an error its completion callback could not deliver
+    if not (u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed"):
+      previous(u)
+  unraisablehook.quiet = True
+  sys.unraisablehook = unraisablehook
+
+
 def main(argv: list[str] | None = None) -> int:
   """`scalingnote ...`: an error is one line on stderr and exit status 1 (`--debug` raises it instead); a
   preemption notice exits 143 after its checkpoint."""
   argv = sys.argv[1:] if argv is None else list(argv)
   debug = "--debug" in argv
+  if not debug:
+    _quiet_background_failures()
   try:
     return run([a for a in argv if a != "--debug"])
   except Exception as e:

@@ -150,3 +150,29 @@ def test_a_checkpoint_changed_on_disk_is_refused_naming_its_step(tmp_path):
     ckpt.restore(3, abstract, abstract)
   np.testing.assert_array_equal(np.asarray(ckpt.restore(3, abstract)[0]["w"]), np.asarray(saved[3][0]["w"]))
   ckpt.close()
+
+
+def test_a_full_disk_is_one_line_not_a_wall_of_tracebacks(tmp_path):
+  """`scalingnote train` whose checkpoint cannot be written (a file-size limit, as a full disk): exit 1 with one
+  line naming the directory; orbax's per-thread error logs and tensorstore's tracebacks for every pending write
+  (~500 lines) are kept for --debug."""
+  import resource
+  import signal
+  import subprocess
+  import sys
+
+  def limited():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(SCALINGNOTE_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "scalingnote_jax.cli", "train", "--config",
+                        f"{ROOT}/configs/tiny.py:smoke", "--workdir", str(tmp_path / "run"), "--config.num_steps=4",
+                        "--config.checkpoint.every=2"], env=env, capture_output=True, text=True, preexec_fn=limited,
+                       timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("stage1:")]  # (progress)
+  assert len(lines) == 1 and re.fullmatch(re.escape(f"scalingnote: error: {tmp_path}/run/checkpoints: a checkpoint "
+                                                    "could not be written (") + r".*File too large.*no checkpoint is "
+                                          r"complete\. Free space .*", lines[0]), out.stderr[-3000:]
