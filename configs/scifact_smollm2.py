@@ -11,7 +11,7 @@ A dev split (15% of the train queries) is held out to choose settings on; the te
 from scalingnote_jax.config import stage1_defaults
 
 
-def get_config(variant: str = ""):
+def get_config(variant: str = "", *, name: str = "scifact"):
   c = stage1_defaults()
   c.model.init = "SmolLM2-135M-Instruct-Q4_1"
   c.model.freeze_layers = 24
@@ -20,8 +20,10 @@ def get_config(variant: str = ""):
   # 0.000 at step 0 with EOS pooling); the demo found mean pooling far better for small decoders.
   c.tower.update(dict(pooling="mean", append_eos=True, max_length=192, query_prompt="Query: {text}",
                       document_prompt="Title: {title}\nContent: {text}"))
-  c.data.update(dict(source="beir", path="../shared/data/beir/scifact", train_split="train", val_split="train",
+  c.data.update(dict(source="beir", path=f"../shared/data/beir/{name}", train_split="train", val_split="train",
                      val_fraction=0.15, n_neg=0, query_len=64, doc_len=192, seed=0))
+  if name == "nfcorpus":  # its own dev split (324 queries) instead of train queries held out
+    c.data.val_split = "dev"
   c.batch_size = 16
   c.num_steps = 300
   c.optim.update(dict(lr=2e-4, warmup_steps=20, weight_decay=0.01))
@@ -41,5 +43,5 @@ def get_config(variant: str = ""):
   elif variant == "smoke":
     c.num_steps, c.eval.every, c.eval.max_docs, c.batch_size = 2, 2, 200, 4
   elif variant:
-    raise ValueError(f"configs/scifact_smollm2.py: unknown variant {variant!r} (known: full, smoke)")
+    raise ValueError(f"configs/{name}_smollm2.py: unknown variant {variant!r} (known: full, smoke)")
   return c
