@@ -61,6 +61,16 @@ def test_pipeline_runs_every_stage_and_reports(uninterrupted):
   assert sum(hits) / len(hits) == pytest.approx(systems["student L1"]["recall_at_10"])
 
 
+def _with_finished_stages(src, workdir, names) -> None:
+  """`workdir` holding the finished stages `names` of the run in `src`, as a rerun would find them."""
+  import shutil
+
+  (workdir / "stages").mkdir(parents=True)
+  for name in names:
+    shutil.copytree(src / name, workdir / name)
+    shutil.copy(src / "stages" / f"{name}.json", workdir / "stages" / f"{name}.json")
+
+
 def _run_killed_at(workdir, failpoint: str) -> str:
   """Runs the pipeline with a failpoint that SIGKILLs it (artifacts/faults.py); returns its output."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -119,8 +129,9 @@ def _assert_artifacts_load_right_or_are_refused(workdir, reference, done=()):
 @pytest.mark.slow
 def test_a_pipeline_killed_at_random_points_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
   """Fault injection: SIGKILLed four times in a row at random points (during a checkpoint save, mid-encoding,
-  between steps, mid-export), each time leaving only artifacts that load right or are refused, then rerun:
-  finished stages are not redone and every result equals the uninterrupted run's."""
+  between steps, mid-export; from the mining round on: the first stages are copied finished), each time leaving
+  only artifacts that load right or are refused, then rerun: finished stages are not redone and every result
+  equals the uninterrupted run's."""
   import random
 
   seed = random.randrange(1000)
@@ -128,7 +139,8 @@ def test_a_pipeline_killed_at_random_points_resumes_to_the_uninterrupted_result(
   kills = [f"checkpoint.save:{rng.randint(1, 3)}", f"encode.chunk:{rng.randint(1, 2)}",
            f"train.step:{rng.randint(1, 2)}", "export:1"]
   reference, workdir = uninterrupted[0], tmp_path / "run"
-  done = {}
+  _with_finished_stages(reference, workdir, ("data", "teacher"))
+  done = {s: os.stat(workdir / "stages" / f"{s}.json").st_mtime_ns for s in ("data", "teacher")}
   for point in kills:
     out = _run_killed_at(workdir, point)
     for s in done:  # a finished stage is never run again
@@ -169,14 +181,8 @@ def test_rerun_with_another_config_names_the_stage(uninterrupted, capsys):
 def test_without_a_mining_round_the_first_teacher_is_the_teacher(uninterrupted, tmp_path):
   """mining.num_steps=0: no mine or teacher_mined stage; the first Stage 1 run is the teacher everything after
   it uses (encoded, distilled, evaluated), and the baseline trains without mined negatives."""
-  import shutil
-
-  src, _ = uninterrupted
   workdir = tmp_path / "run"
-  (workdir / "stages").mkdir(parents=True)
-  for name in ("data", "teacher"):  # the finished first stages, as a rerun would find them
-    shutil.copytree(src / name, workdir / name)
-    shutil.copy(src / "stages" / f"{name}.json", workdir / "stages" / f"{name}.json")
+  _with_finished_stages(uninterrupted[0], workdir, ("data", "teacher"))
   out = run_cli("pipeline", "--config", CONFIG, "--workdir", str(workdir), "--config.mining.num_steps=0",
                 "--config.student_layers=()").stdout  # (no student: what it would distill is the encoded teacher)
   ran = [line.split()[1].rstrip(":") for line in out.splitlines() if line.endswith(": running")]

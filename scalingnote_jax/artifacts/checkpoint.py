@@ -14,6 +14,7 @@ is a CheckpointCorruptError naming the step directory, never a silently differen
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 
@@ -104,23 +105,39 @@ def abstract_like(tree, shardings):
 
 
 def checksums(tree) -> dict[str, str]:
-  """{leaf path: 16 hex digits}: two position-weighted sums of each leaf's bits, modulo 2**32, computed where
-  the arrays live (no leaf is gathered onto a host, unlike `fingerprint`). Integer sums do not depend on the
-  order they are added in, so they are equal on any mesh; any one changed element changes them."""
+  """{leaf path: 16 hex digits}: two position-weighted sums of each leaf's bits, modulo 2**32. Each device sums
+  the shards it holds (one copy of each: replica 0) and the hosts add the partial sums, so no leaf is gathered
+  anywhere (unlike `fingerprint`) and no collective runs. Integer sums do not depend on the order they are
+  added in: equal on any mesh and any number of processes; any one changed element changes them."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  sums = jax.device_get([_leaf_sums(x) for _, x in flat])  # one compilation per shape, dtype and sharding
-  return {jax.tree_util.keystr(path): f"{int(a):08x}{int(b):08x}" for (path, _), (a, b) in zip(flat, sums)}
+  partial, spans = [], []
+  for _, x in flat:
+    x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+    spans.append(not x.is_fully_addressable)  # (else this process holds all of it, e.g. a per-process copy)
+    partial.append([_shard_sums(shard.data, np.array([sl.indices(n)[0] for sl, n in zip(shard.index, x.shape)],
+                                                     np.uint32), x.shape)
+                    for shard in x.addressable_shards if shard.replica_id == 0])
+  sums_Lx2 = np.array([np.sum(np.asarray(jax.device_get(p), np.uint64).reshape(-1, 2), axis=0) for p in partial],
+                      np.uint64).reshape(-1, 2)
+  if any(spans):  # an array over several processes: each summed the shards it holds (every process is here)
+    total_Lx2 = np.sum(np.asarray(multihost_utils.process_allgather(sums_Lx2), np.uint64), axis=0)
+    sums_Lx2 = np.where(np.array(spans)[:, None], total_Lx2, sums_Lx2)
+  sums_Lx2 %= 1 << 32
+  return {jax.tree_util.keystr(path): f"{int(a):08x}{int(b):08x}" for (path, _), (a, b) in zip(flat, sums_Lx2)}
 
 
-@jax.jit
-def _leaf_sums(x):
+@functools.partial(jax.jit, static_argnums=2)
+def _shard_sums(x, offsets, global_shape):
+  """The two sums over one shard whose first element sits at `offsets` of an array of `global_shape`."""
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
   bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize])
   bits = bits.astype(jnp.uint32)
-  index = jnp.zeros(bits.shape, jnp.uint32)  # each element's row-major position
+  if x.dtype.itemsize == 8:  # (two 32-bit words per element: one more dimension)
+    global_shape, offsets = (*global_shape, 2), jnp.concatenate([offsets, jnp.zeros(1, jnp.uint32)])
+  index = jnp.zeros(bits.shape, jnp.uint32)  # each element's row-major position in the whole array
   for d in range(bits.ndim):
-    index = index * jnp.uint32(bits.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d)
+    index = index * jnp.uint32(global_shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) + offsets[d]
   w1 = index * jnp.uint32(2654435761) | jnp.uint32(1)  # odd weights: a changed element always shows
   w2 = (index ^ jnp.uint32(0x9E3779B9)) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
   rotated = (bits << 13) | (bits >> 19)
