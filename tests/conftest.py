@@ -22,6 +22,9 @@ def _session_dir(var: str, prefix: str) -> None:
 
 
 _session_dir("JAX_COMPILATION_CACHE_DIR", "scalingnote-test-jax-cache-")
+# Every program, not only those compiling for over a second (jax's default): a CLI test's subprocess otherwise
+# recompiles the same dozens of sub-second programs (a second `scalingnote eval` of the tiny teacher: 9 s, not 12-17).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Expensive artefacts (a trained tiny teacher) are made once per session, by whichever pytest-xdist worker
 # first needs them, in a directory every worker sees (workers inherit the controller's environment).
 _session_dir("SCALINGNOTE_TEST_SHARED", "scalingnote-test-shared-")
