@@ -31,8 +31,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=10
 
 # The floor: the oldest stack pyproject admits (Python 3.11, jax 0.10.2, flax 0.12.8: .ci/floor-constraints.txt),
-# in its own venv, on the tests marked `floor` (models, losses, sharding, the remat + GradCache step), with torch
-# and sentence-transformers for the interop tests (export-hf read back by them).
+# in its own venv, on the tests marked `floor` (models, losses, sharding, the remat + GradCache step), with torch,
+# sentence-transformers and mteb for the interop tests (export-hf read back by them; MTEB's own evaluation of ours).
 FLOOR_PYTHON ?= python3.11
 FLOOR_VENV   := .venv-floor
 $(FLOOR_VENV)/.installed-stamp: pyproject.toml .ci/floor-constraints.txt

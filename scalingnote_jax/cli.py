@@ -109,7 +109,8 @@ def evaluate(args, cfg) -> int:
                                  bm25=args.bm25, run_file=args.run_file, embeddings=args.embeddings,
                                  backend=args.backend, drop_self=not args.keep_self, batch_size=args.batch_size,
                                  num_negatives=args.num_negatives, temperature=args.temperature,
-                                 save_run=args.save_run, cache=not args.no_cache, k=args.hits, step=args.step)))
+                                 save_run=args.save_run, cache=not args.no_cache, k=args.hits, step=args.step,
+                                 output=args.output)))
   return 0
 
 
@@ -205,8 +206,9 @@ def _rerank_args(p):
 
 
 def _export_hf_args(p):
-  p.add_argument("workdir", help="a Stage 1 workdir (its towers: OUT/query and OUT/document, or OUT when tied) "
-                                 "or a Stage 2 workdir (its student: OUT)")
+  p.add_argument("workdir", help="a Stage 1 workdir (its towers: OUT/query and OUT/document, or OUT when tied), "
+                                 "a Stage 2 workdir (its student: OUT) or a train-reranker workdir (OUT: a "
+                                 "sequence-classification model for sentence-transformers' CrossEncoder)")
   p.add_argument("--out", required=True, help="a new directory: Hugging Face / sentence-transformers folders")
 
 
@@ -244,6 +246,8 @@ def _eval_args(p):
   p.add_argument("--keep-self", action="store_true", help="keep a document whose id equals the query's")
   p.add_argument("--save-run", default=None, help="also write the system's top --hits per query as a TREC run "
                                                   "file (the input of `scalingnote rerank`)")
+  p.add_argument("--output", default=None, help="a directory: also write the metrics as MTEB writes a task's result "
+                                                "(DIR/<the --data directory's name>.json, main_score nDCG@10)")
   p.add_argument("--hits", type=int, default=100, help="documents retrieved per query: what the metrics see and "
                                                        "--save-run writes (pyserini's name)")
   p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
@@ -362,7 +366,8 @@ COMMANDS = {
     "export": Command("write a serving bundle: the distilled student, the LLM document tower's embeddings and "
                       "their index, a manifest", export, _export_args),
     "export-hf": Command("write a trained tower (Stage 1, LoRA merged; or a Stage 2 student) as a Hugging Face / "
-                         "sentence-transformers folder", export_hf, _export_hf_args),
+                         "sentence-transformers folder, or a reranker as a sequence-classification model "
+                         "(transformers, sentence-transformers' CrossEncoder)", export_hf, _export_hf_args),
     "eval": Command("one system on a BEIR split: nDCG@10, Recall@10/100, MRR@10, MAP (pytrec_eval), AUC, "
                     "contrastive entropy, throughput; one JSON object", evaluate, _eval_args),
     "sweep": Command("Stage 1 over a ladder of model sizes x data sizes, resumable run by run; writes "

@@ -6,7 +6,8 @@
   scalingnote eval --bm25 --data BEIR_DIR                         # BM25 (bm25s), the lexical baseline
   scalingnote eval --run RUN_FILE --data BEIR_DIR                 # a TREC run file (e.g. `scalingnote rerank`)
 
-Any system's ranking can be written as a run file with --save-run FILE.
+Any system's ranking can be written as a run file with --save-run FILE; --output DIR also writes the metrics as
+MTEB writes a task's result (DIR/<TaskName>.json, main score nDCG@10; `eval.mteb_adapter` runs MTEB itself).
 
 Metrics: nDCG@10, Recall@10/100, MRR@10 and MAP by pytrec_eval; AUC of judged-relevant against sampled
 documents; contrastive entropy (dense systems: cosine / temperature); throughput of the whole search
@@ -33,7 +34,7 @@ import numpy as np
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import store, trained
 from scalingnote_jax.config import stage1_defaults
-from scalingnote_jax.artifacts.files import cache_dir
+from scalingnote_jax.artifacts.files import cache_dir, write_atomic
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.runs import read_run, write_run
 from scalingnote_jax.data.training import hold_out
@@ -217,12 +218,23 @@ def evaluate_run_file(path: str, data: beir.Dataset, *, drop_self: bool = True, 
   return {**metrics, "queries_not_in_run": sum(q not in run for q in data.qrels)}
 
 
-def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str | None = None, bm25: bool = False,
-        run_file: str | None = None, embeddings: str | None = None, backend: str = "exact", cache: bool = True,
-        step: int | None = None, **kw) -> dict:
-  """`scalingnote eval`: exactly one of bundle / checkpoint / bm25 / run_file (a checkpoint: its `step`, default
-  the latest). A checkpoint's corpus embeddings go to `embeddings`, else to the cache (`embedding_cache`), else
-  (cache=False) to a temporary store. `split` "held-out": the dev queries the checkpoint's run held out."""
+def run(*, data_dir: str, split: str, output: str | None = None, **kw) -> dict:
+  """`scalingnote eval` (see `evaluate_split`); `output`: a directory to write the metrics into as MTEB's result
+  JSON (`write_mteb_result`), once the evaluation has succeeded."""
+  start = time.perf_counter()
+  result = evaluate_split(data_dir=data_dir, split=split, **kw)
+  if output:
+    write_mteb_result(output, result, data_dir=data_dir, split=split, k=kw.get("k", 100),
+                      evaluation_time=time.perf_counter() - start)
+  return result
+
+
+def evaluate_split(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str | None = None,
+                   bm25: bool = False, run_file: str | None = None, embeddings: str | None = None,
+                   backend: str = "exact", cache: bool = True, step: int | None = None, **kw) -> dict:
+  """Exactly one of bundle / checkpoint / bm25 / run_file (a checkpoint: its `step`, default the latest). A
+  checkpoint's corpus embeddings go to `embeddings`, else to the cache (`embedding_cache`), else (cache=False)
+  to a temporary store. `split` "held-out": the dev queries the checkpoint's run held out."""
   if sum([bool(bundle), bool(checkpoint), bm25, bool(run_file)]) != 1:
     raise ValueError("eval: give exactly one of --bundle, --checkpoint, --bm25, --run")
   if kw.get("k", 100) < 1:
@@ -250,3 +262,52 @@ def run(*, data_dir: str, split: str, bundle: str | None = None, checkpoint: str
     metrics = evaluate(system, data, **kw)
   return {"system": name, "data": os.path.abspath(data_dir), "split": split, **metrics, **counts,
           "corpus_docs_not_indexed": missing}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MTEB's result file: the metrics as `mteb.TaskResult` writes them to disk, so that MTEB's tools (loading,
+# comparing, the leaderboard's tables) read an evaluation made here.
+
+MTEB_LANGUAGES = ("eng-Latn",)  # BEIR's corpora are English; a TaskResult must name its languages
+
+
+def task_name(data_dir: str) -> str:
+  """The MTEB task name of a local BEIR directory: its basename (`../shared/data/beir/scifact` -> scifact)."""
+  return os.path.basename(os.path.normpath(os.path.abspath(data_dir)))
+
+
+def data_revision(data_dir: str, split: str) -> str:
+  """What stands for a task's dataset revision (a Hugging Face commit in MTEB) for a local BEIR directory: a
+  hash of corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv, so that results on changed data do not compare equal."""
+  h = hashlib.sha256()
+  for name in ("corpus.jsonl", "queries.jsonl", os.path.join("qrels", f"{split}.tsv")):
+    path = os.path.join(data_dir, name)
+    if os.path.exists(path):  # (the held-out split has no file of its own)
+      h.update(name.encode())
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          h.update(block)
+  return h.hexdigest()[:16]
+
+
+def mteb_scores(metrics: dict, *, k: int = 100, languages: Sequence[str] = MTEB_LANGUAGES) -> dict:
+  """One subset's entry of a TaskResult's scores: our IR metrics under MTEB's names (our MAP is over the top k
+  retrieved, MTEB's map_at_k), main score nDCG@10 as MTEB's retrieval tasks have it."""
+  return {"main_score": metrics["ndcg_at_10"], "ndcg_at_10": metrics["ndcg_at_10"],
+          "recall_at_10": metrics["recall_at_10"], "recall_at_100": metrics["recall_at_100"],
+          f"map_at_{k}": metrics["map"], "mrr_at_10": metrics["mrr_at_10"], "hf_subset": "default",
+          "languages": list(languages)}
+
+
+def write_mteb_result(out_dir: str, metrics: dict, *, data_dir: str, split: str, k: int = 100,
+                      evaluation_time: float | None = None) -> str:
+  """Writes OUT_DIR/<task name>.json as `mteb.TaskResult.to_disk` does (atomically); returns its path.
+  mteb_version is null: MTEB did not compute these numbers (`mteb_adapter` runs MTEB's own evaluation)."""
+  name = task_name(data_dir)
+  result = {"dataset_revision": data_revision(data_dir, split), "task_name": name, "mteb_version": None,
+            "scores": {split: [mteb_scores(metrics, k=k)]}, "evaluation_time": evaluation_time,
+            "kg_co2_emissions": None, "date": time.time()}
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}.json")
+  write_atomic(path, json.dumps(result, indent=2, allow_nan=False))
+  return path

@@ -131,19 +131,7 @@ def save_folder(tower, tokenizer, out_dir: str) -> None:
   tokenizer's template, so transformers' and sentence-transformers' tokenization is the tower's own."""
   cfg = tower.cfg
   save_backbone(tower.backbone, out_dir)
-  tok = tokenizers.Tokenizer.from_str(tokenizer.tok.to_str())
-  if cfg.append_eos:
-    eos = tok.id_to_token(tokenizer.eos_id)
-    template = tokenizers.processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A $B {eos}",
-                                                        special_tokens=[(eos, tokenizer.eos_id)])
-    tok.post_processor = (template if tok.post_processor is None
-                          else tokenizers.processors.Sequence([tok.post_processor, template]))
-  tok.save(os.path.join(out_dir, "tokenizer.json"))
-  _write(out_dir, "scalingnote_tokenizer.json", {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id})
-  special = {k: tok.id_to_token(i) for k, i in (("pad_token", tokenizer.pad_id), ("eos_token", tokenizer.eos_id))
-             if i is not None}
-  _write(out_dir, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
-                                            "model_max_length": cfg.max_length, "padding_side": "right", **special})
+  save_tokenizer(tokenizer, out_dir, max_length=cfg.max_length, append_eos=cfg.append_eos)
   saved = dataclasses.replace(cfg, append_eos=False)  # (the tokenizer appends it now)
   _write(out_dir, TOWER_FILE, dataclasses.asdict(saved))
 
@@ -178,6 +166,26 @@ def save_folder(tower, tokenizer, out_dir: str) -> None:
              if p}  # sentence-transformers prompts are prefixes: a template with a title slot stays in TOWER_FILE
   _write(out_dir, "config_sentence_transformers.json", {"prompts": prompts, "default_prompt_name": None,
                                                         "similarity_fn_name": "cosine"})
+
+
+def save_tokenizer(tokenizer, out_dir: str, *, max_length: int, append_eos: bool, pad_id: int | None = None) -> None:
+  """tokenizer.json (an appended EOS moved into its single and pair templates, so transformers' tokenization is
+  ours), tokenizer_config.json (cut to `max_length`, padded on the right with `pad_id`, default the tokenizer's)
+  and the special ids `Tokenizer.from_pretrained` reads."""
+  pad_id = tokenizer.pad_id if pad_id is None else pad_id
+  tok = tokenizers.Tokenizer.from_str(tokenizer.tok.to_str())
+  if append_eos:
+    eos = tok.id_to_token(tokenizer.eos_id)
+    template = tokenizers.processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A $B {eos}",
+                                                        special_tokens=[(eos, tokenizer.eos_id)])
+    tok.post_processor = (template if tok.post_processor is None
+                          else tokenizers.processors.Sequence([tok.post_processor, template]))
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  _write(out_dir, "scalingnote_tokenizer.json", {"pad_id": pad_id, "eos_id": tokenizer.eos_id})
+  special = {k: tok.id_to_token(i) for k, i in (("pad_token", pad_id), ("eos_token", tokenizer.eos_id))
+             if i is not None}
+  _write(out_dir, "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                            "model_max_length": max_length, "padding_side": "right", **special})
 
 
 def _write(out_dir: str, name: str, obj) -> None:
