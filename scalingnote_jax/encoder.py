@@ -77,11 +77,10 @@ class Encoder:
     if unknown:
       raise TypeError(f"unknown TowerConfig field(s): {sorted(unknown)}")
     folder = None if path.endswith(".gguf") else path
-    tower_cfg = TowerConfig.default_for(backbone_cfg, folder, **tower_fields)
-    tower = Tower(backbone, tower_cfg, rngs=nnx.Rngs(0))
-    dense = sentence_transformers_folder(folder).dense if folder else None
-    if dense:  # the folder's Dense module, with its weights
-      load_dense(tower, dense)
+    st = sentence_transformers_folder(folder) if folder else None  # read once: settings, then Dense weights
+    tower = Tower(backbone, TowerConfig.default_for(backbone_cfg, folder, st=st, **tower_fields), rngs=nnx.Rngs(0))
+    if st and st.dense:  # the folder's Dense module, with its weights
+      load_dense(tower, st.dense)
     return cls(tower, Tokenizer.from_pretrained(path), mesh)
 
   @property

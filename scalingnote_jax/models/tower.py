@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scalingnote_jax.models import BackboneConfig, bert, create_backbone, layers
-from scalingnote_jax.models.st_folder import TOWER_FILE, read_saved_tower, sentence_transformers_folder
+from scalingnote_jax.models.st_folder import (TOWER_FILE, SentenceTransformersFolder, read_saved_tower,
+                                              sentence_transformers_folder)
 
 POOLINGS = ("last", "mean", "cls")
 
@@ -34,17 +35,19 @@ class TowerConfig:
         raise ValueError(f"TowerConfig.{field}={getattr(self, field)!r} has no {{text}} slot")
 
   @classmethod
-  def default_for(cls, backbone: BackboneConfig, model_dir: str | None = None, **overrides) -> TowerConfig:
+  def default_for(cls, backbone: BackboneConfig, model_dir: str | None = None, *,
+                  st: SentenceTransformersFolder | None = None, **overrides) -> TowerConfig:
     """The settings a folder `model_dir` records (`st_folder.TOWER_FILE`, written by export: exactly), else
-    what its sentence-transformers files say (pooling, length, Dense, Normalize, prompts), else the defaults:
-    decoders last-token pooling with EOS, BERT mean pooling."""
+    what its sentence-transformers files say (pooling, length, Dense, Normalize, prompts; `st`: the folder as
+    the caller read it already), else the defaults: decoders last-token pooling with EOS, BERT mean pooling."""
     saved = read_saved_tower(model_dir) if model_dir else None
     if saved is not None:
       unknown = set(saved) - {f.name for f in dataclasses.fields(cls)}
       if unknown:
         raise ValueError(f"{model_dir}/{TOWER_FILE}: unknown field(s) {sorted(unknown)}")
       return dataclasses.replace(cls(**saved), **overrides)
-    st = sentence_transformers_folder(model_dir) if model_dir else None
+    if st is None and model_dir:
+      st = sentence_transformers_folder(model_dir)
     if isinstance(backbone, bert.BertConfig):
       fields = st.fields if st else {}
       base = cls(**{"pooling": "mean", "append_eos": False, "document_prompt": "{title} {text}", **fields,
