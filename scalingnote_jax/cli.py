@@ -110,7 +110,7 @@ def evaluate(args, cfg) -> int:
                                  backend=args.backend, drop_self=not args.keep_self, batch_size=args.batch_size,
                                  num_negatives=args.num_negatives, temperature=args.temperature,
                                  save_run=args.save_run, cache=not args.no_cache, k=args.hits, step=args.step,
-                                 output=args.output)))
+                                 output=args.output, measure_speed=not args.no_speed)))
   return 0
 
 
@@ -250,6 +250,8 @@ def _eval_args(p):
                                                 "(DIR/<the --data directory's name>.json, main_score nDCG@10)")
   p.add_argument("--hits", type=int, default=100, help="documents retrieved per query: what the metrics see and "
                                                        "--save-run writes (pyserini's name)")
+  p.add_argument("--no-speed", action="store_true", help="skip the throughput pass (queries/s and one query's "
+                                                          "latency: the queries searched twice more, then 33 alone)")
   p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
   p.add_argument("--num-negatives", type=int, default=256, help="sampled documents per query for AUC and "
                                                                  "contrastive entropy (Fang et al.'s 256)")

@@ -182,7 +182,7 @@ def first_stage(tiny_teacher):
       assert {line.split("\t")[0] for line in list(f)[1:]} == set(held_out.queries)
     for split in ("train", "test"):
       out = run_cli("eval", "--checkpoint", tiny_teacher, "--data", os.path.join(path, "data"), "--split", split,
-                    "--save-run", os.path.join(path, f"{split}.run"), "--num-negatives", "15")
+                    "--save-run", os.path.join(path, f"{split}.run"), "--num-negatives", "15", "--no-speed")
       with open(os.path.join(path, f"{split}.json"), "w") as f:
         f.write(out.stdout)
 
