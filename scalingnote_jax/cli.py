@@ -118,7 +118,7 @@ def sweep(args, cfg) -> int:
   from scalingnote_jax.scaling import sweep as sweep_lib
 
   rows = sweep_lib.run(cfg, args.workdir)
-  _print_main({"results": f"{args.workdir}/results.jsonl", "runs": len(rows)})
+  _print_main({"results": f"{args.workdir}/results.jsonl", "curves": f"{args.workdir}/curves.jsonl", "runs": len(rows)})
   return 0
 
 
@@ -132,6 +132,19 @@ def fit_scaling(args, cfg) -> int:
       where[field] = float(value)
     except ValueError:
       raise UsageError(f"--where {item!r}: expected FIELD=NUMBER") from None
+  if args.protocol:
+    from scalingnote_jax.scaling import protocols
+
+    given = [flag for flag, value in (("--law", args.law), ("--x", args.x), ("--no-holdout", args.no_holdout)) if value]
+    if args.large is not None and args.protocol == "data":
+      given.append("--large")
+    if given:
+      raise UsageError(f"--protocol {args.protocol} fixes its law, axes and held-out points: drop {', '.join(given)}")
+    print(to_json(protocols.run(args.results, protocol=args.protocol, y=args.y, large=args.large or 1,
+                                bootstrap=args.bootstrap, plot_path=args.plot, where=where, direction=args.direction)))
+    return 0
+  if not args.law or args.large is not None:
+    raise UsageError("--law is required (or --protocol)" if not args.law else "--large goes with --protocol")
   print(to_json(fit.run(args.results, law=args.law, y=args.y, x=args.x, holdout_largest=not args.no_holdout,
                         bootstrap=args.bootstrap, plot_path=args.plot, where=where, direction=args.direction)))
   return 0
@@ -260,10 +273,18 @@ def _eval_args(p):
 
 
 def _fit_args(p):
-  p.add_argument("results", help="JSONL: one run per line with N and/or D and the metric fields")
-  p.add_argument("--law", choices=("n", "d", "nd", "coupled", "power"), required=True,
-                 help="n: (A/N)^alpha + delta; d: (B/D)^beta + delta; nd: a + b N^c + d D^e; coupled: "
-                      "[(A/N)^(alpha/beta) + B/D]^beta + delta (Fang et al.); power: a + b x^c")
+  p.add_argument("results", help="JSONL: one run per line with N and/or D and the metric fields (with --protocol: "
+                                 "one evaluation per line with N and step, e.g. a sweep's curves.jsonl)")
+  p.add_argument("--law", choices=("n", "d", "nd", "coupled", "power"),
+                 help="(required without --protocol) n: (A/N)^alpha + delta; d: (B/D)^beta + delta; nd: a + b N^c + "
+                      "d D^e; coupled: [(A/N)^(alpha/beta) + B/D]^beta + delta (Fang et al.); power: a + b x^c")
+  p.add_argument("--protocol", choices=("data", "model", "joint"),
+                 help="the reranker paper's protocols on evaluations along training (D = step): data: a + b step^c "
+                      "per size on all but the last 5, forecasting them; model: a + b N^c on the small sizes' last 10 "
+                      "evaluations, forecasting the large sizes' mean; joint: a + b N^c + d step^e on the small "
+                      "sizes, forecasting the large")
+  p.add_argument("--large", type=int, default=None,
+                 help="--protocol model / joint: how many of the largest sizes are forecast (default 1)")
   p.add_argument("--direction", choices=("auto", "rising", "falling"), default="auto",
                  help="whether the field rises with N and D (nDCG, MAP) or falls (a loss); auto: from the field's "
                       "name, else the data")
@@ -373,10 +394,12 @@ COMMANDS = {
     "eval": Command("one system on a BEIR split: nDCG@10, Recall@10/100, MRR@10, MAP (pytrec_eval), AUC, "
                     "contrastive entropy, throughput; one JSON object", evaluate, _eval_args),
     "sweep": Command("Stage 1 over a ladder of model sizes x data sizes, resumable run by run; writes "
-                     "WORKDIR/results.jsonl for fit-scaling", sweep, config=CONFIG.format("sweep_tiny"),
-                     workdir="runs/<run>/ and results.jsonl go here"),
+                     "WORKDIR/results.jsonl (and curves.jsonl, the evaluations along training) for fit-scaling",
+                     sweep, config=CONFIG.format("sweep_tiny"),
+                     workdir="runs/<run>/, results.jsonl and curves.jsonl go here"),
     "fit-scaling": Command("fit a scaling law to sweep results (JSONL, one run per line) and forecast the largest "
-                           "run from the others", fit_scaling, _fit_args),
+                           "run from the others; or, with --protocol, the reranker paper's protocols on evaluations "
+                           "along training (a sweep's curves.jsonl)", fit_scaling, _fit_args),
     "compile": Command("compile the Stage 1 step ahead of time for a fake topology (TPU pod, GPU hosts) and print "
                        "per-device memory; no such hardware needed", compile_step, _compile_args),
     "encode": Command("encode a BEIR corpus with a document tower into a resumable zarr store", encode, _encode_args),

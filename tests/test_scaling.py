@@ -140,7 +140,8 @@ def test_sweep_writes_results_that_fit_reads_and_resumes(tmp_path):
     sweep.run(bad, str(tmp_path / "bad"))
   config = f"{ROOT}/configs/sweep_tiny.py:smoke"
   workdir = tmp_path / "sweep"
-  first = run_cli("sweep", "--config", config, "--workdir", str(workdir)).stdout
+  every = "--config.base.eval.every=2"  # two evaluations along each run's 4 steps: its curve
+  first = run_cli("sweep", "--config", config, every, "--workdir", str(workdir)).stdout
   rows = [json.loads(line) for line in (workdir / "results.jsonl").open()]
   assert [r["run"] for r in rows] == ["h8_D0.5", "h8_D1", "h16_D1"]  # h16: full data only
   by = {r["run"]: r for r in rows}
@@ -149,11 +150,18 @@ def test_sweep_writes_results_that_fit_reads_and_resumes(tmp_path):
   assert by["h8_D1"]["compute"] == 6 * by["h8_D1"]["N"] * by["h8_D1"]["tokens"]
   assert all(np.isfinite(r["contrastive_entropy"]) and 0 <= r["ndcg_at_10"] <= 1 for r in rows)
   assert first.count(": running") == 3
-  again = run_cli("sweep", "--config", config, "--workdir", str(workdir)).stdout
+  curves = [json.loads(line) for line in (workdir / "curves.jsonl").open()]
+  assert [(c["run"], c["step"]) for c in curves] == [(r["run"], s) for r in rows for s in (2, 4)]
+  assert all(c["examples"] == c["step"] * bad.base.batch_size and c["N"] == by[c["run"]]["N"] for c in curves)
+  for c in curves[1::2]:  # the last evaluation is the run's final one
+    assert c == {**{k: v for k, v in by[c["run"]].items() if k != "steps"}, "step": 4, "examples": c["examples"]}
+  again = run_cli("sweep", "--config", config, every, "--workdir", str(workdir)).stdout
   assert again.count("skipped") == 3 and ": running" not in again
   assert [json.loads(line) for line in (workdir / "results.jsonl").open()] == rows
+  assert [json.loads(line) for line in (workdir / "curves.jsonl").open()] == curves  # each run's curve once
   cols = fit.read_results(str(workdir / "results.jsonl"), ["N", "D", "compute", "contrastive_entropy", "ndcg_at_10"])
   assert len(cols["N"]) == 3  # what `scalingnote fit-scaling` reads
+  assert len(fit.read_results(str(workdir / "curves.jsonl"), ["N", "step", "ndcg_at_10"])["N"]) == 6  # --protocol
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,3 +216,132 @@ def test_prediction_intervals_cover_new_runs_as_often_as_they_say():
     inside_ci += f["predicted_ci95"][0] <= f["measured"] <= f["predicted_ci95"][1]
   assert inside_pi >= 0.85 * replicas, (inside_pi, inside_ci)  # measured: 19 of 20
   assert inside_ci <= inside_pi - 0.15 * replicas, (inside_pi, inside_ci)  # measured: 13 of 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reranker paper's protocols on evaluations along training (D = the step), from curves drawn from known
+# laws. Points a protocol must not fit carry a known offset from the law (a late-training gain the law does not
+# know): fitted correctly, the law is recovered and each forecast misses by exactly that offset; had the
+# protocol fitted those points, both would move.
+
+STEPS = np.arange(100.0, 2100.0, 100.0)  # 20 evaluations a run, every 100 steps
+FIELDS = {"rising": "ndcg_at_10", "falling": "loss"}
+
+
+def curves(ns, law, rng, offset=lambda n, step: 0.0, noise=0.0005) -> list[dict]:
+  """One row per (N, step) as a sweep's curves.jsonl: law(N, step) + offset(N, step) + noise."""
+  return [{"N": float(n), "step": float(s), "value": float(law(n, s) + offset(n, s) + noise * rng.standard_normal())}
+          for n in ns for s in STEPS]
+
+
+def write_curves(path, rows, field):
+  path.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k != "value"}, field: r["value"]}) + "\n"
+                          for r in rows))
+  return str(path)
+
+
+@pytest.mark.parametrize("direction", ["rising", "falling"])
+def test_data_protocol_fits_each_size_on_all_but_its_last_5_evaluations(tmp_path, direction):
+  """y = a_N + b step^c per size; the last 5 evaluations sit `gain` beyond the law."""
+  from scalingnote_jax.scaling import protocols
+
+  floor = {1e6: 0.4, 1e7: 0.45, 1e8: 0.5} if direction == "rising" else {1e6: 1.2, 1e7: 1.0, 1e8: 0.8}
+  b, c, gain = (-2.0, -0.5, 0.01) if direction == "rising" else (20.0, -0.6, -0.02)
+  rows = curves(floor, lambda n, s: floor[n] + b * s ** c, np.random.default_rng(5),
+                offset=lambda n, s: gain * (s > STEPS[-6]))
+  path = write_curves(tmp_path / "curves.jsonl", rows, FIELDS[direction])
+  r = protocols.run(path, protocol="data", y=FIELDS[direction], bootstrap=0)
+  assert r["direction"] == direction and [s["N"] for s in r["sizes"]] == sorted(floor)
+  for size in r["sizes"]:
+    assert size["num_points"] == 15 and [f["x"] for f in size["forecast"]] == [[s] for s in STEPS[-5:]]
+    assert size["params"]["a"] == pytest.approx(floor[size["N"]], abs=0.01)
+    assert size["params"]["c"] == pytest.approx(c, abs=0.05) and size["r2"] > 0.99
+    for f in size["forecast"]:  # the law's value at the held-out steps: off by the gain it could not know
+      assert f["measured"] - f["predicted"] == pytest.approx(gain, abs=0.003)
+
+
+@pytest.mark.parametrize("direction", ["rising", "falling"])
+def test_model_protocol_fits_the_last_10_evaluations_of_the_small_sizes_and_forecasts_the_large(tmp_path, direction):
+  """y = f(N) + g(step), g = 0 from step 1000 on (the last 10 evaluations): the law of f is recovered from the 4
+  small sizes, and the 2 large sizes' mean over their last 10 (`gain` beyond f) is forecast (the paper: 17M-150M
+  -> 400M, 1B)."""
+  from scalingnote_jax.scaling import protocols
+
+  ns = np.geomspace(1e6, 3e8, 6)
+  a, b, c, early, gain = (0.5, -8.0, -0.3, -0.3, 0.01) if direction == "rising" else (0.8, 50.0, -0.3, 0.5, -0.02)
+  f = lambda n: a + b * n ** c  # noqa: E731
+  rows = curves(ns, lambda n, s: f(n) + early * max(0.0, 1 - s / 1000), np.random.default_rng(6),
+                offset=lambda n, s: gain * (n >= ns[-2]))
+  path = write_curves(tmp_path / "curves.jsonl", rows, FIELDS[direction])
+  r = protocols.run(path, protocol="model", y=FIELDS[direction], large=2, bootstrap=0)
+  assert r["direction"] == direction and r["num_points"] == 40 and r["large"] == ns[-2:].tolist()
+  assert r["params"]["a"] == pytest.approx(a, abs=0.01) and r["params"]["c"] == pytest.approx(c, abs=0.03)
+  for forecast, n in zip(r["forecast"], ns[-2:], strict=True):
+    assert forecast["x"] == [n] and forecast["measured"] == pytest.approx(f(n) + gain, abs=0.0005)
+    assert forecast["predicted"] == pytest.approx(f(n), abs=0.002) and forecast["measured_std"] < 0.001
+
+
+@pytest.mark.parametrize("direction", ["rising", "falling"])
+def test_joint_protocol_fits_every_step_of_the_small_sizes_and_tests_the_large(tmp_path, direction):
+  """y = a + b N^c + d step^e over 5 sizes; the largest runs `gain` beyond the law at every step (larger models
+  beat the forecast, as the paper found): its bias is that gain."""
+  from scalingnote_jax.scaling import protocols
+
+  ns = np.geomspace(1e6, 1e8, 5)
+  p, gain = ((0.7, -4.0, -0.25, -1.5, -0.5), 0.01) if direction == "rising" else ((0.5, 30.0, -0.3, 8.0, -0.4), -0.02)
+  rows = curves(ns, lambda n, s: p[0] + p[1] * n ** p[2] + p[3] * s ** p[4], np.random.default_rng(7),
+                offset=lambda n, s: gain * (n == ns[-1]))
+  path = write_curves(tmp_path / "curves.jsonl", rows, FIELDS[direction])
+  r = protocols.run(path, protocol="joint", y=FIELDS[direction], bootstrap=0)
+  assert r["direction"] == direction and r["num_points"] == 80 and r["large"] == [ns[-1]]
+  assert r["params"]["c"] == pytest.approx(p[2], abs=0.03) and r["params"]["e"] == pytest.approx(p[4], abs=0.03)
+  (size,) = r["test"]["by_size"]
+  assert size["N"] == ns[-1] and size["points"] == 20 and size["bias"] == pytest.approx(gain, abs=0.002)
+
+
+def test_command_runs_the_protocols_on_a_sweeps_curves_file(tmp_path, capsys):
+  """As `scalingnote sweep` writes it: several fields, an evaluation at step 0 (left out), and a second data size
+  of the smallest model (refused until --where picks one run per size)."""
+  from scalingnote_jax.cli import main
+
+  ns = np.geomspace(1e6, 1e8, 5)
+  law = lambda n, s: 0.7 - 4.0 * n ** -0.25 - 1.5 * s ** -0.5  # noqa: E731
+  rows = [{"run": f"N{r['N']:g}_D1", "N": r["N"], "D": 1000, "step": r["step"], "examples": 8 * r["step"],
+           "ndcg_at_10": r["value"]} for r in curves(ns, law, np.random.default_rng(8))]
+  rows += [{"run": "N1e+06_D1", "N": ns[0], "D": 1000, "step": 0, "ndcg_at_10": 0.01},
+           {"run": "N1e+06_D0.5", "N": ns[0], "D": 500, "step": 100, "ndcg_at_10": 0.3},
+           {"run": "N1e+06_D0.5", "N": ns[0], "D": 500, "step": 200, "ndcg_at_10": 0.35}]
+  path = tmp_path / "curves.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  fit_args = ["fit-scaling", str(path), "--y", "ndcg_at_10", "--bootstrap", "10"]
+  assert main(fit_args + ["--protocol", "joint"]) == 1
+  assert "N=1e+06 has several evaluations at one step" in capsys.readouterr().err
+  for protocol, extra in (("data", []), ("model", ["--large", "2"]), ("joint", [])):
+    plot = tmp_path / f"{protocol}.png"
+    assert main(fit_args + ["--protocol", protocol, "--where", "D=1000", "--plot", str(plot), *extra]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["protocol"] == protocol and out["direction"] == "rising" and plot.read_bytes()[:4] == b"\x89PNG"
+    if protocol == "data":
+      assert [s["num_points"] for s in out["sizes"]] == [15] * 5 and "predicted_pi95" in out["sizes"][0]["forecast"][0]
+    else:
+      assert out["large"] == ns[-len(out["large"]):].tolist() and len(out["large"]) == (2 if protocol == "model" else 1)
+  with pytest.raises(SystemExit):  # a protocol fixes its law
+    main(fit_args + ["--protocol", "model", "--law", "power"])
+  assert "--protocol model fixes its law, axes and held-out points: drop --law" in capsys.readouterr().err
+
+
+def test_sweep_curve_rows_are_the_validation_evaluations_along_a_run(tmp_path):
+  """One row per `val/` record of a run's metrics.jsonl (not its train or first-stage records), sized from the run's
+  results row."""
+  from scalingnote_jax.scaling.sweep import curve_rows
+
+  log = [{"step": 0, "first_stage/ndcg_at_10": 0.6}, {"step": 0, "val/ndcg_at_10": 0.1},
+         {"step": 5, "train/loss": 1.2}, {"step": 10, "val/ndcg_at_10": 0.3, "val/map": 0.2},
+         {"step": 10, "train/loss": 1.0}, {"step": 20, "val/ndcg_at_10": 0.4, "val/map": 0.3}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+  final = {"run": "L1_D1", "N": 1000, "D": 50, "tokens": 20 * 8 * 64, "steps": 20, "ndcg_at_10": 0.4, "map": 0.3}
+  rows = curve_rows(str(tmp_path), final, batch_size=8)
+  assert [r["step"] for r in rows] == [0, 10, 20] and [r["ndcg_at_10"] for r in rows] == [0.1, 0.3, 0.4]
+  assert rows[1] == {"run": "L1_D1", "N": 1000, "D": 50, "step": 10, "examples": 80, "tokens": 10 * 8 * 64,
+                     "compute": 6 * 1000 * 10 * 8 * 64, "ndcg_at_10": 0.3, "map": 0.2}
+  assert {k: rows[-1][k] for k in ("ndcg_at_10", "map")} == {"ndcg_at_10": 0.4, "map": 0.3}  # = the final row's

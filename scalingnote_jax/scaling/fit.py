@@ -6,7 +6,8 @@ Laws (x = N, non-embedding parameters, or D, training pairs or tokens):
   d        L(D)    = (B / D)^beta + delta                         its data-size law
   nd       y(N, D) = a + b * N^c + d * D^e                        the additive joint law (the reranker paper's)
   coupled  L(N, D) = [(A / N)^(alpha / beta) + B / D]^beta + delta  Fang et al.'s joint law (a loss)
-  power    y       = a + b * x^c                                  downstream metrics against N or D
+  power    y       = a + b * x^c                                  downstream metrics against N or D (unbounded;
+                                                                  the reranker paper's bounds in protocols.py)
 
 A loss falls with N and D, a metric (nDCG, MAP, Recall) rises. n, d and coupled are laws of a falling loss and
 refuse a rising field. nd takes either, with the reranker paper's bounds: for a rising metric a in [0, 1],
@@ -136,6 +137,19 @@ def _power_starts(x, y):
   return [(a, b, c)]
 
 
+def _power_starts_bounded(x, y, rising: bool):
+  """As _power_starts, over c < 0 and the (a, b) within the reranker paper's bounds (a rising metric: a in [0, 1],
+  b <= 0; a falling loss: a in [0, min y], b >= 0); else the paper's own start."""
+  best, best_sse = None, np.inf
+  for c in EXPONENTS[EXPONENTS < 0]:
+    (a, b), sse = _linear_start([np.ones_like(y), x[0] ** c], y)
+    inside = (0 <= a <= 1 and b <= 0) if rising else (0 <= a <= np.min(y) and b >= 0)
+    if inside and sse < best_sse:
+      best, best_sse = (a, b, c), sse
+  lo, hi = float(np.min(y)), float(np.max(y))
+  return [best] if best else [(1.2 * hi, lo - hi, -0.5) if rising else (0.9 * lo, hi - lo, -0.5)]
+
+
 LAWS = {
     "n": Law("n", ("A", "alpha", "delta"), _saturating, _sat_starts, _sat_bounds,
              lambda p: (math.exp(p[0]), p[1], p[2]), log=True),
@@ -152,6 +166,14 @@ LAWS = {
 # The additive joint law of a rising metric (nDCG, MAP): a in [0, 1], b, d <= 0 (`fit` picks it for "nd").
 ND_RISING = Law("nd", ("a", "b", "c", "d", "e"), _joint, _joint_starts_rising,
                 lambda x, y: ([0.0, -np.inf, -5.0, -np.inf, -5.0], [1.0, 0.0, 0.0, 0.0, 0.0]), tuple, log=False)
+# The reranker paper's single-variable law y = a + b x^c with its bounds (c in [-5, 0]; a rising metric: a in [0, 1],
+# b <= 0; a falling loss: a >= 0, b >= 0): the data and model laws of its protocols (`fit(paper_bounds=True)`).
+POWER_PAPER = {
+    "rising": Law("power", ("a", "b", "c"), _power, lambda x, y: _power_starts_bounded(x, y, rising=True),
+                  lambda x, y: ([0.0, -np.inf, -5.0], [1.0, 0.0, 0.0]), tuple, log=False),
+    "falling": Law("power", ("a", "b", "c"), _power, lambda x, y: _power_starts_bounded(x, y, rising=False),
+                   lambda x, y: ([0.0, 0.0, -5.0], [float(np.min(y)), np.inf, 0.0]), tuple, log=True),
+}
 FALLING_ONLY = ("n", "d", "coupled")
 RISING_NAMES, FALLING_NAMES = ("ndcg", "recall", "map", "mrr", "auc", "accuracy"), ("entropy", "loss")
 
@@ -170,6 +192,16 @@ def direction_of(field: str, x_KxN: np.ndarray, y_N: np.ndarray) -> str:
   if any(k in name for k in RISING_NAMES):
     return "rising"
   return "rising" if trend_rises(x_KxN, y_N) else "falling"
+
+
+def law_of(law_name: str, direction: str, paper_bounds: bool = False) -> Law:
+  """The law fitted for `law_name`: nd's bounds follow the direction; power has the reranker paper's bounds when
+  `paper_bounds` (else none)."""
+  if law_name == "nd" and direction == "rising":
+    return ND_RISING
+  if law_name == "power" and paper_bounds:
+    return POWER_PAPER[direction]
+  return LAWS[law_name]
 
 
 def fit_law(law: Law, x_KxN: np.ndarray, y_N: np.ndarray) -> np.ndarray:
@@ -196,20 +228,21 @@ def r_squared(y_N: np.ndarray, pred_N: np.ndarray) -> float:
 
 
 def fit(law_name: str, x_KxN: np.ndarray, y_N: np.ndarray, *, bootstrap: int = 200, seed: int = 0,
-        holdout: np.ndarray | None = None, direction: str | None = None) -> dict:
+        holdout: np.ndarray | None = None, direction: str | None = None, paper_bounds: bool = False) -> dict:
   """Fits `law_name` to (x, y); `bootstrap` resamples the points for 95% intervals of the parameters. With
   `holdout` (a boolean mask), fits on the other points and forecasts the held-out ones, with intervals.
-  `direction` ('rising' / 'falling'; default: the data's trend) picks the nd law's bounds; a falling-only law
-  refuses a rising metric rather than fitting it silently wrong."""
+  `direction` ('rising' / 'falling'; default: the data's trend) picks the nd law's bounds (and power's, with
+  `paper_bounds`); a falling-only law refuses a rising metric rather than fitting it silently wrong."""
   x_KxN, y_N = np.asarray(x_KxN, np.float64).reshape(len(x_KxN), -1), np.asarray(y_N, np.float64)
   train = ~holdout if holdout is not None else np.ones(len(y_N), bool)
   direction = direction or ("rising" if trend_rises(x_KxN[:, train], y_N[train]) else "falling")
   if law_name in FALLING_ONLY and direction == "rising":
     raise ValueError(f"law {law_name!r} is a law of a falling loss; this field rises with the sizes: fit it with "
                      "--law nd (a + b N^c + d D^e, b, d <= 0) or --law power")
-  law = ND_RISING if (law_name == "nd" and direction == "rising") else LAWS[law_name]
+  law = law_of(law_name, direction, paper_bounds)
   p = fit_law(law, x_KxN[:, train], y_N[train])
-  out = {"law": law_name, "direction": direction, "params": dict(zip(law.params, map(float, law.report(p)))),
+  out = {"law": law_name, "direction": direction, **({"bounds": "paper"} if law in POWER_PAPER.values() else {}),
+         "params": dict(zip(law.params, map(float, law.report(p)))),
          "num_points": int(train.sum()), "r2": r_squared(y_N[train], law.fn(x_KxN[:, train], *p))}
   rng = np.random.default_rng(seed)
   idx = np.flatnonzero(train)
@@ -284,34 +317,53 @@ def read_results(path: str, fields: list[str], select: dict[str, float] | None =
   return {k: np.asarray(v) for k, v in cols.items()}
 
 
-def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str, ylabel: str, out: str) -> None:
+def figure(columns: int = 1):
+  """A matplotlib figure (no display needed) with `columns` axes side by side: (fig, [ax, ...])."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  law = ND_RISING if (result["law"] == "nd" and result["direction"] == "rising") else LAWS[result["law"]]
+  fig, axes = plt.subplots(1, columns, figsize=(6 if columns == 1 else 4.5 * columns, 4.2), squeeze=False)
+  return fig, list(axes[0])
+
+
+def save(fig, out: str) -> None:
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def draw(ax, result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str, ylabel: str, along: int = 0,
+         names: tuple[str, str] = ("N", "D")) -> None:
+  """`result`'s data, fitted curve(s) and forecasts on `ax`. A joint law: x_KxN[along] on the x axis, one curve per
+  distinct value of the other size (`names` label them)."""
+  law = law_of(result["law"], result["direction"], result.get("bounds") == "paper")
   p = result["_fit"]
-  fig, ax = plt.subplots(figsize=(6, 4.2))
   train = ~holdout if holdout is not None else np.ones(len(y_N), bool)
   if x_KxN.shape[0] == 1:
     grid = np.geomspace(x_KxN[0].min(), x_KxN[0].max() * 2, 200)[None]
     ax.plot(grid[0], law.fn(grid, *p), label=f"fit (R² {result['r2']:.3f})")
     ax.scatter(x_KxN[0, train], y_N[train], label="fitted runs")
-  else:  # one curve per distinct D
-    for d in np.unique(x_KxN[1]):
-      sel = x_KxN[1] == d
-      grid = np.geomspace(x_KxN[0].min(), x_KxN[0].max() * 2, 200)
-      ax.plot(grid, law.fn(np.stack([grid, np.full_like(grid, d)]), *p), alpha=0.6)
-      ax.scatter(x_KxN[0, sel & train], y_N[sel & train], label=f"D={d:.3g}")
+  else:  # one curve per distinct value of the other size
+    other = 1 - along
+    for v in np.unique(x_KxN[other]):
+      sel = x_KxN[other] == v
+      grid = np.geomspace(x_KxN[along].min(), x_KxN[along].max() * 2, 200)
+      at = [grid, np.full_like(grid, v)]
+      ax.plot(grid, law.fn(np.stack(at if along == 0 else at[::-1]), *p), alpha=0.6)
+      ax.scatter(x_KxN[along, sel & train], y_N[sel & train], label=f"{names[other]}={v:.3g}")
   for i, row in enumerate(result.get("forecast", [])):
     for key, width, label in (("predicted_pi95", 1, "forecast, 95% prediction interval"),
                               ("predicted_ci95", 4, "95% CI of the curve")):
       lo, hi = row.get(key, [row["predicted"]] * 2)
-      ax.errorbar(row["x"][0], row["predicted"], yerr=[[row["predicted"] - lo], [hi - row["predicted"]]],
+      ax.errorbar(row["x"][along], row["predicted"], yerr=[[row["predicted"] - lo], [hi - row["predicted"]]],
                   fmt="s", color="red", capsize=4 if width == 1 else 0, elinewidth=width,
                   label=label if i == 0 else None)
-    ax.scatter(row["x"][0], row["measured"], marker="*", s=120, color="black", label="held-out run" if i == 0 else None)
+    ax.scatter(row["x"][along], row["measured"], marker="*", s=120, color="black",
+               label="held-out run" if i == 0 else None)
   ax.set_xscale("log")
   from matplotlib.ticker import EngFormatter, LogLocator
 
@@ -324,9 +376,14 @@ def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str,
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
+
+
+def plot(result: dict, x_KxN: np.ndarray, y_N: np.ndarray, holdout, xlabel: str, ylabel: str, out: str,
+         **kwargs) -> None:
+  """`draw` alone in a PNG at `out`."""
+  fig, (ax,) = figure()
+  draw(ax, result, x_KxN, y_N, holdout, xlabel, ylabel, **kwargs)
+  save(fig, out)
 
 
 def run(path: str, *, law: str, y: str, x: str | None = None, holdout_largest: bool = True, bootstrap: int = 200,

@@ -9,6 +9,15 @@ run per line, for `scalingnote fit-scaling`:
            steps x batch x group_size x max_length)
   compute  6 x N x tokens (forward and backward FLOPs)
   and the final validation metrics: contrastive_entropy, ndcg_at_10, recall_at_100, ...
+
+and DIR/curves.jsonl, every validation evaluation along each run's training (its metrics.jsonl `val/` rows,
+every `eval.every` steps), for `scalingnote fit-scaling --protocol` (the reranker paper's D is the step):
+
+  run, N, D  as above
+  step       the training step of the evaluation
+  examples   training examples seen: step x batch (a reranker's: queries; Stage 1's: query-positive pairs)
+  tokens, compute  so far (tokens x step / steps)
+  and the validation metrics at that step (the last row's are the run's final ones)
 """
 
 from __future__ import annotations
@@ -68,6 +77,24 @@ def train_one(c: ConfigDict, workdir: str, kind: str) -> dict:
   return {"N": n, "D": d, "tokens": tokens, "compute": 6 * n * tokens, "steps": c.num_steps, **final}
 
 
+def curve_rows(run_dir: str, final: dict, batch_size: int) -> list[dict]:
+  """One row per validation evaluation in `run_dir`/metrics.jsonl, ascending steps, sized from the run's results
+  row `final` (N, D, tokens, steps)."""
+  path, val = os.path.join(run_dir, "metrics.jsonl"), {}
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+      metrics = {k.removeprefix("val/"): v for k, v in row.items() if k.startswith("val/")}
+      if metrics:
+        val[row["step"]] = metrics  # one per step (a resumed run logs each step once)
+  per_step = final["tokens"] / final["steps"]
+  return [{"run": final["run"], "N": final["N"], "D": final["D"], "step": step, "examples": step * batch_size,
+           "tokens": step * per_step, "compute": 6 * final["N"] * step * per_step, **val[step]} for step in sorted(val)]
+
+
 @holds_lock("workdir")  # one sweep per workdir (each run also locks its own directory)
 def run(cfg: ConfigDict, workdir: str) -> list[dict]:
   kind = cfg.kind
@@ -78,15 +105,19 @@ def run(cfg: ConfigDict, workdir: str) -> list[dict]:
   if full_data_only - set(cfg.sizes):
     raise ValueError(f"full_data_only: {sorted(full_data_only - set(cfg.sizes))} not among sizes {sorted(cfg.sizes)}")
   stages = Stages(workdir, label="sweep")
-  rows = []
+  rows, curves = [], []
   sizes = sorted(cfg.sizes.items(), key=lambda kv: non_embedding_params(run_config(cfg, kv[1].to_dict(), 1.0), kind))
   for size, model in sizes:  # smallest model first
     fractions = sorted(cfg.data_fractions)
     for fraction in fractions[-1:] if size in full_data_only else fractions:
       name = f"{size}_D{fraction:g}"
       c = run_config(cfg, model.to_dict(), fraction)
-      rows.append({"run": name, **stages(name, c.to_dict(), lambda c=c, name=name: train_one(
-          c, os.path.join(workdir, "runs", name), kind), defaults)})
+      run_dir = os.path.join(workdir, "runs", name)
+      rows.append({"run": name, **stages(name, c.to_dict(), lambda c=c, run_dir=run_dir: train_one(c, run_dir, kind),
+                                         defaults)})
+      if is_main():  # (a finished run's too: its metrics.jsonl holds the curve)
+        curves += curve_rows(run_dir, rows[-1], c.batch_size)
   if is_main():
     write_atomic(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(os.path.join(workdir, "curves.jsonl"), "".join(json.dumps(r) + "\n" for r in curves))
   return rows
