@@ -8,7 +8,7 @@ hundred steps; a pretrained one does in tens.)
   scalingnote eval --checkpoint STAGE1_DIR --data BEIR_DIR --split test --save-run test.run
   scalingnote train-reranker --config configs/rerank_tiny.py --workdir /tmp/reranker \\
       --config.data.path=BEIR_DIR --config.data.train_run=train.run --config.data.val_run=test.run
-  scalingnote rerank --model /tmp/reranker --data BEIR_DIR --run test.run --out reranked.run --top-k 10
+  scalingnote rerank --checkpoint /tmp/reranker --data BEIR_DIR --run test.run --out reranked.run --top-k 10
   scalingnote eval --run reranked.run --data BEIR_DIR --split test
 """
 

@@ -80,7 +80,7 @@ def train_reranker(args, cfg) -> int:
 def rerank(args, cfg) -> int:
   from scalingnote_jax.train import rerank as rerank_lib
 
-  print(to_json(rerank_lib.rerank_file(args.model, args.data, args.run, args.out, top_k=args.top_k,
+  print(to_json(rerank_lib.rerank_file(args.checkpoint, args.data, args.run, args.out, top_k=args.top_k,
                                        batch_size=args.batch_size)))
   return 0
 
@@ -95,7 +95,7 @@ def export_hf(args, cfg) -> int:
 def export(args, cfg) -> int:
   from scalingnote_jax.serve import bundle
 
-  manifest = bundle.export(args.student, args.out, corpus_dir=args.corpus, embeddings=args.embeddings,
+  manifest = bundle.export(args.student, args.out, corpus_dir=args.data, embeddings=args.embeddings,
                            teacher=args.teacher, backend=args.backend, batch_size=args.batch_size)
   print(to_json({"out": args.out, "num_docs": manifest["num_docs"], "dim": manifest["dim"],
                  "metrics": manifest["metrics"]}))
@@ -169,7 +169,7 @@ def compile_step(args, cfg) -> int:
 def encode(args, cfg) -> int:
   from scalingnote_jax.index.encode import encode_corpus_dir
 
-  _print_main(encode_corpus_dir(args.checkpoint, args.corpus, args.out, chunk_size=args.chunk_size,
+  _print_main(encode_corpus_dir(args.checkpoint, args.data, args.out, chunk_size=args.chunk_size,
                                 batch_size=args.batch_size))
   return 0
 
@@ -207,10 +207,12 @@ def serve(args, cfg) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Each command's own arguments (--config, --workdir and --resume are the table's).
+# Each command's own arguments (--config, --workdir and --resume are the table's). One name per concept across
+# commands: a BEIR directory is --data, a trained model (workdir, HF dir...) is --checkpoint; the names they had
+# before (--corpus, --model) still parse, as aliases listed after them.
 
 def _rerank_args(p):
-  p.add_argument("--model", required=True, help="a `scalingnote train-reranker` workdir")
+  p.add_argument("--checkpoint", "--model", required=True, help="a `scalingnote train-reranker` workdir")
   p.add_argument("--data", required=True, help="the BEIR directory with the run's queries and documents")
   p.add_argument("--run", required=True, help="the first stage's TREC run file")
   p.add_argument("--out", required=True, help="the reranked TREC run file")
@@ -228,8 +230,8 @@ def _export_hf_args(p):
 def _export_args(p):
   p.add_argument("student", help="a Stage 2 workdir (`scalingnote distill`)")
   p.add_argument("--out", required=True, help="the bundle directory (replaced atomically if it is a bundle)")
-  p.add_argument("--corpus", default=None, help="a BEIR directory whose corpus.jsonl is indexed (default: the "
-                                                "teacher's training corpus)")
+  p.add_argument("--data", "--corpus", default=None, help="a BEIR directory whose corpus.jsonl is indexed "
+                                                          "(default: the teacher's training corpus)")
   p.add_argument("--embeddings", default=None, help="an existing `scalingnote encode` store of the corpus, "
                                                     "encoded by the teacher's document tower (not re-encoded)")
   p.add_argument("--teacher", default=None, help="the Stage 1 workdir whose document tower encodes the corpus "
@@ -306,7 +308,7 @@ def _compile_args(p):
 
 def _encode_args(p):
   p.add_argument("--checkpoint", required=True, help="a Stage 1 workdir, a HF model dir, a .gguf or a packaged name")
-  p.add_argument("--corpus", required=True, help="a BEIR directory (its corpus.jsonl is encoded)")
+  p.add_argument("--data", "--corpus", required=True, help="a BEIR directory (its corpus.jsonl is encoded)")
   p.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
   p.add_argument("--batch-size", type=int, default=64, help="documents per encoder call")
   p.add_argument("--chunk-size", type=int, default=1024, help="documents per resumable chunk")

@@ -1,6 +1,7 @@
 """The command line as a new user meets it: --version, defaults in --help, both override forms, one-line
 errors (tests/test_pipeline.py checks a real one and --debug), and no PyTorch warning from the tokenizer."""
 
+import argparse
 import subprocess
 import sys
 
@@ -51,3 +52,31 @@ def test_every_command_of_the_table_has_its_help_and_the_shared_arguments(capsys
     assert ("--workdir WORKDIR" in out) == bool(command.workdir), name
     assert ("--resume" in out) == command.resume, name
     assert ("--config CONFIG" in out) == bool(command.config) or name == "compile", name  # compile: optional
+
+
+def test_one_name_per_concept_across_commands():
+  """A BEIR directory is --data and the model a command runs is --checkpoint in every command (argparse lists an
+  option's first name as its own); the names some commands had before (--corpus, --model) parse to the same."""
+  primary = {}  # dest -> {first option name} over every command
+  for name, command in cli.COMMANDS.items():
+    if command.arguments is None:
+      continue
+    p = argparse.ArgumentParser()
+    command.arguments(p)
+    for action in p._actions:  # (argparse has no public list of a parser's arguments)
+      if not action.option_strings:
+        continue
+      primary.setdefault(action.dest, set()).add(action.option_strings[0])
+      assert action.option_strings[0] not in ("--corpus", "--model"), (name, action.option_strings)
+      if "BEIR director" in (action.help or ""):
+        assert action.option_strings[0] == "--data", (name, action.option_strings)
+  assert primary["data"] == {"--data"} and primary["checkpoint"] == {"--checkpoint"}
+  assert all(len(names) == 1 for names in primary.values()), primary  # one spelling per destination
+
+  parse = cli.build_parser().parse_args
+  for data in ("--data", "--corpus"):
+    assert parse(["encode", "--checkpoint", "c", data, "beir", "--out", "o"]).data == "beir"
+    assert parse(["export", "student", "--out", "o", data, "beir"]).data == "beir"
+  for checkpoint in ("--checkpoint", "--model"):
+    args = parse(["rerank", checkpoint, "reranker", "--data", "beir", "--run", "r", "--out", "o"])
+    assert args.checkpoint == "reranker" and args.data == "beir"

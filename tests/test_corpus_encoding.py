@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # trains, encodes a real corpus or runs processes
 
 
 def encode_cmd(corpus_dir, out):
-  return [sys.executable, "-m", "scalingnote_jax.cli", "encode", "--checkpoint", "all-MiniLM-L6-v2", "--corpus",
+  return [sys.executable, "-m", "scalingnote_jax.cli", "encode", "--checkpoint", "all-MiniLM-L6-v2", "--data",
           str(corpus_dir), "--out", str(out), "--chunk-size", "16", "--batch-size", "16"]
 
 

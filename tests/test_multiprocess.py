@@ -160,7 +160,7 @@ def test_two_processes_encode_the_same_corpus_as_one(single, tmp_path):
   with open(beir_dir / "corpus.jsonl", "w") as f:
     for doc_id, doc in data.corpus.items():
       f.write(json.dumps({"_id": doc_id, **doc}) + "\n")
-  encode = lambda out: cli("encode", "--checkpoint", str(single), "--corpus", str(beir_dir), "--out", str(out),  # noqa: E731
+  encode = lambda out: cli("encode", "--checkpoint", str(single), "--data", str(beir_dir), "--out", str(out),  # noqa: E731
                            "--chunk-size=8", "--batch-size=4")
   run(encode(tmp_path / "one"), env=env(SCALINGNOTE_CPU_DEVICES="4"))
   run([LAUNCH, PROCESSES, DEVICES, *encode(tmp_path / "two")], env=env())

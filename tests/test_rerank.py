@@ -221,7 +221,7 @@ def test_each_loss_trains_a_reranker_that_beats_its_first_stage(loss, first_stag
     return
   # The CLI path over the same run: rerank the top 10, score the run file; the numbers agree with training's.
   reranked = str(tmp_path / "reranked.run")
-  summary = json.loads(run_cli("rerank", "--model", workdir, "--data", data, "--run", test_run, "--out", reranked,
+  summary = json.loads(run_cli("rerank", "--checkpoint", workdir, "--data", data, "--run", test_run, "--out", reranked,
                                "--top-k", "10").stdout)
   assert summary["pairs"] == 10 * fs["num_queries"] and summary["pairs_per_s"] > 0
   scored = json.loads(run_cli("eval", "--run", reranked, "--data", data, "--split", "test").stdout)

@@ -1,6 +1,7 @@
 """The HTTP retrieval service over a fake retriever: results equal a direct search, every input limit answers
 4xx naming the field, a failing search answers 500 and the service goes on, concurrent requests share encoder
-calls, and a real uvicorn server under 16 concurrent clients answers everything correctly (p50/p99/QPS printed)."""
+calls, /metrics counts them in Prometheus' format, /openapi.json describes what /search answers, and a real
+uvicorn server under 16 concurrent clients answers everything correctly (p50/p99/QPS printed)."""
 
 import concurrent.futures
 import contextlib
@@ -20,6 +21,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from scalingnote_jax import cli
@@ -164,7 +166,7 @@ def test_bad_input_answers_4xx_naming_the_field(client, fake, body, status, word
   assert fake.calls == []  # refused before any search
   r = client.post("/search", json={"queries": ["still there?"], "k": 2})  # the service still answers
   assert r.json()["results"] == results_of(fake, ["still there?"], 2)
-  counts = client.get("/metrics").json()["requests"]
+  counts = client.get("/metrics.json").json()["requests"]
   assert counts == {"total": 2, "by_status": {"200": 1, str(status): 1}}
 
 
@@ -182,7 +184,7 @@ def test_a_failing_search_answers_500_and_the_service_goes_on(client, fake):
   assert "encoder fell over" in r.json()["error"]
   r = client.post("/search", json={"queries": ["after"], "k": 4})
   assert r.status_code == 200 and r.json()["results"] == results_of(fake, ["after"], 4)
-  assert client.get("/metrics").json()["requests"]["by_status"] == {"200": 1, "500": 1}
+  assert client.get("/metrics.json").json()["requests"]["by_status"] == {"200": 1, "500": 1}
 
 
 def test_results_an_index_could_not_fill_are_left_out():
@@ -227,7 +229,7 @@ def test_concurrent_requests_share_encoder_calls():
   with TestClient(http.create_app(fake, http.Limits(max_wait_ms=2.0))) as client, \
       concurrent.futures.ThreadPoolExecutor(16) as pool:
     responses = list(pool.map(lambda i: client.post("/search", json={"queries": [f"q{i}"], "k": 5}), range(16)))
-    metrics = client.get("/metrics").json()
+    metrics = client.get("/metrics.json").json()
   assert [r.json()["results"] for r in responses] == [results_of(fake, [f"q{i}"], 5) for i in range(16)]
   assert sum(fake.batch_sizes) == 16
   assert len(fake.batch_sizes) < 16 and max(fake.batch_sizes) > 1, fake.batch_sizes
@@ -235,6 +237,87 @@ def test_concurrent_requests_share_encoder_calls():
   assert metrics["batches"] == len(fake.batch_sizes)
   assert metrics["mean_batch_size"] == pytest.approx(16 / len(fake.batch_sizes))
   assert metrics["queries"] == 16 and metrics["requests"]["total"] == 16
+
+
+def prometheus_samples(text: str) -> dict:
+  """{(sample name, sorted label items): value} of a Prometheus text exposition."""
+  return {(s.name, tuple(sorted(s.labels.items()))): s.value
+          for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_are_prometheus_text_with_a_registry_per_app(client, fake):
+  client.post("/search", json={"queries": queries_for(2, 3), "k": 2})
+  client.post("/search", json={"queries": ["one more"]})
+  client.post("/search", json={"queries": []})  # 422
+  r = client.get("/metrics")
+  assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+  samples = prometheus_samples(r.text)
+  assert samples[("scalingnote_search_requests_total", (("code", "200"),))] == 2
+  assert samples[("scalingnote_search_requests_total", (("code", "422"),))] == 1
+  assert samples[("scalingnote_search_queries_total", ())] == 4
+  assert samples[("scalingnote_encoder_batch_size_count", ())] == len(fake.calls) > 0
+  assert samples[("scalingnote_encoder_batch_size_sum", ())] == sum(fake.batch_sizes) == 4
+  assert samples[("scalingnote_encoder_batch_size_bucket", (("le", "+Inf"),))] == len(fake.calls)
+  assert samples[("scalingnote_search_request_duration_seconds_count", ())] == 3
+  assert ("process_cpu_seconds_total", ()) in samples
+  report = client.get("/metrics.json").json()  # the same counts, for a person with curl
+  assert report["requests"] == {"total": 3, "by_status": {"200": 2, "422": 1}}
+  assert report["queries"] == 4 and report["batches"] == len(fake.calls) and report["latency_ms"]["window"] == 3
+  r = client.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+  assert r.headers["content-type"].startswith("application/openmetrics-text") and r.text.endswith("# EOF\n")
+
+  with TestClient(http.create_app(FakeRetriever(), LIMITS)) as other:  # a second app in this process: its own counts
+    samples = prometheus_samples(other.get("/metrics").text)
+  assert samples[("scalingnote_search_queries_total", ())] == 0
+  assert not any(name == "scalingnote_search_requests_total" for name, _ in samples)
+
+
+def conforms(value, schema: dict, schemas: dict) -> bool:
+  """Whether `value` fits a JSON schema made of what pydantic writes for these models ($ref, anyOf, const, object,
+  array, string, number, integer, null): jsonschema is not a dependency."""
+  if "$ref" in schema:
+    return conforms(value, schemas[schema["$ref"].rsplit("/", 1)[1]], schemas)
+  if "anyOf" in schema:
+    return any(conforms(value, option, schemas) for option in schema["anyOf"])
+  if "const" in schema and value != schema["const"]:
+    return False
+  kind = schema["type"]
+  if kind == "object":
+    properties, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+    return isinstance(value, dict) and set(schema.get("required", [])) <= set(value) and all(
+        conforms(v, properties[key], schemas) if key in properties else extra is True or
+        (extra is not False and conforms(v, extra, schemas)) for key, v in value.items())
+  if kind == "array":
+    return isinstance(value, list) and all(conforms(v, schema["items"], schemas) for v in value)
+  python = {"string": str, "integer": int, "number": (int, float), "null": type(None)}[kind]
+  return isinstance(value, python) and not isinstance(value, bool)
+
+
+def test_openapi_describes_the_routes_and_a_real_answer_fits_it(client):
+  api = client.get("/openapi.json").json()
+  assert api["openapi"].startswith("3.1") and {"/search", "/healthz", "/metrics", "/metrics.json"} <= set(api["paths"])
+  schemas = api["components"]["schemas"]
+  search = api["paths"]["/search"]["post"]
+  request = schemas[search["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+  # the request's schema carries this app's limits (LIMITS), from the pydantic model that validates bodies
+  assert request["required"] == ["queries"] and request["additionalProperties"] is False
+  queries, k = request["properties"]["queries"], request["properties"]["k"]
+  assert (queries["minItems"], queries["maxItems"], queries["items"]["maxLength"]) == (1, 8, 100)
+  assert (k["type"], k["minimum"], k["maximum"], k["default"]) == ("integer", 1, 100, http.DEFAULT_K)
+
+  def schema_of(path, method, status):
+    return api["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+
+  body = {"queries": queries_for(3, 2), "k": 4}
+  assert conforms(body, request, schemas)
+  answer = client.post("/search", json=body).json()
+  assert len(answer["results"]) == 2 and conforms(answer, schema_of("/search", "post", "200"), schemas)
+  assert not conforms({"results": [[{"id": "doc1", "score": "0.5"}]]}, schema_of("/search", "post", "200"), schemas)
+  refused = client.post("/search", json={"queries": ["a"], "topk": 3})
+  assert refused.status_code == 422 and conforms(refused.json(), schema_of("/search", "post", "422"), schemas)
+  assert not conforms({"queries": ["a"], "topk": 3}, request, schemas)
+  assert conforms(client.get("/healthz").json(), schema_of("/healthz", "get", "200"), schemas)
+  assert conforms(client.get("/metrics.json").json(), schema_of("/metrics.json", "get", "200"), schemas)
 
 
 # Requests that are nearly right (the queries as text, with lone surrogates too; k any number or any JSON), any
@@ -303,7 +386,7 @@ def real_server(fake, limits=http.Limits()):
     assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
     time.sleep(0.01)
   try:
-    yield port, lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").json()
+    yield port, lambda: httpx.get(f"http://127.0.0.1:{port}/metrics.json").json()
   finally:
     server.should_exit = True
     thread.join(timeout=10)

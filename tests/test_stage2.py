@@ -120,7 +120,7 @@ def test_student_and_documents_from_different_teachers_are_refused(distilled, tm
   bundle.export(distilled["workdir"], str(good), backend="exact",  # the teacher's own store: accepted
                 embeddings=os.path.join(distilled["workdir"], "teacher", "documents"))
   store = tmp_path / "other_docs"  # what `scalingnote encode --checkpoint OTHER` writes
-  assert cli.main(["encode", "--checkpoint", other, "--corpus", str(_beir_corpus(tmp_path)), "--out", str(store)]) == 0
+  assert cli.main(["encode", "--checkpoint", other, "--data", str(_beir_corpus(tmp_path)), "--out", str(store)]) == 0
   with pytest.raises(bundle.BundleError, match="different embedding spaces"):
     bundle.export(distilled["workdir"], str(tmp_path / "b"), embeddings=str(store))
   # a flipped byte in the student's parameters is refused, naming the file; a bundle of format 1 (no file

@@ -1,10 +1,14 @@
 """The online retrieval service: a retriever behind HTTP (Starlette on uvicorn), with micro-batching.
 
-  POST /search   {"queries": ["..."], "k": 10}        (k optional, default 10)
-                 -> {"results": [[{"id": "doc7", "score": 0.93}, ...], ...]}   one list per query, in order
-  GET  /healthz  -> {"status": "ok", "num_docs": N}
-  GET  /metrics  -> /search request counts by status code, queries served, encoder calls and their mean batch
-                    size, latency percentiles (ms) over the last LATENCY_WINDOW /search requests
+  POST /search        {"queries": ["..."], "k": 10}        (k optional, default 10)
+                      -> {"results": [[{"id": "doc7", "score": 0.93}, ...], ...]}   one list per query, in order
+  GET  /healthz       -> {"status": "ok", "num_docs": N}
+  GET  /metrics       -> Prometheus text format (prometheus_client; OpenMetrics when the scraper asks for it):
+                         /search requests by status code and their latency, queries served, encoder calls and
+                         their sizes, the process's CPU and memory
+  GET  /metrics.json  -> the same counts as one JSON object, for a look with curl: with the mean batch size and
+                         latency percentiles (ms) over the last LATENCY_WINDOW /search requests
+  GET  /openapi.json  -> an OpenAPI 3.1 description of these routes, generated from the pydantic models below
 
   app = create_app(retriever, Limits(max_batch=32))   # any ASGI server; or serve(retriever) runs uvicorn
 
@@ -21,10 +25,12 @@ batch waits for the next one; a request with more than `max_batch` queries is sp
 new requests pile up in the queue, so under load batches fill by themselves; a lone request waits at most
 `max_wait_ms` longer than alone.
 
-Bad input is answered 4xx with {"error": "<field>: <what is wrong and the limit>"}: 400 for a body that is
-not a JSON object, 413 for too many queries, a query too long or a body too large, 422 for a wrong field.
-Text that is not Unicode (a lone surrogate escape) is a 422 too. When a batched `search` fails, each of its
-requests is searched again alone, so only the request that fails is answered 500; the service keeps going.
+A /search body is read by Python's json and validated by a pydantic model built from the Limits (strict types,
+no unknown fields; `search_request_model`). Bad input is answered 4xx with {"error": "<field>: <what is wrong and
+the limit>"}: 400 for a body that is not a JSON object, 413 for too many queries, a query too long or a body too
+large, 422 for a wrong field. Text that is not Unicode (a lone surrogate escape) is a 422 too. When a batched
+`search` fails, each of its requests is searched again alone, so only the request that fails is answered 500;
+the service keeps going.
 
 Slow and excess clients (`serve`, Limits): a connection must deliver each request's line and headers within
 `request_timeout_s` of opening (or of its previous response) or it is closed; a body not received within
@@ -40,22 +46,32 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import importlib.metadata
 import json
 import logging
 import time
+from typing import Annotated, Literal
 
 import numpy as np
+import prometheus_client
+import pydantic
+import pydantic.json_schema
+import pydantic_core
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scalingnote_jax.index.hits import Hits
 
 log = logging.getLogger(__name__)
 DEFAULT_K = 10
-LATENCY_WINDOW = 10_000  # /metrics percentiles are over this many most recent search requests
+LATENCY_WINDOW = 10_000  # /metrics.json percentiles are over this many most recent search requests
+# /search latency histogram buckets (s): a search takes milliseconds, so finer than prometheus_client's defaults
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,37 +122,57 @@ class _Job:
 
 
 class Metrics:
-  """Counters for /metrics; only touched from the event loop, so no lock."""
+  """The service's counters, in a Prometheus registry of its own (two apps in one process do not collide), and
+  the latencies of the last LATENCY_WINDOW /search requests for /metrics.json's percentiles. Only touched from
+  the event loop."""
 
-  def __init__(self):
+  def __init__(self, limits: Limits):
     self.start = time.time()
-    self.requests = 0
-    self.by_status = collections.Counter()
-    self.queries = 0  # queries answered with results (status 200)
-    self.batches = 0  # retriever.search calls
-    self.batched_queries = 0  # queries in those calls
+    self.registry = prometheus_client.CollectorRegistry()
+    prometheus_client.ProcessCollector(registry=self.registry)  # process_* (CPU, memory), as the default registry has
+    self.requests = prometheus_client.Counter(
+        "scalingnote_search_requests_total", "/search requests answered, by HTTP status code", ["code"],
+        registry=self.registry)
+    self.latency = prometheus_client.Histogram(
+        "scalingnote_search_request_duration_seconds", "time to answer a /search request, body read included",
+        buckets=LATENCY_BUCKETS_S, registry=self.registry)
+    self.queries = prometheus_client.Counter(
+        "scalingnote_search_queries_total", "queries answered with results (status 200)", registry=self.registry)
+    sizes = sorted({2 ** i for i in range(limits.max_batch.bit_length())} | {limits.max_batch})
+    self.batch_size = prometheus_client.Histogram(
+        "scalingnote_encoder_batch_size", "queries per encoder call (retriever.search); _count: the calls",
+        buckets=sizes, registry=self.registry)
     self.latencies_ms = collections.deque(maxlen=LATENCY_WINDOW)
 
   def observe(self, status: int, num_queries: int, seconds: float) -> None:
-    self.requests += 1
-    self.by_status[str(status)] += 1
+    self.requests.labels(code=str(status)).inc()
+    self.latency.observe(seconds)
     if status == 200:
-      self.queries += num_queries
+      self.queries.inc(num_queries)
     self.latencies_ms.append(1000 * seconds)
 
+  def observe_batch(self, num_queries: int) -> None:
+    self.batch_size.observe(num_queries)
+
   def report(self) -> dict:
+    """/metrics.json: read back from the Prometheus metrics, so both formats always agree."""
+    by_status = {s.labels["code"]: int(s.value) for s in _samples(self.requests, "_total")}
+    batches = int(_samples(self.batch_size, "_count")[0].value)
+    batched_queries = _samples(self.batch_size, "_sum")[0].value
     latency = {"window": len(self.latencies_ms)}
     if self.latencies_ms:
       p50, p90, p99 = np.percentile(np.asarray(self.latencies_ms), [50, 90, 99])
       latency.update(p50=float(p50), p90=float(p90), p99=float(p99))
-    return {
-        "uptime_s": time.time() - self.start,
-        "requests": {"total": self.requests, "by_status": dict(sorted(self.by_status.items()))},
-        "queries": self.queries,
-        "batches": self.batches,
-        "mean_batch_size": self.batched_queries / self.batches if self.batches else 0.0,
-        "latency_ms": latency,
-    }
+    return MetricsReport(
+        uptime_s=time.time() - self.start,
+        requests={"total": sum(by_status.values()), "by_status": dict(sorted(by_status.items()))},
+        queries=int(_samples(self.queries, "_total")[0].value), batches=batches,
+        mean_batch_size=batched_queries / batches if batches else 0.0, latency_ms=latency).model_dump()
+
+
+def _samples(metric, suffix: str) -> list:
+  """The samples of `metric` whose name ends with `suffix` (prometheus_client has no public getter of a value)."""
+  return [s for family in metric.collect() for s in family.samples if s.name.endswith(suffix)]
 
 
 class Batcher:
@@ -220,8 +256,7 @@ class Batcher:
   async def run_batch(self, batch: list[_Job]) -> None:
     queries = [q for job in batch for q in job.queries]
     k = max(job.k for job in batch)
-    self.metrics.batches += 1
-    self.metrics.batched_queries += len(queries)
+    self.metrics.observe_batch(len(queries))
     try:
       hits = await asyncio.get_running_loop().run_in_executor(self.executor, self.retriever.search, queries, k)
       ids, scores = hits.ids, np.asarray(hits.scores, dtype=np.float32)
@@ -250,54 +285,135 @@ class Batcher:
         job.future.set_result(result)
 
 
-def parse_search(body: bytes, limits: Limits, num_docs: int) -> tuple[list[str], int]:
-  """The queries and k of a /search body, or ErrorReply (4xx) naming the field and the limit."""
-  try:
-    request = json.loads(body)
-  except (ValueError, RecursionError) as e:  # ValueError covers bad JSON and bad UTF-8
-    raise ErrorReply(400, f"body: not valid JSON ({e})") from None
-  if not isinstance(request, dict):
-    raise ErrorReply(400, f"body: expected a JSON object {{\"queries\": [...], \"k\": {DEFAULT_K}}}, "
-                          f"got {type(request).__name__}")
-  unknown = sorted(set(request) - {"queries", "k"})
-  if unknown:
-    raise ErrorReply(422, f"body: unknown field(s) {unknown}; expected 'queries' and optionally 'k'")
+# The API as pydantic models: the request's validates /search bodies, and all of them generate /openapi.json.
 
-  if "queries" not in request:
-    raise ErrorReply(422, f"queries: missing (a list of 1 to {limits.max_queries} strings)")
-  queries = request["queries"]
-  if not isinstance(queries, list):
-    raise ErrorReply(422, f"queries: expected a list of strings, got {type(queries).__name__}")
-  if not queries:
-    raise ErrorReply(422, f"queries: empty; send 1 to {limits.max_queries} queries")
-  if len(queries) > limits.max_queries:
-    raise ErrorReply(413, f"queries: {len(queries)} queries exceed the limit of {limits.max_queries} per request")
-  for i, q in enumerate(queries):
+def _query_text(max_chars: int):
+  """A query: a string (pydantic's strict check), not blank, at most max_chars characters, Unicode text."""
+  def check(q):
+    # Before pydantic's own str check, which calls a lone surrogate "not a string" before counting characters:
+    # so the checks keep the service's order (blank, too long, not Unicode) and messages.
     if not isinstance(q, str):
-      raise ErrorReply(422, f"queries[{i}]: expected a string, got {type(q).__name__}")
+      return q  # refused by the strict str check next
     if not q.strip():
-      raise ErrorReply(422, f"queries[{i}]: empty query")
-    if len(q) > limits.max_query_chars:
-      raise ErrorReply(413, f"queries[{i}]: {len(q)} characters exceed the limit of {limits.max_query_chars}")
+      raise pydantic_core.PydanticCustomError("query_blank", "empty query")
+    if len(q) > max_chars:
+      raise pydantic_core.PydanticCustomError("query_too_long", "{length} characters exceed the limit of {limit}",
+                                              {"length": len(q), "limit": max_chars})
     try:
       q.encode("utf-8")
     except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
-      raise ErrorReply(422, f"queries[{i}]: not Unicode text (a lone surrogate at character {e.start})") from None
+      raise pydantic_core.PydanticCustomError("query_not_unicode", "not Unicode text (a lone surrogate at "
+                                              "character {start})", {"start": e.start}) from None
+    return q
+  # (max_length is checked above first; here it is for the schema)
+  return Annotated[str, pydantic.Field(max_length=max_chars), pydantic.BeforeValidator(check)]
 
-  k = request.get("k", DEFAULT_K)
-  # bool is an int in Python, and 10.0 is a float in JSON: neither is a valid k.
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ErrorReply(422, f"k: expected a positive integer, got {json.dumps(k)}")
-  if k > limits.max_k:
-    raise ErrorReply(422, f"k: {k} exceeds the limit of {limits.max_k}")
-  if k > num_docs:
-    raise ErrorReply(422, f"k: {k} exceeds the {num_docs} documents in the index")
-  return queries, k
+
+@functools.cache
+def search_request_model(limits: Limits) -> type[pydantic.BaseModel]:
+  """The /search body, with `limits` in its constraints (and so in /openapi.json)."""
+  return pydantic.create_model(
+      "SearchRequest", __config__=pydantic.ConfigDict(strict=True, extra="forbid"),
+      queries=(list[_query_text(limits.max_query_chars)], pydantic.Field(
+          min_length=1, max_length=limits.max_queries,
+          description=f"1 to {limits.max_queries} queries, each not blank and at most {limits.max_query_chars} "
+                      "characters")),
+      k=(int, pydantic.Field(DEFAULT_K, ge=1, le=limits.max_k, description=(
+          f"results per query, at most {limits.max_k} and the number of documents in the index (/healthz)"))))
+
+
+class Hit(pydantic.BaseModel):
+  id: str = pydantic.Field(description="the document's id")
+  score: float = pydantic.Field(description="its similarity to the query (inner product)")
+
+
+class SearchResponse(pydantic.BaseModel):
+  results: list[list[Hit]] = pydantic.Field(description="one list per query, in order: its k best documents, best "
+                                                        "first (fewer where the index could not fill them)")
+
+
+class ErrorResponse(pydantic.BaseModel):
+  error: str = pydantic.Field(description="<field>: <what is wrong and the limit>")
+
+
+class Health(pydantic.BaseModel):
+  status: Literal["ok"]
+  num_docs: int = pydantic.Field(description="documents in the index")
+
+
+class RequestCounts(pydantic.BaseModel):
+  total: int
+  by_status: dict[str, int] = pydantic.Field(description="/search requests by HTTP status code")
+
+
+class Latency(pydantic.BaseModel):
+  window: int = pydantic.Field(description=f"the last /search requests measured (at most {LATENCY_WINDOW})")
+  p50: float | None = None  # none before the first request
+  p90: float | None = None
+  p99: float | None = None
+
+
+class MetricsReport(pydantic.BaseModel):
+  uptime_s: float
+  requests: RequestCounts
+  queries: int = pydantic.Field(description="queries answered with results (status 200)")
+  batches: int = pydantic.Field(description="encoder calls (retriever.search)")
+  mean_batch_size: float = pydantic.Field(description="queries per encoder call")
+  latency_ms: Latency
+
+
+def parse_search(body: bytes, limits: Limits, num_docs: int) -> tuple[list[str], int]:
+  """The queries and k of a /search body, or ErrorReply (4xx) naming the field and the limit."""
+  try:
+    # Python's json rather than pydantic's parser: it reads \ud800 escapes (a 422 naming the query, not a 400)
+    request = json.loads(body)
+  except (ValueError, RecursionError) as e:  # ValueError covers bad JSON and bad UTF-8
+    raise ErrorReply(400, f"body: not valid JSON ({e})") from None
+  try:
+    parsed = search_request_model(limits).model_validate(request)
+  except pydantic.ValidationError as e:
+    raise _error_reply(e.errors(include_url=False), limits) from None
+  if parsed.k > num_docs:  # the index's size is not the request's to know: checked after the model's rules
+    raise ErrorReply(422, f"k: {parsed.k} exceeds the {num_docs} documents in the index")
+  return parsed.queries, parsed.k
+
+
+def _error_reply(errors: list[dict], limits: Limits) -> ErrorReply:
+  """The 4xx answer to a body search_request_model refused: its first problem, worded for a person."""
+  unknown = sorted(e["loc"][0] for e in errors if e["type"] == "extra_forbidden")
+  if unknown:  # all of them, before anything else
+    return ErrorReply(422, f"body: unknown field(s) {unknown}; expected 'queries' and optionally 'k'")
+  # pydantic reports in the model's order: queries (a too-long list before its items, items in order), then k
+  first = errors[0]
+  loc, kind, value = first["loc"], first["type"], first["input"]
+  if loc == ():
+    return ErrorReply(400, f"body: expected a JSON object {{\"queries\": [...], \"k\": {DEFAULT_K}}}, "
+                           f"got {type(value).__name__}")
+  if loc == ("queries",):
+    if kind == "missing":
+      return ErrorReply(422, f"queries: missing (a list of 1 to {limits.max_queries} strings)")
+    if kind == "list_type":
+      return ErrorReply(422, f"queries: expected a list of strings, got {type(value).__name__}")
+    if kind == "too_short":
+      return ErrorReply(422, f"queries: empty; send 1 to {limits.max_queries} queries")
+    if kind == "too_long":
+      return ErrorReply(413, f"queries: {len(value)} queries exceed the limit of {limits.max_queries} per request")
+  if loc[0] == "queries" and len(loc) == 2:
+    if kind == "string_type":
+      return ErrorReply(422, f"queries[{loc[1]}]: expected a string, got {type(value).__name__}")
+    return ErrorReply(413 if kind == "query_too_long" else 422, f"queries[{loc[1]}]: {first['msg']}")
+  if loc == ("k",):
+    if kind == "less_than_equal":
+      return ErrorReply(422, f"k: {value} exceeds the limit of {limits.max_k}")
+    # int_type covers bool (an int in Python) and 10.0 (a float in JSON): neither is a valid k
+    return ErrorReply(422, f"k: expected a positive integer, got {json.dumps(value)}")
+  return ErrorReply(422, f"{'.'.join(map(str, loc))}: {first['msg']}")  # a rule with no wording of its own
 
 
 def create_app(retriever, limits: Limits = Limits()) -> Starlette:
   """The service over `retriever`; its batcher starts and stops with the app's lifespan."""
-  metrics = Metrics()
+  metrics = Metrics(limits)
+  description = openapi(limits)
   state = {"batcher": None}
 
   @contextlib.asynccontextmanager
@@ -341,8 +457,16 @@ def create_app(retriever, limits: Limits = Limits()) -> Starlette:
   async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "num_docs": int(retriever.num_docs)})
 
-  async def metrics_endpoint(request: Request) -> JSONResponse:
+  async def metrics_endpoint(request: Request) -> Response:
+    # The format the scraper asks for (Accept): Prometheus text by default, OpenMetrics if it prefers that
+    encoder, media_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(metrics.registry), media_type=media_type)
+
+  async def metrics_json(request: Request) -> JSONResponse:
     return JSONResponse(metrics.report())
+
+  async def openapi_endpoint(request: Request) -> JSONResponse:
+    return JSONResponse(description)
 
   async def http_error(request: Request, e: HTTPException) -> JSONResponse:
     # Unknown paths (404) and wrong methods (405) answer JSON too, like everything else.
@@ -351,8 +475,61 @@ def create_app(retriever, limits: Limits = Limits()) -> Starlette:
 
   return Starlette(routes=[Route("/search", search, methods=["POST"]),
                            Route("/healthz", healthz, methods=["GET"]),
-                           Route("/metrics", metrics_endpoint, methods=["GET"])],
+                           Route("/metrics", metrics_endpoint, methods=["GET"]),
+                           Route("/metrics.json", metrics_json, methods=["GET"]),
+                           Route("/openapi.json", openapi_endpoint, methods=["GET"])],
                    exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+def openapi(limits: Limits) -> dict:
+  """The OpenAPI 3.1 description of the service, its schemas generated from the pydantic models (the request's
+  with `limits`)."""
+  request_model = search_request_model(limits)
+  responses = (SearchResponse, ErrorResponse, Health, MetricsReport)
+  refs, schemas = pydantic.json_schema.models_json_schema(
+      [(request_model, "validation")] + [(model, "serialization") for model in responses],
+      ref_template="#/components/schemas/{model}")
+
+  def json_body(model, description: str) -> dict:
+    mode = "validation" if model is request_model else "serialization"
+    return {"description": description, "content": {"application/json": {"schema": refs[(model, mode)]}}}
+
+  text = {"schema": {"type": "string"}}
+  return {
+      "openapi": "3.1.0",
+      "info": {"title": "scalingnote-jax retrieval service", "version": _package_version(),
+               "description": "Dense retrieval over a serving bundle (`scalingnote serve`), with micro-batching."},
+      "paths": {
+          "/search": {"post": {
+              "summary": "the k best documents of the index for each query",
+              "requestBody": {"required": True, **json_body(request_model, "queries and k")},
+              "responses": {
+                  "200": json_body(SearchResponse, "one result list per query, in the request's order"),
+                  "400": json_body(ErrorResponse, "the body is not JSON, or not a JSON object"),
+                  "408": json_body(ErrorResponse, "the body did not arrive within the request timeout"),
+                  "413": json_body(ErrorResponse, "too many queries, a query too long, or a body too large"),
+                  "422": json_body(ErrorResponse, "a field is wrong (named in the message, with the limit)"),
+                  "500": json_body(ErrorResponse, "the search failed for this request; the service goes on"),
+                  "503": json_body(ErrorResponse, "too many queries waiting for the encoder: retry after "
+                                                  "Retry-After seconds (beyond the connection limit uvicorn "
+                                                  "answers 503 in plain text)")}}},
+          "/healthz": {"get": {"summary": "the service is up", "responses": {
+              "200": json_body(Health, "up, with the size of its index")}}},
+          "/metrics": {"get": {"summary": "Prometheus metrics (scalingnote_*, process_*)", "responses": {
+              "200": {"description": "Prometheus text format, or OpenMetrics when the Accept header prefers it",
+                      "content": {"text/plain; version=0.0.4": text, "application/openmetrics-text": text}}}}},
+          "/metrics.json": {"get": {"summary": "the metrics as one JSON object, with latency percentiles",
+                                    "responses": {"200": json_body(MetricsReport, "the service's counts so far")}}},
+      },
+      "components": {"schemas": schemas["$defs"]},
+  }
+
+
+def _package_version() -> str:
+  try:
+    return importlib.metadata.version("scalingnote-jax")
+  except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    return "unknown"
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:

@@ -5,7 +5,7 @@ Sections in execution order: first-stage runs -> training groups -> model (creat
 evaluation (the validation run's top candidates reranked) -> loop.
 
   scalingnote train-reranker --config configs/rerank_tiny.py --workdir DIR --config.data.path=BEIR_DIR
-  scalingnote rerank --model DIR --data BEIR_DIR --split test --run FIRST_STAGE.run --out RERANKED.run
+  scalingnote rerank --checkpoint DIR --data BEIR_DIR --split test --run FIRST_STAGE.run --out RERANKED.run
 
 The first stage is BM25 (`data.train_run="bm25"`) or any TREC run file over the split's queries, e.g. a dense
 model's from `scalingnote eval --checkpoint ... --save-run FILE`. The workdir holds config.json, reranker.json
