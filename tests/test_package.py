@@ -16,14 +16,18 @@ from helpers import ROOT
 pytestmark = pytest.mark.floor  # also run on the oldest supported stack (make test-floor)
 
 
-def imported_top_modules(package_dir: str) -> dict[str, str]:
-  """Top-level names of the absolute imports in a package's files -> one file importing each."""
+def imported_top_modules(package_dir: str) -> dict[str, tuple[str, bool]]:
+  """Top-level names of the absolute imports in a package's files -> (one file importing each, whether every
+  import of it sits inside a function: an optional dependency, imported only when its feature is used)."""
   found = {}
   for dirpath, _, files in os.walk(package_dir):
     for name in files:
       if name.endswith(".py"):
         path = os.path.join(dirpath, name)
-        for node in ast.walk(ast.parse(open(path).read(), path)):
+        tree = ast.parse(open(path).read(), path)
+        in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for n in ast.walk(f)}
+        for node in ast.walk(tree):
           if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
           elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -31,21 +35,30 @@ def imported_top_modules(package_dir: str) -> dict[str, str]:
           else:
             continue
           for n in names:
-            found.setdefault(n.split(".")[0], os.path.relpath(path, ROOT))
+            where, lazy = found.get(n.split(".")[0], (os.path.relpath(path, ROOT), True))
+            found[n.split(".")[0]] = (where, lazy and id(node) in in_function)
   return found
 
 
 def test_every_imported_module_is_a_declared_dependency():
-  declared = {Requirement(r).name.lower().replace("_", "-") for r in importlib.metadata.requires("scalingnote-jax")
-              if "extra ==" not in r}
+  """Imported at module level: a dependency. Imported only inside functions (mteb for eval/mteb_adapter.py): a
+  dependency or in an extra (`pip install .[interop]`), by its distribution or, when not installed, its name."""
+  def names(requirements):
+    return {Requirement(r).name.lower().replace("_", "-") for r in requirements}
+  requires = importlib.metadata.requires("scalingnote-jax")
+  declared = names(r for r in requires if "extra ==" not in r)
+  optional = names(r for r in requires if "extra ==" in r)
   providers = importlib.metadata.packages_distributions()
   missing = {}
-  for module, where in imported_top_modules(os.path.join(ROOT, "scalingnote_jax")).items():
+  for module, (where, lazy) in imported_top_modules(os.path.join(ROOT, "scalingnote_jax")).items():
     if module in sys.stdlib_module_names or module == "scalingnote_jax":
       continue
+    allowed = declared | optional if lazy else declared
     dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
+    if lazy and not dists and module.lower().replace("_", "-") in optional:
+      continue  # an extra's module, not installed here
     assert dists, f"{where} imports {module!r}, which no installed distribution provides"
-    if not dists & declared:
+    if not dists & allowed:
       missing[module] = (where, sorted(dists))
   assert not missing, f"imported but not declared in pyproject.toml's dependencies: {missing}"
 
