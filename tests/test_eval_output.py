@@ -32,3 +32,15 @@ def test_eval_output_writes_an_mteb_task_result(tmp_path, capsys):
   # only after the evaluation succeeded: a failed one writes nothing
   assert main(["eval", "--bm25", "--data", data, "--split", "dev", "--output", str(tmp_path / "none")]) == 1
   assert not (tmp_path / "none").exists()
+
+
+def test_no_speed_skips_the_throughput_pass_and_changes_no_metric(tmp_path, capsys):
+  corpus = {f"d{i}": {"title": "", "text": f"document {i} about topic {i % 3}"} for i in range(6)}
+  data = beir.write_beir(beir.Dataset(corpus, {"q1": "topic 1", "q2": "document 5"}, {"q1": {"d1": 1}, "q2": {"d5": 1}}),
+                         str(tmp_path / "tiny"), "test")
+  assert main(["eval", "--bm25", "--data", data]) == 0
+  timed = json.loads(capsys.readouterr().out)
+  assert main(["eval", "--bm25", "--data", data, "--no-speed"]) == 0
+  untimed = json.loads(capsys.readouterr().out)
+  assert timed["qps"] > 0 and "qps" not in untimed and "latency_ms_p50" not in untimed
+  assert {k: v for k, v in timed.items() if k not in ("qps", "batch_size", "latency_ms_p50")} == untimed
