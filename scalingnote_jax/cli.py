@@ -81,7 +81,7 @@ def rerank(args, cfg) -> int:
   from scalingnote_jax.train import rerank as rerank_lib
 
   print(to_json(rerank_lib.rerank_file(args.checkpoint, args.data, args.run, args.out, top_k=args.top_k,
-                                       batch_size=args.batch_size)))
+                                       batch_size=args.batch_size, fuse=args.fuse)))
   return 0
 
 
@@ -218,6 +218,9 @@ def _rerank_args(p):
   p.add_argument("--out", required=True, help="the reranked TREC run file")
   p.add_argument("--top-k", type=int, default=100, help="documents per query reranked (the rest are dropped)")
   p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")
+  p.add_argument("--fuse", type=float, default=1.0,
+                 help="weight of the reranker's score against the first stage's, each min-max normalised per "
+                      "query (1: the reranker alone; choose it on a dev split)")
 
 
 def _export_hf_args(p):

@@ -109,12 +109,15 @@ def rerank_defaults() -> ConfigDict:
   # follow the checkpoint. BERT scores from [CLS]; a decoder from its last token (pooling="last", append_eos).
   c.tower = ConfigDict(dict(pooling="cls", max_length=24, query_prompt="{text}", document_prompt="{title} {text}"))
   # First stage: "bm25" or a TREC run file per split; groups draw the others from each query's top_k.
-  c.data = ConfigDict(dict(path="", train_split="train", val_split="test", train_run="bm25", val_run="bm25",
-                           top_k=30, group_size=4, train_fraction=1.0, seed=0))
+  # val_split = train_split holds val_fraction of the training queries out as a dev split (as Stage 1 does:
+  # the same seed, the same queries).
+  c.data = ConfigDict(dict(path="", train_split="train", val_split="test", val_fraction=0.15, train_run="bm25",
+                           val_run="bm25", top_k=30, group_size=4, train_fraction=1.0, seed=0))
   c.optim = ConfigDict({**OPTIM, "lr": 5e-4, "warmup_steps": 5})
   c.checkpoint = ConfigDict(dict(every=25, keep=2))
-  # Validation reranks each validation query's first-stage top_k.
-  c.eval = ConfigDict(dict(every=50, at_start=False, top_k=10, batch_size=128))
+  # Validation reranks each validation query's first-stage top_k; `fuse`: weights of the reranker's score
+  # fused with the first stage's at which nDCG@10 is also reported (`scalingnote rerank --fuse`).
+  c.eval = ConfigDict(dict(every=50, at_start=False, top_k=10, batch_size=128, fuse=()))
   return c
 
 

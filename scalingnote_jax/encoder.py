@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from scalingnote_jax import sharding
 from scalingnote_jax.artifacts import trained
 from scalingnote_jax.artifacts.checkpoint import fingerprint
-from scalingnote_jax.data import trunk
+from scalingnote_jax.data import runs, trunk
 from scalingnote_jax.models import load_backbone, resolve_path
 from scalingnote_jax.models.tokenizer import Tokenizer
 from scalingnote_jax.models.st_folder import load_dense, sentence_transformers_folder
@@ -260,7 +260,11 @@ def towers(checkpoint: str, mesh: jax.sharding.Mesh | None = None,
 
 
 def _check_items(items, what: str, *, allow_dict: bool):
-  if isinstance(items, (str, dict)) or not isinstance(items, Sequence):
+  if isinstance(items, (str, dict)):
+    one = {"queries": "encode_query", "docs": "encode_document"}.get(what, "encode_query / encode_document")
+    raise TypeError(f"{what}: expected a list, got one {type(items).__name__} ({one} takes a single one, as "
+                    "sentence-transformers does, and returns [D])")
+  if not isinstance(items, Sequence):
     raise TypeError(f"{what}: expected a list, got {type(items).__name__}")
   if len(items) == 0:
     raise ValueError(f"{what}: got an empty list; nothing to encode")
@@ -323,9 +327,12 @@ class CrossEncoder(Encoder):
                                        append_eos=self.cfg.append_eos)
 
   def rerank(self, run: dict[str, dict[str, float]], queries: dict[str, str], corpus: dict[str, dict], *,
-             top_k: int = 100, batch_size: int = 32, show_progress: bool | None = None) -> dict[str, dict[str, float]]:
+             top_k: int = 100, batch_size: int = 32, fuse: float = 1.0,
+             show_progress: bool | None = None) -> dict[str, dict[str, float]]:
     """A run ({qid: {doc_id: score}}) whose top_k documents per query are rescored by the reranker (the rest
-    are dropped). Queries missing from `queries`, or documents from `corpus`, raise with their ids."""
+    are dropped). `fuse` < 1 mixes in the first stage's scores (`runs.fuse`: weight `fuse` on the reranker's,
+    each min-max normalised per query). Queries missing from `queries`, or documents from `corpus`, raise
+    with their ids."""
     pairs = []
     for qid, docs in run.items():
       if qid not in queries:
@@ -341,4 +348,4 @@ class CrossEncoder(Encoder):
     out: dict[str, dict[str, float]] = {qid: {} for qid in run}
     for (qid, doc_id), score in zip(pairs, scores):
       out[qid][doc_id] = float(score)
-    return out
+    return out if fuse == 1.0 else runs.fuse(run, out, fuse)

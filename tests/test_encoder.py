@@ -91,7 +91,7 @@ def test_bad_inputs_fail_clearly(minilm):
     minilm.encode_queries([])
   with pytest.raises(TypeError, match=r"queries\[2\]: expected a string, got int"):
     minilm.encode_queries(["a", "b", 3])
-  with pytest.raises(TypeError, match=r"queries: expected a list, got str"):
+  with pytest.raises(TypeError, match=r"queries: expected a list, got one str \(encode_query takes a single one"):
     minilm.encode_queries("a single string")
   with pytest.raises(TypeError, match=r"docs\[1\]: a document dict needs a string 'text'"):
     minilm.encode_documents(["ok", {"title": "no text"}])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, run_cli, shared_artefact
+from helpers import BEIR, ROOT, run_cli, shared_artefact
 
 # ---------------------------------------------------------------------------------------------------------
 # Losses: rax behind one function, checked against the textbook formulas with graded labels and padding.
@@ -145,6 +145,57 @@ def test_run_files_round_trip_and_bad_lines_are_named(tmp_path):
   assert read_known_run(path, corpus) == run  # no query check without queries
 
 
+def test_fusion_with_the_first_stage_is_ranx_wsum_of_min_max(tmp_path):
+  """`runs.fuse` (rerank --fuse) against ranx's fuse(norm="min-max", method="wsum"), with ties and a query
+  whose scores are all equal; weight 1 keeps the reranker's order, 0 the first stage's."""
+  from ranx import Run, fuse as ranx_fuse
+
+  from scalingnote_jax.data.runs import fuse
+
+  rng = np.random.default_rng(0)
+  first = {f"q{i}": {f"d{j}": float(rng.normal() * 10 + 40) for j in rng.choice(50, 12, replace=False)}
+           for i in range(20)}
+  second = {q: {d: float(rng.normal()) for d in list(docs)[:8]} for q, docs in first.items()}
+  second["q0"] = {d: 1.5 for d in second["q0"]}  # all equal: normalised to 0
+  second["q1"][next(iter(second["q1"]))] = max(second["q1"].values())  # a tie at the top
+  cut = {q: {d: first[q][d] for d in docs} for q, docs in second.items()}  # ranx sums over the union
+  for w in (0.0, 0.3, 0.5, 1.0):
+    ours = fuse(first, second, w)
+    want = ranx_fuse([Run(cut), Run(second)], norm="min-max", method="wsum",
+                     params={"weights": [1 - w, w]}).to_dict()
+    for q in second:
+      assert ours[q].keys() == second[q].keys()
+      np.testing.assert_allclose([ours[q][d] for d in second[q]], [want[q][d] for d in second[q]], atol=1e-7)
+  order = lambda r, q: sorted(r[q], key=lambda d: -r[q][d])  # noqa: E731
+  assert all(order(fuse(first, second, 1.0), q) == order(second, q) for q in list(second)[2:])
+  assert all(order(fuse(first, second, 0.0), q) == order(cut, q) for q in second)
+  with pytest.raises(ValueError, match=r"fusion weight 1.5: expected 0 <= weight <= 1"):
+    fuse(first, second, 1.5)
+  with pytest.raises(ValueError, match=r"fuse: document 'dx' of query 'q2' is not in the first run"):
+    fuse(first, {"q2": {"dx": 1.0}}, 0.5)
+
+
+def test_a_dev_split_held_out_of_training_is_stage_1s():
+  """val_split = train_split: the reranker validates on the dev queries a Stage 1 run with the same seed holds
+  out (SciFact has no dev split), and trains on none of them."""
+  from scalingnote_jax.config import rerank_defaults, stage1_defaults
+  from scalingnote_jax.data.training import load_data
+  from scalingnote_jax.train.rerank import splits
+
+  d = rerank_defaults().data
+  scifact_dir = os.path.join(BEIR, "scifact")
+  d.update(dict(path=scifact_dir, val_split="train", val_fraction=0.15))
+  train, dev = splits(d)
+  s1 = stage1_defaults().data
+  s1.update(dict(source="beir", path=scifact_dir, train_split="train", val_split="train", val_fraction=0.15))
+  examples, held_out, _ = load_data(s1)
+  assert set(dev.qrels) == set(held_out.queries) and len(dev.qrels) == round(0.15 * 809)
+  assert not set(dev.qrels) & set(train.qrels) and len(train.qrels) + len(dev.qrels) == 809
+  assert set(train.qrels) == {ex.query_id for ex in examples}
+  d.val_split = "test"
+  assert len(splits(d)[0].qrels) == 809  # a split of its own: every training query trains
+
+
 def test_a_run_file_is_scored_with_beir_conventions(tmp_path):
   """A judged query the run lacks scores 0 and is counted; the query's own id is dropped before the top k."""
   from scalingnote_jax.data.beir import Dataset
@@ -197,7 +248,7 @@ def first_stage(tiny_teacher):
 # with two layers, 0.88-0.93 with one; after 150 steps with one: 0.85 / 0.91; after 100: 0.74-0.79 (first stage
 # 0.78; an initial bias at the base rate's log-odds made it worse: 0.73). At 24-token pairs (the default, a
 # third cheaper): listnet 0.835, ranknet 0.840, bce 0.862; one layer at 50 steps learns nothing yet (~0.59).
-SETTINGS = {"listnet": [], "ranknet": [],
+SETTINGS = {"listnet": ["--config.eval.fuse=(0.5,)"], "ranknet": [],
             "bce": ["--config.num_steps=150", "--config.optim.lr=1e-3", "--config.model.num_layers=1"]}
 
 
@@ -226,6 +277,11 @@ def test_each_loss_trains_a_reranker_that_beats_its_first_stage(loss, first_stag
   assert summary["pairs"] == 10 * fs["num_queries"] and summary["pairs_per_s"] > 0
   scored = json.loads(run_cli("eval", "--run", reranked, "--data", data, "--split", "test").stdout)
   assert scored["ndcg_at_10"] == pytest.approx(final, abs=1e-4) and scored["queries_not_in_run"] == 0
+  # fused with the first stage: `rerank --fuse` scores as the trainer's validation did
+  run_cli("rerank", "--checkpoint", workdir, "--data", data, "--run", test_run, "--out", reranked, "--top-k", "10",
+          "--fuse", "0.5")
+  fused = json.loads(run_cli("eval", "--run", reranked, "--data", data, "--split", "test").stdout)["ndcg_at_10"]
+  assert fused == pytest.approx(result["final"]["fused_0.5_ndcg_at_10"], abs=1e-4) and fused != pytest.approx(final)
   from scalingnote_jax.data.beir import load_beir
   from scalingnote_jax.eval.evaluate import evaluate_run_file
 

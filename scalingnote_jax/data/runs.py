@@ -51,3 +51,25 @@ def write_run(path: str, run: dict[str, dict[str, float]], tag: str = "scalingno
   """Written atomically: a reader never sees half a run."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   write_atomic(path, format_run(run, tag))
+
+
+def fuse(first: dict[str, dict[str, float]], second: dict[str, dict[str, float]],
+         weight: float) -> dict[str, dict[str, float]]:
+  """Weighted sum of two runs' scores, each min-max normalised per query (ranx's `fuse(norm="min-max",
+  method="wsum")`, tested equal): `weight` on `second` (e.g. a reranker's), 1 - weight on `first` (its first
+  stage), over the documents `second` scored (each must be in `first`)."""
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f"fusion weight {weight}: expected 0 <= weight <= 1 (1: the second run alone)")
+
+  def min_max(scores: dict[str, float]) -> dict[str, float]:
+    lo, hi = min(scores.values(), default=0.0), max(scores.values(), default=0.0)
+    return {d: (s - lo) / (hi - lo) if hi > lo else 0.0 for d, s in scores.items()}
+
+  out = {}
+  for qid, docs in second.items():
+    missing = [d for d in docs if d not in first.get(qid, {})]
+    if missing:
+      raise ValueError(f"fuse: document {missing[0]!r} of query {qid!r} is not in the first run")
+    a, b = min_max({d: first[qid][d] for d in docs}), min_max(docs)
+    out[qid] = {d: (1.0 - weight) * a[d] + weight * b[d] for d in docs}
+  return out

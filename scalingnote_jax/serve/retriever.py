@@ -3,6 +3,7 @@ answers them.
 
   retriever = Retriever.load("bundle/")
   hits = retriever.search(["what is the orbit of halfeva 31"], k=10)   # hits.ids [Q][k], hits.scores [Q, k]
+  hits = retriever.search("what is the orbit of halfeva 31")           # one string: Q = 1
 
 Queries are padded to a few bucketed shapes (batch and length rounded up to powers of two, as in
 `encoder.Encoder`), so the jitted student compiles once per bucket; `warmup()` compiles them all up front.
@@ -43,9 +44,10 @@ class Retriever:
     """Query embeddings [Q, D] (unit norm), in batches of at most `max_batch`."""
     return self.encoder.encode_queries(queries, batch_size=self.max_batch, show_progress=False)
 
-  def search(self, queries: Sequence[str], k: int = 10) -> Hits:
-    """The top k documents of each query (ids [Q][k], float32 scores [Q, k]), best first."""
-    return self.index.search(self.encode(queries), k)
+  def search(self, queries: Sequence[str] | str, k: int = 10) -> Hits:
+    """The top k documents of each query (ids [Q][k], float32 scores [Q, k]), best first. One string is
+    one query (Q = 1)."""
+    return self.index.search(self.encode([queries] if isinstance(queries, str) else queries), k)
 
   def warmup(self) -> int:
     """Compiles the student for every (batch, length) bucket; returns how many shapes that was."""

@@ -32,8 +32,9 @@ from scalingnote_jax.config import rerank_defaults
 from scalingnote_jax.artifacts.trained import RERANKER_FILE
 from scalingnote_jax.data import beir
 from scalingnote_jax.data.pipeline import RerankData, RerankGroup
+from scalingnote_jax.data import runs
 from scalingnote_jax.data.runs import read_run, write_run
-from scalingnote_jax.data.training import subsample
+from scalingnote_jax.data.training import hold_out, subsample
 from scalingnote_jax.distributed import is_main
 from scalingnote_jax.encoder import CrossEncoder
 from scalingnote_jax.eval.evaluate import beir_run
@@ -70,6 +71,21 @@ def read_known_run(path: str, corpus: dict, queries: dict | None = None) -> dict
     if unknown:
       raise beir.DataError(f"{path}: {len(unknown)} {what} are not in the data directory, e.g. {unknown[0]!r}")
   return run
+
+
+def splits(d: ConfigDict) -> tuple[beir.Dataset, beir.Dataset | None]:
+  """(training split, validation split or None) of the `data` section. val_split = train_split holds
+  val_fraction of the training queries out as a dev split: the same queries as a Stage 1 run's with the same
+  seed (`data.training.hold_out`), none of them trained on."""
+  train = beir.load_beir(d.path, d.train_split, unknown="skip")
+  if not d.val_split:
+    return train, None
+  if d.val_split != d.train_split:
+    return train, beir.load_beir(d.path, d.val_split, unknown="skip")
+  _, dev = hold_out(train, [], d.val_fraction, d.seed)
+  rest = {q: r for q, r in train.qrels.items() if q not in dev.qrels}
+  return (beir.Dataset(train.corpus, {q: train.queries[q] for q in rest if q in train.queries}, rest),
+          beir.Dataset(train.corpus, dev.queries, dev.qrels))
 
 
 def training_groups(data: beir.Dataset, run: dict, enc: CrossEncoder) -> list[RerankGroup]:
@@ -119,10 +135,16 @@ def make_train_step(graphdef, tx, mesh, loss: str):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: the validation queries' first-stage top k, reranked.
 
-def evaluate(enc: CrossEncoder, data: beir.Dataset, run: dict, top_k: int, batch_size: int) -> dict[str, float]:
+def evaluate(enc: CrossEncoder, data: beir.Dataset, run: dict, top_k: int, batch_size: int,
+             fuse: tuple[float, ...] = ()) -> dict[str, float]:
+  """The reranked top_k's metrics, and nDCG@10 of its fusion with the first stage at each weight of `fuse`
+  (`fused_W_ndcg_at_10`: choose W on a dev split for `scalingnote rerank --fuse W`)."""
   judged = {q: run[q] for q in run if any(g > 0 for g in data.qrels.get(q, {}).values())}
   reranked = enc.rerank(judged, data.queries, data.corpus, top_k=top_k, batch_size=batch_size, show_progress=False)
-  return ir_metrics(data.qrels, reranked)
+  metrics = ir_metrics(data.qrels, reranked)
+  for w in fuse:
+    metrics[f"fused_{w:g}_ndcg_at_10"] = ir_metrics(data.qrels, runs.fuse(judged, reranked, w))["ndcg_at_10"]
+  return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,7 +176,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
 
   # Data: groups of the training split's first-stage candidates; the validation split's run.
   d = cfg.data
-  train_data = beir.load_beir(d.path, d.train_split, unknown="skip")
+  train_data, val = splits(d)
+  validate = val is not None and cfg.eval.every > 0
   groups = training_groups(train_data, first_stage(d.train_run, train_data, d.top_k), enc)
   groups = subsample(groups, d.train_fraction, d.seed)  # data-size sweeps: nested subsets
   data = RerankData(groups, enc.tokenize_pairs, enc.tokenizer.pad_id, d.group_size, enc.cfg.max_length,
@@ -162,9 +185,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   batches = data.iterator(d.seed, jax.process_index(), jax.process_count())
   if data_state is not None:
     batches.set_state(data_state)
-  validate = bool(d.val_split) and cfg.eval.every > 0
   if validate:
-    val = beir.load_beir(d.path, d.val_split, unknown="skip")
     val_run = first_stage(d.val_run, val, 100)
     first_stage_metrics = ir_metrics(val.qrels, val_run)
   step_fn = jit_step(make_train_step(graphdef, tx, mesh, cfg.loss), mesh, params, opt_state)
@@ -175,7 +196,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   def run_eval(step):
     nnx.update(model, params)
     enc.update(model)
-    metrics = evaluate(enc, val, val_run, cfg.eval.top_k, cfg.eval.batch_size)
+    metrics = evaluate(enc, val, val_run, cfg.eval.top_k, cfg.eval.batch_size, tuple(cfg.eval.fuse))
     evals.append({"step": step, **metrics})
     log.write(step, "val", metrics)
     return metrics
@@ -218,17 +239,20 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
 # `scalingnote rerank`: a run file in, the reranked run file out.
 
 def rerank_file(model_dir: str, data_dir: str, run_in: str, out: str, *, top_k: int = 100,
-                batch_size: int = 64) -> dict:
-  """Reranks each query's top_k documents of `run_in` (queries and documents from the BEIR directory) and
-  writes the run to `out`; returns counts and pairs scored per second."""
+                batch_size: int = 64, fuse: float = 1.0) -> dict:
+  """Reranks each query's top_k documents of `run_in` (queries and documents from the BEIR directory; `fuse`
+  < 1 mixes in the first stage's scores) and writes the run to `out`; returns counts and pairs scored per
+  second."""
   if top_k < 1:
     raise ValueError(f"rerank: --top-k {top_k}: expected >= 1")
+  if not 0.0 <= fuse <= 1.0:
+    raise ValueError(f"rerank: --fuse {fuse}: expected 0 <= weight <= 1 (1: the reranker alone)")
   enc = CrossEncoder.from_workdir(model_dir)
   queries = beir.load_queries(os.path.join(data_dir, "queries.jsonl"))
   corpus = beir.load_corpus(os.path.join(data_dir, "corpus.jsonl"))
   run = read_known_run(run_in, corpus, queries)
   t0 = time.perf_counter()
-  reranked = enc.rerank(run, queries, corpus, top_k=top_k, batch_size=batch_size)
+  reranked = enc.rerank(run, queries, corpus, top_k=top_k, batch_size=batch_size, fuse=fuse)
   seconds = time.perf_counter() - t0
   write_run(out, reranked, tag="scalingnote-rerank")
   pairs = sum(len(docs) for docs in reranked.values())
