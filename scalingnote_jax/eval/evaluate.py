@@ -112,8 +112,9 @@ def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str | Non
 # Evaluation.
 
 def throughput(system, queries: list[str], *, batch_size: int, k: int = 100, singles: int = 32) -> dict:
-  """Queries per second of the whole search (encode + index), batched, after a warm-up pass (compilation),
-  and the median latency of one query on its own."""
+  """Queries per second of the whole search (encode + index), batched, after a warm-up pass (compilation):
+  the best of repeated passes (at least 3, and about a second in all), as `timeit` takes the minimum, since a
+  fast system's single pass is mostly timer noise; and the median latency of one query on its own."""
   def timed(fn):
     t0 = time.perf_counter()
     fn()
@@ -122,7 +123,10 @@ def throughput(system, queries: list[str], *, batch_size: int, k: int = 100, sin
   batches = [queries[i:i + batch_size] for i in range(0, len(queries), batch_size)]
   for b in batches:  # warm-up: every batch shape compiled
     system.search(b, k)
-  seconds = timed(lambda: [system.search(b, k) for b in batches])
+  passes = [timed(lambda: [system.search(b, k) for b in batches]) for _ in range(3)]
+  while sum(passes) < 1.0 and len(passes) < 50:
+    passes.append(timed(lambda: [system.search(b, k) for b in batches]))
+  seconds = min(passes)
   one = [queries[i % len(queries)] for i in range(singles + 1)]
   system.search(one[:1], k)
   latency = sorted(timed(lambda q=q: system.search([q], k)) for q in one[1:])
