@@ -67,10 +67,13 @@ def get_config(variant: str = ""):
 
   c.export = ConfigDict(dict(backend="scann"))
   c.eval = ConfigDict(dict(num_negatives=256, temperature=None, batch_size=64, zero_shot=()))  # CE: Fang et al.
+  # A finished training stage keeps its final checkpoint only, what later stages read (True: every one it kept).
+  c.keep_all_checkpoints = False
   if variant == "smoke":
     c.data.num_docs, c.data.unlabelled_per_doc = 64, 1
     c.teacher = tiny_config()  # a random 2-layer decoder: loads in no time
     c.teacher.model.doc_seed = c.teacher.model.seed  # identical towers: above chance from step 0
+    c.teacher.model.freeze_layers = 1  # as the demo's: a frozen base, which the mining round shares
     c.teacher.data.n_neg = 0
     for stage in (c.teacher, c.baseline, c.student):  # validated once, at the end; checkpoints every 2 steps
       stage.update(dict(num_steps=4, log_every=2))

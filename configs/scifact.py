@@ -38,6 +38,7 @@ def get_config(variant: str = "", *, name: str = "scifact"):
   c.student_layers = (1, 2, 3)
   c.export = ConfigDict(dict(backend="scann"))
   c.eval = ConfigDict(dict(num_negatives=256, temperature=None, batch_size=64, zero_shot=("all-MiniLM-L6-v2",)))
+  c.keep_all_checkpoints = False  # a finished training stage keeps its final checkpoint only (pipeline.py)
   if variant not in ("", "mined", "minilm"):
     raise ValueError(f"configs/{name}.py: unknown variant {variant!r} (known: mined, minilm)")
   return c

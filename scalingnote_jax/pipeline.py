@@ -20,6 +20,10 @@ resumes the interrupted one from its checkpoints or finished chunks):
 
 A stage records a hash of the configuration it ran with: rerunning with a changed configuration stops with
 the name of the stage that differs instead of mixing results.
+
+What the workdir keeps: the frozen parameters of the Stage 1 runs (frozen layers, a LoRA base) once per content in
+frozen/<fingerprint>/ (the mining round's are the first teacher's), and a finished training stage only its final
+checkpoint, what every later stage reads (the others served to resume it; `keep_all_checkpoints=True` keeps them).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import numpy as np
 from ml_collections import ConfigDict
 
+from scalingnote_jax.artifacts import checkpoint
 from scalingnote_jax.artifacts.files import write_atomic
 from scalingnote_jax.artifacts.lock import holds_lock
 from scalingnote_jax.artifacts.stages import Stages
@@ -112,11 +117,19 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
   data = stages("data", cfg.data.to_dict(), lambda: prepare_data(cfg.data, path("data")))
 
   def train(name, c):
-    out = stage1.train(c, path(name), resume=True)
+    out = stage1.train(c, path(name), resume=True, shared_base=path("frozen"))
     return {"final": out["evals"][-1] if out["evals"] else None}
 
+  def trainer_stage(name, out, config, fn, defaults):
+    """`stages(...)` of a stage that trains in `out`; once it is recorded done (now or by an earlier run), only
+    its final checkpoint is kept."""
+    result = stages(name, config, fn, defaults)
+    if is_main() and not cfg.get("keep_all_checkpoints", False):
+      checkpoint.prune(os.path.join(out, "checkpoints"))
+    return result
+
   t_cfg = stage1_config(cfg.teacher, data, split)
-  stages("teacher", t_cfg.to_dict(), lambda: train("teacher", t_cfg), stage1_defaults())
+  trainer_stage("teacher", path("teacher"), t_cfg.to_dict(), lambda: train("teacher", t_cfg), stage1_defaults())
 
   m = cfg.mining
   mined = path("mined", "train.jsonl") if m.num_steps else ""
@@ -133,11 +146,12 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
     stages("mine", m.to_dict(), mine)
     final_cfg = stage1_config(cfg.teacher, data, split, **{"model.init": path("teacher"), "data.train_jsonl": mined,
                                                            "data.n_neg": m.n_neg, "num_steps": m.num_steps})
-    stages("teacher_mined", final_cfg.to_dict(), lambda: train("teacher_mined", final_cfg), stage1_defaults())
+    trainer_stage("teacher_mined", path("teacher_mined"), final_cfg.to_dict(),
+                  lambda: train("teacher_mined", final_cfg), stage1_defaults())
     teacher, n_neg = path("teacher_mined"), m.n_neg
 
   b_cfg = stage1_config(cfg.baseline, data, split, **{"data.train_jsonl": mined, "data.n_neg": n_neg})
-  stages("baseline", b_cfg.to_dict(), lambda: train("baseline", b_cfg), stage1_defaults())
+  trainer_stage("baseline", path("baseline"), b_cfg.to_dict(), lambda: train("baseline", b_cfg), stage1_defaults())
 
   def encode():
     documents = beir.load_corpus(os.path.join(data["path"], "corpus.jsonl"))
@@ -155,7 +169,7 @@ def run(cfg: ConfigDict, workdir: str) -> dict:
     def distill(s_cfg=s_cfg, name=name):
       out = stage2.distill(s_cfg, path("students", name), resume=True)
       return {"final": out["evals"][-1] if out["evals"] else None, "teacher": out["teacher"]}
-    stages(f"student_{name}", s_cfg.to_dict(), distill, distill_defaults())
+    trainer_stage(f"student_{name}", path("students", name), s_cfg.to_dict(), distill, distill_defaults())
 
   for name, out in students.items():
     stages(f"export_{name}", cfg.export.to_dict(), lambda name=name, out=out: bundle.export(

@@ -163,6 +163,87 @@ def test_frozen_layers_leave_the_embeddings_and_the_first_blocks_out_of_training
   assert not any(".layers.0." in p for p in paths(params))
 
 
+def test_frozen_parameters_are_stored_once_per_content(tmp_path, monkeypatch):
+  """write_base with a shared directory (a pipeline's frozen/): the first run stores the base under its
+  fingerprint, a second run with the same frozen parameters (a mining round) writes nothing but its base.json;
+  both read back the same parameters in their shardings, also from a moved workdir; the towers' identical
+  frozen leaves are stored once; a replaced or missing shared base is refused naming it; a crash's staging
+  directory is no base; a base saved whole (before leaves were stored once) still reads."""
+  import json
+  import re
+  import shutil
+
+  import orbax.checkpoint as ocp
+
+  from scalingnote_jax.artifacts import trained
+  from scalingnote_jax.train import stage1
+
+  cfg = lora_config(**{"model.lora.rank": 0, "model.freeze_layers": 1})
+  cfg.model.doc_seed = cfg.model.seed  # both towers from one model, as the demo's from SmolLM2
+  mesh = make_mesh((2, 2, 2))
+  model, _ = stage1.build_model(cfg, mesh)
+  _, _, frozen = nnx.split(model, trained.trainable(cfg), ...)
+  abstract, is_trained = trained.abstract_dual_encoder(cfg), trained.trainable(cfg)
+  pipeline = tmp_path / "pipeline"
+  for run in ("teacher", "teacher_mined", "elsewhere"):
+    (pipeline / run).mkdir(parents=True)
+
+  def read(workdir):
+    got = trained.read_base(str(workdir), abstract, is_trained, mesh, cfg.rules)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(frozen), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+      assert x.sharding == y.sharding
+
+  trained.write_base(str(pipeline / "teacher"), frozen, str(pipeline / "frozen"))
+  [digest] = os.listdir(pipeline / "frozen")  # (no staging directory left beside it)
+  base = pipeline / "frozen" / digest
+  leaves = json.loads((base / trained.BASE_LEAVES).read_text())
+  assert len(leaves) == len(jax.tree.leaves(frozen))
+  tower = lambda name: {p.removeprefix(name): d for p, d in leaves.items() if p.startswith(name)}  # noqa: E731
+  assert tower("['query']") == tower("['doc']")  # the towers' frozen leaves are the same arrays: stored once
+  stored = ocp.StandardCheckpointer().metadata(str(base / trained.BASE_ARRAYS)).item_metadata
+  assert set(stored) == set(leaves.values()) and len(stored) < len(leaves) / 2  # (the norms' ones: once too)
+  with monkeypatch.context() as m:  # the second run's base is the first one's: nothing is written
+    m.setattr(trained, "_save_base", lambda *_: pytest.fail("the same frozen parameters were saved again"))
+    trained.write_base(str(pipeline / "teacher_mined"), frozen, str(pipeline / "frozen"))
+  for run in ("teacher", "teacher_mined"):
+    assert json.loads((pipeline / run / trained.BASE_FILE).read_text()) == {"fingerprint": digest,
+                                                                             "dir": f"../frozen/{digest}"}
+    assert not (pipeline / run / trained.BASE_DIR).exists()
+    read(pipeline / run)
+  moved = tmp_path / "moved"
+  shutil.move(pipeline, moved)
+  read(moved / "teacher_mined")  # base.json names the base relative to the run
+
+  # a shared base replaced by other parameters (well-formed), or missing: refused, naming it
+  other = jax.tree.map(lambda x: x + 1, frozen)
+  trained.write_base(str(moved / "elsewhere"), other)  # a standalone run: its own base/, the same layout
+  assert json.loads((moved / "elsewhere" / trained.BASE_FILE).read_text())["dir"] == trained.BASE_DIR
+  shutil.rmtree(moved / "frozen" / digest)
+  shutil.copytree(moved / "elsewhere" / trained.BASE_DIR, moved / "frozen" / digest)
+  with pytest.raises(ValueError, match=re.escape(f"{moved}/frozen/{digest}: the frozen parameters do not match the "
+                                                 f"fingerprint in base.json of {moved}/teacher")):
+    read(moved / "teacher")
+  shutil.rmtree(moved / "frozen" / digest)
+  with pytest.raises(FileNotFoundError, match=re.escape(f"{moved}/frozen/{digest}: missing")):
+    read(moved / "teacher")
+
+  # a staging directory a crash left is no base: the next write stores the base whole
+  (moved / "frozen" / f".{digest}.partial" / "arrays").mkdir(parents=True)
+  trained.write_base(str(moved / "teacher"), frozen, str(moved / "frozen"))
+  assert os.listdir(moved / "frozen") == [digest]
+  read(moved / "teacher")
+
+  # a base saved whole by earlier versions (base/ the orbax tree, base.json its fingerprint only) still reads
+  old = moved / "old"
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(str(old / trained.BASE_DIR), frozen)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  (old / trained.BASE_FILE).write_text(json.dumps({"fingerprint": digest}))
+  read(old)
+
+
 @pytest.mark.parametrize("fields, error", [
     ({"model.lora.rank": 4, "model.freeze_layers": 1}, "LoRA freezes the whole backbone already"),
     ({"model.lora.rank": 0, "model.freeze_layers": 2}, r"freeze_layers=2: the backbone has 2 blocks; freeze at most 1"),

@@ -1,6 +1,7 @@
 """`scalingnote pipeline` end to end on the smoke config: every stage, the report, a servable bundle; killed at
 chosen points (fault injection) then rerun, it gives the uninterrupted run's results without redoing finished
-stages, and whatever a kill leaves loads right or is refused."""
+stages, and whatever a kill leaves loads right or is refused. What the workdir keeps: the teacher's frozen
+parameters once for both Stage 1 rounds, and one checkpoint per finished training stage."""
 
 import json
 import os
@@ -16,16 +17,19 @@ from helpers import ROOT, run_cli
 
 CONFIG = os.path.join(ROOT, "configs", "demo.py") + ":smoke"
 STAGES = ["data", "teacher", "mine", "teacher_mined", "baseline", "encode", "student_L1", "export_L1", "eval", "report"]
+TRAINERS = {"teacher": "teacher", "teacher_mined": "teacher_mined", "baseline": "baseline", "student_L1": "students/L1"}
 QUALITY = ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "map", "auc", "contrastive_entropy")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, installed_wheel):
   """The pipeline as a user of the built wheel runs it: from another directory, the config by its packaged
-  name. (The runs below use the checkout's code, so each comparison is also wheel == checkout.)"""
+  name. (The runs below use the checkout's code, so each comparison is also wheel == checkout.) Every checkpoint
+  is kept: a killed run's latest one is compared with this run's of the same step."""
   workdir = tmp_path_factory.mktemp("pipeline") / "run"
   out = run_cli("pipeline", "--config", "demo.py:smoke", "--workdir", str(workdir),
-                python=os.path.join(installed_wheel, "bin", "python"), cwd=str(workdir.parent))
+                "--config.keep_all_checkpoints=True", python=os.path.join(installed_wheel, "bin", "python"),
+                cwd=str(workdir.parent))
   return workdir, out.stdout
 
 
@@ -51,6 +55,15 @@ def test_pipeline_runs_every_stage_and_reports(uninterrupted):
   assert "| teacher |" in md and "quality_vs_speed.png" in md
   for png in ("quality_vs_speed.png", "training.png"):
     assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # the mining round's frozen parameters are the first teacher's: stored once, in frozen/, read by both rounds
+  from scalingnote_jax.artifacts import trained
+
+  [base] = os.listdir(workdir / "frozen")
+  for name in ("teacher", "teacher_mined"):
+    assert json.loads((workdir / name / trained.BASE_FILE).read_text()) == {"fingerprint": base,
+                                                                             "dir": f"../frozen/{base}"}
+    assert not (workdir / name / trained.BASE_DIR).exists()
+  assert checkpoint_steps(workdir / "teacher") == [2, 4]  # (keep_all_checkpoints=True)
   # the bundle answers like the evaluation said it does
   from scalingnote_jax.data.beir import load_beir
   from scalingnote_jax.serve.retriever import Retriever
@@ -69,6 +82,26 @@ def _with_finished_stages(src, workdir, names) -> None:
   for name in names:
     shutil.copytree(src / name, workdir / name)
     shutil.copy(src / "stages" / f"{name}.json", workdir / "stages" / f"{name}.json")
+  if (src / "frozen").is_dir():  # the frozen parameters the Stage 1 runs share
+    shutil.copytree(src / "frozen", workdir / "frozen")
+
+
+def checkpoint_steps(run) -> list[int]:
+  return sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
+
+
+def _assert_finished_stages_keep_their_final_checkpoint_only(workdir):
+  """Each finished training stage holds one checkpoint, its last step, which later stages read; an earlier step
+  asked for by number is an error listing the one there is."""
+  from scalingnote_jax.artifacts import trained
+
+  for stage, name in TRAINERS.items():
+    if (workdir / "stages" / f"{stage}.json").exists():
+      config = json.loads((workdir / "stages" / f"{stage}.json").read_text())["config"]
+      assert checkpoint_steps(workdir / name) == [config["num_steps"]], stage
+  with pytest.raises(FileNotFoundError, match=r"teacher/checkpoints: no checkpoint of step 2 \(there are: \[4\]\); "
+                                              r"a finished pipeline stage keeps only its final one"):
+    trained.load_stage1(str(workdir / "teacher"), step=2)
 
 
 def _run_killed_at(workdir, failpoint: str) -> str:
@@ -158,6 +191,7 @@ def test_a_pipeline_killed_four_times_resumes_to_the_uninterrupted_result(uninte
   assert all(os.stat(workdir / "stages" / f"{s}.json").st_mtime_ns == t for s, t in done.items())
   assert [p.name for p in (workdir / "bundles").iterdir()] == ["L1"], "a killed export left files beside the bundle"
   _assert_artifacts_load_right_or_are_refused(workdir, reference)
+  _assert_finished_stages_keep_their_final_checkpoint_only(workdir)
   got = json.loads((workdir / "report.json").read_text())["systems"]
   want = json.loads((reference / "report.json").read_text())["systems"]
   for name in want:
@@ -196,3 +230,5 @@ def test_without_a_mining_round_the_first_teacher_is_the_teacher(uninterrupted, 
   final = json.loads((workdir / "stages" / "teacher.json").read_text())["result"]["final"]
   teacher = json.loads((workdir / "report.json").read_text())["systems"]["teacher"]
   assert teacher["ndcg_at_10"] == pytest.approx(final["ndcg_at_10"], abs=1e-6)
+  # the copied teacher, finished before this run, was pruned too (it came with every checkpoint)
+  _assert_finished_stages_keep_their_final_checkpoint_only(workdir)

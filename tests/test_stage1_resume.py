@@ -152,6 +152,32 @@ def test_a_checkpoint_changed_on_disk_is_refused_naming_its_step(tmp_path):
   ckpt.close()
 
 
+def test_pruning_a_finished_run_keeps_its_latest_checkpoint_only(tmp_path):
+  """`checkpoint.prune` (a pipeline stage once it is done): every step but the latest complete one is deleted,
+  the latest still restores, a save in progress is not a step; each step is renamed aside before it is deleted,
+  and what a crash left aside (no step to orbax) goes with the next prune."""
+  from scalingnote_jax.artifacts.checkpoint import Checkpointer, prune
+
+  directory = tmp_path / "checkpoints"
+  assert prune(str(directory)) == []  # (a stage without checkpoints)
+  ckpt = Checkpointer(str(directory), keep=3, async_save=False)
+  tree = lambda step: {"w": jax.numpy.full(4, float(step))}  # noqa: E731
+  for step in (2, 4, 6):
+    ckpt.save(step, tree(step), tree(step), {"step": step})
+  ckpt.close()
+  (directory / "8.orbax-checkpoint-tmp-1").mkdir()  # a save a kill interrupted: never a step
+  (directory / ".2.pruned").mkdir()  # what a crash mid-prune left
+  assert prune(str(directory)) == [2, 4]
+  assert sorted(os.listdir(directory)) == ["6", "8.orbax-checkpoint-tmp-1"]
+  assert prune(str(directory)) == []
+  ckpt = Checkpointer(str(directory), keep=3)
+  assert ckpt.manager.all_steps() == [6]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree(6))
+  params, opt_state, data = ckpt.restore(6, abstract, abstract)
+  assert data == {"step": 6} and np.asarray(params["w"]).tolist() == [6.0] * 4
+  ckpt.close()
+
+
 def test_a_full_disk_is_one_line_not_a_wall_of_tracebacks(tmp_path):
   """`scalingnote train` whose checkpoint cannot be written (a file-size limit, as a full disk): exit 1 with one
   line naming the directory; orbax's per-thread error logs and tensorstore's tracebacks for every pending write

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -150,15 +151,55 @@ def _first_difference(got: dict[str, str], recorded: dict[str, str]) -> str | No
   return next((path for path in got if got[path] != recorded[path]), None)
 
 
+def _host_leaves(params):
+  """(leaf path, numpy copy) of each leaf, one at a time (an array over several processes gathered whole)."""
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    yield jax.tree_util.keystr(path), np.ascontiguousarray(np.asarray(x))
+
+
 def fingerprint(params) -> str:
   """A content hash of a parameter tree (paths, shapes, dtypes and exact values): equal for the same
   weights on any mesh and any number of processes. Bundles use it to tie a student and a document index to
   the teacher they came from. Reads one leaf at a time onto the host."""
   h = hashlib.sha256()
-  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      x = multihost_utils.process_allgather(x, tiled=True)
-    x = np.ascontiguousarray(np.asarray(x))
-    h.update(f"{jax.tree_util.keystr(path)}:{x.dtype}:{x.shape};".encode())
+  for path, x in _host_leaves(params):
+    h.update(f"{path}:{x.dtype}:{x.shape};".encode())
     h.update(x.tobytes())
   return h.hexdigest()[:32]
+
+
+def leaf_digests(params) -> dict[str, str]:
+  """{leaf path: content hash of that leaf alone (dtype, shape, exact values)}: two leaves with the same hash
+  hold the same array, wherever they sit in the tree (`trained.write_base` stores such leaves once)."""
+  out = {}
+  for path, x in _host_leaves(params):
+    h = hashlib.sha256(f"{x.dtype}:{x.shape};".encode())
+    h.update(x.tobytes())
+    out[path] = "sha256_" + h.hexdigest()
+  return out
+
+
+PRUNED = ".pruned"  # the suffix of a step directory renamed aside to be deleted (no step name: orbax ignores it)
+
+
+def prune(directory: str) -> list[int]:
+  """Deletes every checkpoint in `directory` but the latest complete one, and returns the steps deleted. For a
+  run that has finished: the older steps only served to resume it, and every reader loads the latest. Each step
+  directory is renamed aside before it is deleted, so a crash leaves each step whole or gone (never a partial
+  step that a reader would take for a checkpoint); what a crash left aside is deleted by the next prune."""
+  if not os.path.isdir(directory):
+    return []
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    steps, last = manager.all_steps(), manager.latest_step()
+  finally:
+    manager.close()
+  older = sorted(s for s in steps if s != last)
+  for step in older:
+    os.rename(os.path.join(directory, str(step)), os.path.join(directory, f".{step}{PRUNED}"))
+  for name in os.listdir(directory):
+    if name.startswith(".") and name.endswith(PRUNED):
+      shutil.rmtree(os.path.join(directory, name))
+  return older

@@ -3,8 +3,9 @@ evaluation and the next stage). Trainers write them; nothing else needs a traine
 
   a Stage 1 workdir     config.json (the run's config: what rebuilds the dual encoder), checkpoints/ (orbax:
                         the trained parameters, optimizer state, data iterator), metrics.jsonl, tensorboard/;
-                        with LoRA or frozen layers also base/ (the frozen parameters, saved once, with their
-                        fingerprint in base.json)
+                        with LoRA or frozen layers also base.json (the fingerprint of the frozen parameters,
+                        saved once, and where they are: base/, or in a pipeline WORKDIR/frozen/<fingerprint>/,
+                        shared by the runs whose frozen parameters are the same)
   a one-tower workdir   the same, plus a spec (student.json of a Stage 2 student, reranker.json of a
                         reranker): backbone and tower configs, tokenizer, init; a student's also names its
                         teacher by fingerprints
@@ -19,11 +20,12 @@ import os
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from scalingnote_jax import models, sharding
-from scalingnote_jax.artifacts.checkpoint import Checkpointer, abstract_like, fingerprint
-from scalingnote_jax.artifacts.files import write_atomic
+from scalingnote_jax.artifacts.checkpoint import Checkpointer, abstract_like, fingerprint, leaf_digests
+from scalingnote_jax.artifacts.files import fsync_tree, replace_dir, write_atomic
 from scalingnote_jax.config import stage1_defaults, with_defaults
 from scalingnote_jax.models import bert, llm, lora
 from scalingnote_jax.models.dual import DualEncoder
@@ -35,6 +37,7 @@ CONFIG_FILE = "config.json"
 STUDENT_FILE = "student.json"
 RERANKER_FILE = "reranker.json"
 BASE_DIR, BASE_FILE = "base", "base.json"
+BASE_ARRAYS, BASE_LEAVES = "arrays", "leaves.json"  # inside a base directory
 
 
 def read_config(workdir: str, defaults: ConfigDict | None = None) -> ConfigDict:
@@ -66,7 +69,8 @@ def _load(workdir: str, abstract_of, mesh, step: int | None, defaults=None,
   try:
     if step is not None and step not in ckpt.manager.all_steps():
       raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint of step {step} (there are: "
-                              f"{sorted(ckpt.manager.all_steps())})")
+                              f"{sorted(ckpt.manager.all_steps())}); a finished pipeline stage keeps only its final "
+                              "one, unless its config sets keep_all_checkpoints=True")
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint")
@@ -76,19 +80,48 @@ def _load(workdir: str, abstract_of, mesh, step: int | None, defaults=None,
   return nnx.merge(graphdef, params, read_base(workdir, abstract, trainable, mesh, cfg.rules)), cfg
 
 
-def write_base(workdir: str, frozen: nnx.State) -> None:
+def write_base(workdir: str, frozen: nnx.State, shared: str | None = None) -> None:
   """Saves a run's frozen parameters once (a LoRA run's backbone, frozen lower layers) with their
-  fingerprint, so that checkpoints hold only what trains. Nothing when nothing is frozen."""
+  fingerprint, so that checkpoints hold only what trains. Nothing when nothing is frozen.
+
+  The base goes to `workdir`/base, or with `shared` (a pipeline's WORKDIR/frozen) to `shared`/<fingerprint>,
+  written only when no earlier run stored the same parameters there (a mining round's frozen parameters are
+  its teacher's). base.json records the fingerprint and where the base lives, relative to `workdir` (a
+  moved pipeline workdir still reads)."""
   if not jax.tree.leaves(frozen):
     return
-  path = os.path.join(os.path.abspath(workdir), BASE_DIR)
+  workdir = os.path.abspath(workdir)
+  digest = fingerprint(frozen)
+  where = os.path.join(os.path.abspath(shared), digest) if shared else os.path.join(workdir, BASE_DIR)
+  if not (shared and os.path.isdir(where)):  # a directory there is complete: it appears by a rename, whole
+    _save_base(where, frozen)
+  if jax.process_index() == 0:
+    write_atomic(os.path.join(workdir, BASE_FILE), json.dumps({"fingerprint": digest,
+                                                               "dir": os.path.relpath(where, workdir)}))
+
+
+def _save_base(where: str, frozen: nnx.State) -> None:
+  """`frozen` in the directory `where` (replacing one there): arrays/ holds each distinct leaf once, keyed by its
+  content hash, and leaves.json maps every leaf path to its hash. (Untied towers start from one model: their
+  frozen embeddings and blocks are the same arrays, and being frozen they stay so; a demo teacher's base is
+  half its size this way.) Written in a staging directory renamed into place, so a crash never leaves a
+  partial base under `where`; the staging name is the same on every process, as orbax saves collectively."""
+  leaves = leaf_digests(frozen)
+  distinct = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(frozen)[0]:
+    distinct.setdefault(leaves[jax.tree_util.keystr(path)], x)
+  staging = os.path.join(os.path.dirname(where), f".{os.path.basename(where)}.partial")
+  os.makedirs(staging, exist_ok=True)  # (one a crash left is overwritten)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, frozen, force=True)
+  checkpointer.save(os.path.join(staging, BASE_ARRAYS), distinct, force=True)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  digest = fingerprint(frozen)
   if jax.process_index() == 0:
-    write_atomic(os.path.join(workdir, BASE_FILE), json.dumps({"fingerprint": digest}))
+    write_atomic(os.path.join(staging, BASE_LEAVES), json.dumps(leaves, indent=1))
+    fsync_tree(staging)
+    replace_dir(staging, where)
+  if jax.process_count() > 1:  # no process goes on before the base is in place
+    multihost_utils.sync_global_devices("write_base")
 
 
 def read_base(workdir: str, abstract_module: nnx.Module, trainable, mesh, rules) -> nnx.State:
@@ -100,13 +133,41 @@ def read_base(workdir: str, abstract_module: nnx.Module, trainable, mesh, rules)
   base_file = os.path.join(workdir, BASE_FILE)
   if not os.path.isfile(base_file):
     raise FileNotFoundError(f"{workdir}: no {BASE_FILE}: the frozen parameters of this run were never saved")
-  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
-  frozen = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(workdir), BASE_DIR), abstract)
   with open(base_file) as f:
-    if fingerprint(frozen) != json.load(f)["fingerprint"]:
-      raise ValueError(f"{workdir}/{BASE_DIR}: the frozen parameters do not match the fingerprint in {BASE_FILE} "
-                       "(corrupted or replaced)")
+    recorded = json.load(f)
+  where = os.path.normpath(os.path.join(workdir, recorded.get("dir", BASE_DIR)))
+  if not os.path.isdir(where):
+    raise FileNotFoundError(f"{where}: missing: the frozen parameters that {base_file} names (a pipeline's are in "
+                            "its frozen/ directory: copy or move the pipeline workdir whole)")
+  abstract = abstract_like(abstract, sharding.state_shardings(abstract, mesh, rules))
+  try:
+    if os.path.isfile(os.path.join(where, BASE_LEAVES)):
+      frozen = _restore_base(where, abstract)
+    else:  # a base written before distinct leaves were stored once: the whole tree
+      frozen = ocp.StandardCheckpointer().restore(where, abstract)
+  except Exception as e:  # noqa: BLE001 -- orbax / tensorstore raise many kinds for an unreadable file
+    raise ValueError(f"{where}: the frozen parameters of {workdir} could not be read ({type(e).__name__}: {e})") from e
+  if fingerprint(frozen) != recorded["fingerprint"]:
+    raise ValueError(f"{where}: the frozen parameters do not match the fingerprint in {BASE_FILE} of {workdir} "
+                     "(corrupted or replaced)")
   return frozen
+
+
+def _restore_base(where: str, abstract: nnx.State) -> nnx.State:
+  """The tree `_save_base` wrote, each leaf restored from its distinct array into its own sharding."""
+  with open(os.path.join(where, BASE_LEAVES)) as f:
+    leaves = json.load(f)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  paths = [jax.tree_util.keystr(path) for path, _ in flat]
+  if set(paths) != set(leaves):
+    raise ValueError(f"{where}/{BASE_LEAVES}: the leaves stored ({len(leaves)}) are not this model's frozen "
+                     f"parameters ({len(paths)}; e.g. {sorted(set(paths) ^ set(leaves))[:2]})")
+  distinct = {}
+  for path, (_, x) in zip(paths, flat):
+    distinct.setdefault(leaves[path], x)
+  arrays = ocp.StandardCheckpointer().restore(os.path.join(where, BASE_ARRAYS), distinct)
+  return jax.tree_util.tree_unflatten(treedef, [jax.device_put(arrays[leaves[path]], x.sharding)
+                                                for path, (_, x) in zip(paths, flat)])
 
 
 def _backbone(fields: dict, **overrides):

@@ -207,9 +207,10 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
 # The loop: resume or start, step, log, validate, checkpoint.
 
 @holds_lock("workdir")  # one writer at a time; the kernel releases it however the run ends
-def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
+def train(cfg: ConfigDict, workdir: str, *, resume: bool = False, shared_base: str | None = None) -> dict:
   """Trains Stage 1 in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). With `resume` it continues
-  from the latest checkpoint there; without it, a workdir that already has checkpoints is refused."""
+  from the latest checkpoint there; without it, a workdir that already has checkpoints is refused.
+  `shared_base`: a directory where runs store their frozen parameters once per content (`trained.write_base`)."""
   # A config that cannot train is refused before anything is written: what trains, and what is frozen.
   trainable = trained.trainable(cfg)
   backbone = trained.abstract_dual_encoder(cfg).query.backbone
@@ -231,7 +232,7 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   if last is None:  # fresh start: parameters created (or imported) already sharded
     model, tokenizer = build_model(cfg, mesh)
     graphdef, params, frozen = nnx.split(model, trainable, ...)
-    trained.write_base(workdir, frozen)
+    trained.write_base(workdir, frozen, shared_base)
     opt_state = sharding.init_optimizer(tx, params, mesh)
     start, data_state = 0, None
   else:  # resume: restore straight into this mesh's shardings (it may differ from the saving run's)
