@@ -269,7 +269,7 @@ def _eval_args(p):
   p.add_argument("--hits", type=int, default=100, help="documents retrieved per query: what the metrics see and "
                                                        "--save-run writes (pyserini's name)")
   p.add_argument("--no-speed", action="store_true", help="skip the throughput pass (queries/s and one query's "
-                                                          "latency: the queries searched twice more, then 33 alone)")
+                                                          "latency: the queries searched in batches 4 or more times, ~1 s in all, then 33 alone)")
   p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
   p.add_argument("--num-negatives", type=int, default=256, help="sampled documents per query for AUC and "
                                                                  "contrastive entropy (Fang et al.'s 256)")
