@@ -287,3 +287,25 @@ def test_each_loss_trains_a_reranker_that_beats_its_first_stage(loss, first_stag
 
   first = evaluate_run_file(test_run, load_beir(data, "test"))  # what `eval --run` does, above through the CLI
   assert first["ndcg_at_10"] == pytest.approx(fs["ndcg_at_10"], abs=1e-6)  # a saved run scores as its system did
+
+
+@pytest.mark.slow
+def test_the_scifact_reranker_config_validates_on_its_dev_split(tmp_path):
+  """configs/rerank_scifact.py at its test size: BM25's candidates for the training queries but the dev ones,
+  validation on those 121 dev queries (the first stage's nDCG@10 there is BM25's over the dev queries alone),
+  the reranker fused with BM25 at each weight of eval.fuse, the trained model reloads for `rerank`."""
+  from scalingnote_jax.config import load_config
+  from scalingnote_jax.data.beir import Dataset
+  from scalingnote_jax.eval.retrieval import ir_metrics
+  from scalingnote_jax.train import rerank
+
+  cfg = load_config(f"{ROOT}/configs/rerank_scifact.py:smoke", [f"--config.data.path={BEIR}/scifact"])
+  out = rerank.train(cfg, str(tmp_path / "rr"))
+  assert out["num_queries"] == 809 - 121
+  final = out["evals"][-1]
+  assert final["num_queries"] == 121 and final["step"] == cfg.num_steps
+  assert {f"fused_{w:g}_ndcg_at_10" for w in cfg.eval.fuse} <= set(final)
+  _, dev = rerank.splits(cfg.data)
+  bm25 = rerank.first_stage("bm25", Dataset(dev.corpus, dev.queries, dev.qrels), 100)
+  assert out["first_stage"]["ndcg_at_10"] == pytest.approx(ir_metrics(dev.qrels, bm25)["ndcg_at_10"])
+  assert 0.7 < out["first_stage"]["ndcg_at_10"] < 0.8  # BM25 on these dev queries: 0.767
