@@ -214,6 +214,8 @@ def test_frozen_parameters_are_stored_once_per_content(tmp_path, monkeypatch):
   moved = tmp_path / "moved"
   shutil.move(pipeline, moved)
   read(moved / "teacher_mined")  # base.json names the base relative to the run
+  monkeypatch.chdir(tmp_path)
+  read("moved/teacher")  # a relative workdir, as `make demo`'s runs/demo
 
   # a shared base replaced by other parameters (well-formed), or missing: refused, naming it
   other = jax.tree.map(lambda x: x + 1, frozen)

@@ -135,7 +135,7 @@ def read_base(workdir: str, abstract_module: nnx.Module, trainable, mesh, rules)
     raise FileNotFoundError(f"{workdir}: no {BASE_FILE}: the frozen parameters of this run were never saved")
   with open(base_file) as f:
     recorded = json.load(f)
-  where = os.path.normpath(os.path.join(workdir, recorded.get("dir", BASE_DIR)))
+  where = os.path.normpath(os.path.join(os.path.abspath(workdir), recorded.get("dir", BASE_DIR)))  # (orbax: absolute)
   if not os.path.isdir(where):
     raise FileNotFoundError(f"{where}: missing: the frozen parameters that {base_file} names (a pipeline's are in "
                             "its frozen/ directory: copy or move the pipeline workdir whole)")
