@@ -9,7 +9,7 @@ import bm25s
 import numpy as np
 import Stemmer
 
-from scalingnote_jax.index.hits import Hits
+from scalingnote_jax.index.hits import Hits, id_array
 
 # bm25s sets its logger to DEBUG: once anything (absl, orbax) gives the root logger a handler, every index
 # build prints "Building index from tokens".
@@ -22,6 +22,7 @@ class BM25:
 
   def __init__(self, corpus: dict[str, dict]):
     self.doc_ids = list(corpus)
+    self._id_array = id_array(self.doc_ids)
     self.stemmer = Stemmer.Stemmer("english")
     self.retriever = bm25s.BM25()
     self.retriever.index(self._tokenize([f"{d.get('title', '')} {d['text']}" for d in corpus.values()]),
@@ -34,7 +35,7 @@ class BM25:
     """The top k documents of each query (ids [Q][k], float32 scores [Q, k]), best first."""
     idx_QxK, scores_QxK = self.retriever.retrieve(self._tokenize(queries), k=min(k, len(self.doc_ids)),
                                                   show_progress=False)
-    return Hits(idx_QxK, scores_QxK.astype(np.float32)).with_ids(self.doc_ids)
+    return Hits(idx_QxK, scores_QxK.astype(np.float32)).with_ids(self._id_array)
 
   def scores(self, query: str) -> np.ndarray:
     """The query's score against every document [N] (zeros when none of its words is in the corpus)."""

@@ -26,10 +26,15 @@ class Hits:
   def __len__(self) -> int:
     return len(self.ids)
 
-  def with_ids(self, doc_ids: Sequence[str]) -> Hits:
-    """Row numbers replaced by the documents' ids (-1 by None)."""
-    rows = self.ids.tolist() if isinstance(self.ids, np.ndarray) else self.ids
-    return Hits([[doc_ids[i] if i >= 0 else None for i in row] for row in rows], self.scores)
+  def with_ids(self, doc_ids: Sequence[str] | np.ndarray) -> Hits:
+    """Row numbers replaced by the documents' ids (-1 by None). `doc_ids` as an object array (`id_array`) is
+    indexed without a Python loop: on a serving path's small batches the loop was ~7% of a search."""
+    if not isinstance(doc_ids, np.ndarray):
+      doc_ids = id_array(doc_ids)
+    rows = np.asarray(self.ids, dtype=np.int64)
+    named = doc_ids[np.maximum(rows, 0)] if rows.size else np.empty(rows.shape, object)
+    named[rows < 0] = None
+    return Hits(named.tolist(), self.scores)
 
   def run(self, qids: Sequence[str], *, drop_self: bool = False) -> dict[str, dict[str, float]]:
     """{query id: {document id: score}} (a TREC run's shape), without unfilled results; `drop_self` drops a
@@ -41,3 +46,10 @@ class Hits:
 
   def __iter__(self):
     raise TypeError("Hits is not a tuple: use .ids and .scores")
+
+
+def id_array(doc_ids: Sequence[str]) -> np.ndarray:
+  """Document ids as a 1-D object array, for `Hits.with_ids` (build it once per corpus)."""
+  out = np.empty(len(doc_ids), dtype=object)
+  out[:] = list(doc_ids)
+  return out

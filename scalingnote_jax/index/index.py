@@ -26,7 +26,7 @@ import numpy as np
 from scalingnote_jax.artifacts.checksum import digest_tree, verify_tree
 from scalingnote_jax.artifacts.files import fsync_tree, replace_dir
 from scalingnote_jax.index.exact import exact_search
-from scalingnote_jax.index.hits import Hits
+from scalingnote_jax.index.hits import Hits, id_array
 
 FORMAT = "scalingnote_jax.index"
 FORMAT_VERSION = 2  # 2: the manifest records each file's SHA-256 beside its size
@@ -77,6 +77,7 @@ class Index:
 
   def __init__(self, doc_ids: list[str], dim: int, params: dict, path: str | None = None):
     self.doc_ids = doc_ids
+    self._id_array = id_array(doc_ids)
     self.dim = dim
     self.size = len(doc_ids)
     self.params = params
@@ -111,7 +112,7 @@ class Index:
     A result the backend could not fill (ScaNN, when the leaves searched hold fewer than k documents) has
     score -inf and id None.
     """
-    return self.search_indices(queries_QxD, k, **search_params).with_ids(self.doc_ids)
+    return self.search_indices(queries_QxD, k, **search_params).with_ids(self._id_array)
 
   def search_indices(self, queries_QxD: np.ndarray, k: int, **search_params) -> Hits:
     """Like `search`, with row numbers into `doc_ids` (int64 [Q, k], -1 where unfilled) as ids."""
