@@ -97,8 +97,8 @@ def test_export_then_retriever_and_service_answer_like_the_student(distilled, tm
   np.testing.assert_allclose(Encoder.from_pretrained(str(tmp_path / "hf")).encode_queries(texts),
                              retriever.encode(texts), atol=1e-5)
   hits = retriever.search(texts, k=100)  # ScaNN scores 1024 documents exactly (brute force)
-  one = retriever.search(texts[0], k=100)  # one string is one query
-  assert one.ids == hits.ids[:1] and np.array_equal(one.scores, hits.scores[:1])
+  one, listed = retriever.search(texts[0], k=100), retriever.search(texts[:1], k=100)  # one string: one query
+  assert one.ids == listed.ids and np.array_equal(one.scores, listed.scores) and len(one.ids[0]) == 100
   metrics = ir_metrics(held_out.qrels, hits.run(qids, drop_self=True))
   for key in ("recall_at_10", "ndcg_at_10"):
     assert metrics[key] == pytest.approx(manifest["metrics"]["student"][key], abs=1e-6)
