@@ -333,6 +333,7 @@ class CrossEncoder(Encoder):
     are dropped). `fuse` < 1 mixes in the first stage's scores (`runs.fuse`: weight `fuse` on the reranker's,
     each min-max normalised per query). Queries missing from `queries`, or documents from `corpus`, raise
     with their ids."""
+    runs.check_fuse_weight(fuse)
     pairs = []
     for qid, docs in run.items():
       if qid not in queries:

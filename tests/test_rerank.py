@@ -171,6 +171,16 @@ def test_fusion_with_the_first_stage_is_ranx_wsum_of_min_max(tmp_path):
   assert all(order(fuse(first, second, 0.0), q) == order(cut, q) for q in second)
   with pytest.raises(ValueError, match=r"fusion weight 1.5: expected 0 <= weight <= 1"):
     fuse(first, second, 1.5)
+  from scalingnote_jax.config import rerank_defaults
+  from scalingnote_jax.train.rerank import train
+
+  cfg = rerank_defaults()
+  cfg.eval.fuse = (0.5, 2.0)
+  with pytest.raises(ValueError, match=r"eval.fuse: 2.0: expected 0 <= weight <= 1"):
+    train(cfg, str(tmp_path / "bad"))  # refused before anything is written (but the workdir's lock)
+  from scalingnote_jax.artifacts.lock import LOCK_FILE
+
+  assert os.listdir(tmp_path / "bad") == [LOCK_FILE]
   with pytest.raises(ValueError, match=r"fuse: document 'dx' of query 'q2' is not in the first run"):
     fuse(first, {"q2": {"dx": 1.0}}, 0.5)
 

@@ -53,13 +53,18 @@ def write_run(path: str, run: dict[str, dict[str, float]], tag: str = "scalingno
   write_atomic(path, format_run(run, tag))
 
 
+def check_fuse_weight(weight: float, where: str = "fusion weight") -> None:
+  """A fusion weight is in [0, 1]; callers check before any scoring, so a bad one costs nothing."""
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f"{where} {weight}: expected 0 <= weight <= 1 (1: the reranker alone)")
+
+
 def fuse(first: dict[str, dict[str, float]], second: dict[str, dict[str, float]],
          weight: float) -> dict[str, dict[str, float]]:
   """Weighted sum of two runs' scores, each min-max normalised per query (ranx's `fuse(norm="min-max",
   method="wsum")`, tested equal): `weight` on `second` (e.g. a reranker's), 1 - weight on `first` (its first
   stage), over the documents `second` scored (each must be in `first`)."""
-  if not 0.0 <= weight <= 1.0:
-    raise ValueError(f"fusion weight {weight}: expected 0 <= weight <= 1 (1: the second run alone)")
+  check_fuse_weight(weight)
 
   def min_max(scores: dict[str, float]) -> dict[str, float]:
     lo, hi = min(scores.values(), default=0.0), max(scores.values(), default=0.0)

@@ -160,6 +160,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
     raise ValueError(f"data.group_size={cfg.data.group_size}, data.top_k={cfg.data.top_k}: a group needs the "
                      "relevant document and at least one candidate (group_size >= 2), drawn from top_k >= "
                      "group_size - 1")
+  for w in cfg.eval.fuse:  # checked now, not at the first validation
+    runs.check_fuse_weight(w, "eval.fuse:")
   ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=rerank_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
   if is_main():
@@ -245,8 +247,7 @@ def rerank_file(model_dir: str, data_dir: str, run_in: str, out: str, *, top_k: 
   second."""
   if top_k < 1:
     raise ValueError(f"rerank: --top-k {top_k}: expected >= 1")
-  if not 0.0 <= fuse <= 1.0:
-    raise ValueError(f"rerank: --fuse {fuse}: expected 0 <= weight <= 1 (1: the reranker alone)")
+  runs.check_fuse_weight(fuse, "rerank: --fuse")
   enc = CrossEncoder.from_workdir(model_dir)
   queries = beir.load_queries(os.path.join(data_dir, "queries.jsonl"))
   corpus = beir.load_corpus(os.path.join(data_dir, "corpus.jsonl"))
