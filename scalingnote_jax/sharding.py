@@ -52,6 +52,14 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
                        devices=devices)
 
 
+def check_batch(mesh: Mesh, batch_size: int, field: str = "batch_size") -> None:
+  """Refuses a global batch that the mesh's batch axes cannot split evenly (before a run writes anything)."""
+  n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if batch_size % n:
+    raise ValueError(f"{field}={batch_size}: not divisible by the {n} devices of the batch axes {BATCH_AXES} "
+                     f"({describe(mesh)}); use a multiple of {n}")
+
+
 def describe(mesh: Mesh) -> str:
   """One line for the logs: the mesh's axis sizes and what it spans."""
   axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())

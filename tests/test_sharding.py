@@ -1,5 +1,7 @@
 """Mesh building and logical-axis sharding of parameters (8 simulated CPU devices)."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -57,3 +59,24 @@ def test_indivisible_dimension_is_replicated():
   model = create_sharded(lambda: create_backbone(cfg, nnx.Rngs(0)), mesh, DEFAULT_RULES)
   assert model.embed[...].sharding.spec[0] is None  # 30 rows cannot split 8 ways
   assert model.layers[0].mlp.up.kernel[...].sharding.spec[1] == "tensor"
+
+
+def test_trainers_refuse_a_batch_the_mesh_cannot_split_before_writing(tmp_path):
+  """A global batch of 6 on the 8-device mesh: each trainer names the field and the mesh, and the workdir holds
+  nothing but its lock (jax's own error came from the first step, after the run had written its files)."""
+  from scalingnote_jax.artifacts.lock import LOCK_FILE
+  from scalingnote_jax.config import load_config
+  from scalingnote_jax.train import rerank, stage1, stage2
+
+  for name, train, config in (("stage1", stage1.train, "tiny"), ("distill", stage2.distill, "distill_tiny"),
+                              ("rerank", rerank.train, "rerank_tiny")):
+    cfg = load_config(f"configs/{config}.py")
+    cfg.batch_size = 6
+    with pytest.raises(ValueError, match=r"batch_size=6: not divisible by the 8 devices of the batch axes"):
+      train(cfg, str(tmp_path / name))
+    assert os.listdir(tmp_path / name) == [LOCK_FILE], name
+  cfg = load_config("configs/tiny.py")
+  cfg.batch_size, cfg.chunks = 8, 3
+  with pytest.raises(ValueError, match=r"chunks=3: GradCache splits batch_size=8 into equal chunks"):
+    stage1.train(cfg, str(tmp_path / "chunks"))
+  assert os.listdir(tmp_path / "chunks") == [LOCK_FILE]

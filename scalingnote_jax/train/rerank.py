@@ -162,8 +162,9 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
                      "group_size - 1")
   for w in cfg.eval.fuse:  # checked now, not at the first validation
     runs.check_fuse_weight(w, "eval.fuse:")
-  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=rerank_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(mesh, cfg.batch_size)
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=rerank_defaults())
   if is_main():
     print(f"rerank: {sharding.describe(mesh)}", flush=True)
 

@@ -220,9 +220,13 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False, shared_base: s
                      f"most {blocks - 1} so that one trains")
   if cfg.model.trunk_cache:
     trunk.check_possible(backbone, cfg.model.freeze_layers)
+  if cfg.chunks < 1 or cfg.batch_size % cfg.chunks:
+    raise ValueError(f"chunks={cfg.chunks}: GradCache splits batch_size={cfg.batch_size} into equal chunks; use a "
+                     "divisor of it")
   # config.json (what encode, distill, export rebuild the towers from) is written only once the run is allowed
-  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=stage1_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(mesh, cfg.batch_size)
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=stage1_defaults())
   if is_main():
     print(f"stage1: {sharding.describe(mesh)}", flush=True)
   examples, held_out, corpus = load_data(cfg.data)

@@ -149,8 +149,9 @@ def evaluate(s_enc: Encoder, held_out: synthetic.Dataset, qids: list[str], t_QxD
 def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   """Distils the teacher's query tower in `workdir`. With `resume` it continues from the latest checkpoint
   there; without it, a workdir that already has checkpoints is refused."""
-  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=distill_defaults())
   mesh = sharding.make_mesh(cfg.mesh)
+  sharding.check_batch(mesh, cfg.batch_size)
+  ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=distill_defaults())
   if is_main():
     print(f"distill: {sharding.describe(mesh)}", flush=True)
 
