@@ -98,6 +98,9 @@ def rerank_defaults() -> ConfigDict:
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor)
   c.rules = DEFAULT_RULES
   c.loss = "listnet"  # bce (pointwise) | ranknet (pairwise) | listnet (listwise)
+  # The score head's bias at step 0: "zero", or "prior": the log-odds of a group's relevant pair, log(1 / (G - 1))
+  # (the base rate of BCE's labels).
+  c.score_bias = "zero"
   c.num_steps = 50
   c.batch_size = 8  # global queries per step, each with a group of data.group_size pairs
   c.log_every = 10

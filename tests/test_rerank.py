@@ -5,9 +5,11 @@ CLI path a user takes: eval --save-run -> train-reranker -> rerank -> eval --run
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from helpers import BEIR, ROOT, run_cli, shared_artefact
 
@@ -45,6 +47,35 @@ def test_ranking_losses_match_their_definitions(kind):
   assert float(ranking_loss(kind, jnp.asarray(s2), jnp.asarray(y), jnp.asarray(w))) == pytest.approx(got, rel=1e-6)
   with pytest.raises(ValueError, match="expected one of"):
     ranking_loss("lambdarank", jnp.asarray(s), jnp.asarray(y), jnp.asarray(w))
+
+
+def test_the_prior_score_bias_is_the_constant_score_bce_prefers(tmp_path):
+  """score_bias="prior": the constant score that minimises BCE over groups of G with one relevant pair, set into the
+  head of a built reranker in its sharding; anything else is refused before the run writes."""
+  from scalingnote_jax import sharding
+  from scalingnote_jax.config import load_config
+  from scalingnote_jax.train import rerank
+  from scalingnote_jax.train.common import build_tower
+  from scalingnote_jax.train.losses import ranking_loss
+
+  labels = jnp.asarray([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+  loss = lambda c: ranking_loss("bce", jnp.full((2, 4), c), labels, jnp.ones((2, 4), bool))  # noqa: E731
+  prior = rerank.prior_log_odds(4)
+  assert prior == pytest.approx(np.log(1 / 3))
+  assert abs(float(jax.grad(loss)(prior))) < 1e-6 and float(loss(prior)) < min(float(loss(prior + 0.1)), float(loss(0.0)))
+  cfg = load_config(f"{ROOT}/configs/rerank_tiny.py")
+  mesh = sharding.make_mesh(cfg.mesh)
+  _, params = nnx.split(build_tower(rerank.model_spec(cfg), mesh, cfg.rules, 0))
+  before = params["projection"]["bias"][...]
+  rerank.set_score_bias(params, prior)
+  after = params["projection"]["bias"][...]
+  assert float(before[0]) == 0.0 and float(after[0]) == pytest.approx(prior) and after.sharding == before.sharding
+  cfg.score_bias = "log-odds"
+  with pytest.raises(ValueError, match=r"score_bias='log-odds': expected one of \('zero', 'prior'\)"):
+    rerank.train(cfg, str(tmp_path / "bad"))
+  from scalingnote_jax.artifacts.lock import LOCK_FILE
+
+  assert os.listdir(tmp_path / "bad") == [LOCK_FILE]
 
 
 # ---------------------------------------------------------------------------------------------------------

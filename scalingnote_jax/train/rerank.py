@@ -15,6 +15,7 @@ model's from `scalingnote eval --checkpoint ... --save-run FILE`. The workdir ho
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -108,6 +109,22 @@ def model_spec(cfg: ConfigDict) -> dict:
   return trained.tower_spec(cfg.model, ConfigDict({**cfg.tower.to_dict(), **SCORE_HEAD}))
 
 
+SCORE_BIASES = ("zero", "prior")
+
+
+def prior_log_odds(group_size: int) -> float:
+  """The log-odds of a training pair being the relevant one: 1 pair in each group of `group_size`."""
+  return math.log(1 / (group_size - 1))
+
+
+def set_score_bias(params: nnx.State, value: float) -> None:
+  """Sets the score head's bias in `params` (in place, in its sharding). Started at the labels' prior, a BCE
+  reranker's first predictions are the base rate rather than 1/2 (Adam moves the bias by about the learning rate
+  a step: at a fine-tuning rate of 5e-5, -1.1 is ~20,000 steps away)."""
+  bias = params["projection"]["bias"]
+  bias.set_value(jax.device_put(jax.numpy.full(bias.shape, value, bias.dtype), bias[...].sharding))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Train step: every pair of the batch's groups scored, the loss over each group.
 
@@ -162,6 +179,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
                      "group_size - 1")
   for w in cfg.eval.fuse:  # checked now, not at the first validation
     runs.check_fuse_weight(w, "eval.fuse:")
+  if cfg.score_bias not in SCORE_BIASES:
+    raise ValueError(f"score_bias={cfg.score_bias!r}: expected one of {SCORE_BIASES}")
   mesh = sharding.make_mesh(cfg.mesh)
   sharding.check_batch(mesh, cfg.batch_size)
   ckpt, last = open_workdir(cfg, workdir, resume=resume, keep=cfg.checkpoint.keep, defaults=rerank_defaults())
@@ -175,6 +194,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   tx = make_optimizer(cfg.optim, cfg.num_steps)
   model, graphdef, params, opt_state, start, data_state = start_or_restore(spec, tx, ckpt, last, mesh, cfg.rules,
                                                                            cfg.model.seed)
+  if start == 0 and cfg.score_bias == "prior":
+    set_score_bias(params, prior_log_odds(cfg.data.group_size))
   enc = CrossEncoder(model, Tokenizer.from_pretrained(spec["tokenizer"]), mesh)
 
   # Data: groups of the training split's first-stage candidates; the validation split's run.
