@@ -69,6 +69,31 @@ def test_pair_metrics_auc_and_contrastive_entropy():
   ties = pair_metrics(lambda row, cols: np.zeros(len(cols)), ["q"], qrels, doc_ids, num_negatives=4, scale=None,
                       rng=np.random.default_rng(0))
   assert ties == {"auc": 0.5, "contrastive_entropy": None, "contrastive_pairs": 0}
+  # negatives drawn from a pool (a validation's random sample of the corpus): d2, d3 only
+  pooled = pair_metrics(lambda row, cols: score[cols], ["q"], qrels, doc_ids, num_negatives=4, scale=10.0,
+                        rng=np.random.default_rng(0), negative_pool=["d2", "d3", "d0"])
+  ce = [np.logaddexp.reduce(np.r_[10 * p, 10 * np.array([0.1, 0.2])]) - 10 * p for p in (0.9, 0.7)]
+  assert pooled["contrastive_entropy"] == pytest.approx(np.mean(ce)) and pooled["auc"] == 1.0
+
+
+def test_a_validation_over_part_of_the_corpus_draws_negatives_from_its_random_sample_only():
+  """eval.max_docs: every judged document is searched, but the negatives of contrastive entropy come from the
+  uniform sample of the rest (were the judged ones, kept whole, in the pool, they would be overdrawn)."""
+  from scalingnote_jax.data import synthetic
+  from scalingnote_jax.data.training import validation_doc_ids
+
+  gen = synthetic.generate(300, queries_per_doc=1, seed=0)
+  qids = list(gen.queries)[:50]  # a dev split: 50 queries over the whole corpus
+  data = synthetic.Dataset(gen.corpus, {q: gen.queries[q] for q in qids}, {q: gen.qrels[q] for q in qids})
+  judged = {d for r in data.qrels.values() for d in r}
+  assert 0 < len(judged) < 200
+  doc_ids, pool = validation_doc_ids(data, 200, np.random.default_rng(0))
+  assert len(doc_ids) == 200 and judged <= set(doc_ids) and len(set(doc_ids)) == 200
+  assert set(pool) == set(doc_ids) - judged  # the sample, none of it judged
+  again, _ = validation_doc_ids(data, 200, np.random.default_rng(0))
+  assert again == doc_ids  # fixed by the seed
+  whole, whole_pool = validation_doc_ids(data, 0, np.random.default_rng(0))
+  assert whole == whole_pool == list(data.corpus)
 
 
 def write_tiny_beir(root, corpus, queries, qrels_rows, split="test"):

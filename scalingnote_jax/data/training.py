@@ -62,11 +62,15 @@ def subsample(examples: list, fraction: float, seed: int) -> list:
   return [examples[i] for i in sorted(order[:max(1, round(fraction * len(examples)))])]
 
 
-def validation_doc_ids(data: synthetic.Dataset, max_docs: int, rng: np.random.Generator) -> list[str]:
-  """The documents validation searches: all, or the judged ones plus a random sample up to `max_docs`."""
+def validation_doc_ids(data: synthetic.Dataset, max_docs: int, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+  """(the documents validation searches, those contrastive entropy draws its negatives from): the whole corpus
+  twice; or, with `max_docs`, the judged documents plus a random sample of the others up to `max_docs`, and
+  that sample. (Negatives from the sample only are uniform over the corpus, as Fang et al. draw them, bar the
+  few judged documents; the judged ones, every one kept, would otherwise be a quarter of a 500-document pool.)"""
   doc_ids = list(data.corpus)
-  if max_docs and len(doc_ids) > max_docs:
-    judged = {d for r in data.qrels.values() for d in r if d in data.corpus}
-    others = [d for d in doc_ids if d not in judged]
-    doc_ids = sorted(judged) + list(rng.choice(others, size=max(0, max_docs - len(judged)), replace=False))
-  return doc_ids
+  if not max_docs or len(doc_ids) <= max_docs:
+    return doc_ids, doc_ids
+  judged = {d for r in data.qrels.values() for d in r if d in data.corpus}
+  others = [d for d in doc_ids if d not in judged]
+  sample = list(rng.choice(others, size=max(0, max_docs - len(judged)), replace=False))
+  return sorted(judged) + sample, sample

@@ -40,19 +40,21 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
 
 
 def pair_metrics(score_fn, qids: list[str], qrels: dict[str, dict[str, int]], doc_ids: list[str], *,
-                 num_negatives: int, scale: float | None, rng: np.random.Generator) -> dict[str, float]:
+                 num_negatives: int, scale: float | None, rng: np.random.Generator,
+                 negative_pool: list[str] | None = None) -> dict[str, float]:
   """For each judged query, its relevant documents against `num_negatives` documents sampled from the rest
-  (unjudged = non-relevant): AUC = P(relevant scores above sampled), ties count half; contrastive entropy
+  (of `negative_pool`, default all of `doc_ids`; unjudged = non-relevant): AUC = P(relevant scores above sampled), ties count half; contrastive entropy
   (Fang et al., see CONTRASTIVE_NEGATIVES) = the cross-entropy of each relevant document among those
   negatives at logits `scale * score`, averaged over all (query, relevant document) pairs (None: not
   computed, for scores that are not similarities). `score_fn(row, doc_rows)` scores query `qids[row]`."""
   index = {d: i for i, d in enumerate(doc_ids)}
+  candidates = np.arange(len(doc_ids)) if negative_pool is None else np.array([index[d] for d in negative_pool])
   auc, entropy = [], []
   for row, qid in enumerate(qids):
     relevant = [index[d] for d, g in qrels.get(qid, {}).items() if g > 0 and d in index]
     if not relevant:
       continue
-    pool = np.setdiff1d(np.arange(len(doc_ids)), relevant)
+    pool = np.setdiff1d(candidates, relevant)
     negs = rng.choice(pool, size=min(num_negatives, len(pool)), replace=False)
     s = np.asarray(score_fn(row, np.array(relevant + negs.tolist())), np.float64)
     pos_P, neg_N = s[:len(relevant)], s[len(relevant):]

@@ -189,17 +189,18 @@ def evaluate(model: DualEncoder, q_enc: Encoder, d_enc: Encoder, data: synthetic
              max_docs: int, seed: int, batch_size: int) -> dict[str, float]:
   """IR metrics of the current towers on held-out queries (over at most `max_docs` documents: the judged
   ones plus a fixed random sample; 0 = the whole corpus), AUC and contrastive entropy against
-  `num_negatives` sampled documents at the model's temperature."""
+  `num_negatives` documents drawn from that sample (the corpus) at the model's temperature."""
   q_enc.update(model.query)
   d_enc.update(model.doc)
   rng = np.random.default_rng(seed)
-  doc_ids = validation_doc_ids(data, max_docs, rng)
+  doc_ids, negative_pool = validation_doc_ids(data, max_docs, rng)
   qids = list(data.queries)
   d_NxD = d_enc.encode_documents([data.corpus[d] for d in doc_ids], batch_size=batch_size, show_progress=False)
   q_QxD = q_enc.encode_queries([data.queries[q] for q in qids], batch_size=batch_size, show_progress=False)
   metrics = ir_metrics(data.qrels, exact_search(q_QxD, d_NxD, k=100).with_ids(doc_ids).run(qids, drop_self=True))
   pairs = pair_metrics(lambda row, cols: d_NxD[cols] @ q_QxD[row], qids, data.qrels, doc_ids,
-                       num_negatives=num_negatives, scale=float(model.scale()), rng=rng)
+                       num_negatives=num_negatives, scale=float(model.scale()), rng=rng,
+                       negative_pool=negative_pool)
   return {**metrics, **pairs, "num_docs": len(doc_ids)}
 
 
@@ -255,7 +256,8 @@ def train(cfg: ConfigDict, workdir: str, *, resume: bool = False, shared_base: s
                    lambda ds: d_enc.tokenize(d_enc.document_texts(ds)), tokenizer.pad_id, spec)
   validate = held_out is not None and cfg.eval.every > 0
   if cfg.model.trunk_cache:  # computed once (or found): a step, and validation, then run only the trained blocks
-    val_docs = validation_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed)) if validate else []
+    val_docs, _ = (validation_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed)) if validate
+                   else ([], []))
     data.trunk = trunk.cache_training_texts(model.query, model.doc, cfg.model.freeze_layers, data, val_docs)
     q_enc.use_trunk(data.trunk.cache())
     d_enc.use_trunk(data.trunk.cache())

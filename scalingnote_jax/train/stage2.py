@@ -167,7 +167,7 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
   train_store = store.encode_corpus(t_q_enc, queries, os.path.join(cache, "queries"), queries=True, **kw)
   validate = held_out is not None and cfg.eval.every > 0
   if validate:
-    doc_ids = validation_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed))
+    doc_ids, _ = validation_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed))
     val_qids = list(held_out.queries)
     store.encode_corpus(t_q_enc, held_out.queries, os.path.join(cache, "val_queries"), queries=True, **kw)
     store.encode_corpus(t_d_enc, {d: held_out.corpus[d] for d in doc_ids}, os.path.join(cache, "documents"), **kw)
