@@ -43,10 +43,11 @@ def pair_metrics(score_fn, qids: list[str], qrels: dict[str, dict[str, int]], do
                  num_negatives: int, scale: float | None, rng: np.random.Generator,
                  negative_pool: list[str] | None = None) -> dict[str, float]:
   """For each judged query, its relevant documents against `num_negatives` documents sampled from the rest
-  (of `negative_pool`, default all of `doc_ids`; unjudged = non-relevant): AUC = P(relevant scores above sampled), ties count half; contrastive entropy
-  (Fang et al., see CONTRASTIVE_NEGATIVES) = the cross-entropy of each relevant document among those
-  negatives at logits `scale * score`, averaged over all (query, relevant document) pairs (None: not
-  computed, for scores that are not similarities). `score_fn(row, doc_rows)` scores query `qids[row]`."""
+  (of `negative_pool`, default all of `doc_ids`; unjudged = non-relevant): AUC = P(relevant scores above
+  sampled), ties count half; contrastive entropy (Fang et al., see CONTRASTIVE_NEGATIVES) = the cross-entropy
+  of each relevant document among those negatives at logits `scale * score`, averaged over all (query,
+  relevant document) pairs (None: not computed, for scores that are not similarities). `score_fn(row,
+  doc_rows)` scores query `qids[row]`."""
   index = {d: i for i, d in enumerate(doc_ids)}
   candidates = np.arange(len(doc_ids)) if negative_pool is None else np.array([index[d] for d in negative_pool])
   auc, entropy = [], []
