@@ -332,6 +332,22 @@ def test_each_loss_trains_a_reranker_that_beats_its_first_stage(loss, first_stag
 
 
 @pytest.mark.slow
+def test_a_bce_run_starts_its_head_at_the_prior(first_stage, tmp_path):
+  """Through the trainer: groups of 4 and score_bias="prior" save a head whose bias is log(1/3) (one step at rate 0
+  leaves it where the trainer set it before the first step)."""
+  from scalingnote_jax.artifacts.trained import RERANKER_FILE, load_tower
+
+  data, train_run, test_run, _ = first_stage
+  workdir = str(tmp_path / "prior")
+  run_cli("train-reranker", "--config", f"{ROOT}/configs/rerank_tiny.py", "--workdir", workdir, "--config.loss=bce",
+          "--config.score_bias=prior", "--config.data.group_size=4", "--config.num_steps=1", "--config.optim.lr=0.0",
+          "--config.eval.every=0", f"--config.data.path={data}", f"--config.data.train_run={train_run}",
+          f"--config.data.val_run={test_run}")
+  tower, _, _ = load_tower(workdir, spec_file=RERANKER_FILE)
+  assert float(tower.projection.bias[...][0]) == pytest.approx(np.log(1 / 3), abs=1e-6)
+
+
+@pytest.mark.slow
 def test_the_scifact_reranker_config_validates_on_its_dev_split(tmp_path):
   """configs/rerank_scifact.py at its test size: BM25's candidates for the training queries but the dev ones,
   validation on those 121 dev queries (the first stage's nDCG@10 there is BM25's over the dev queries alone),
