@@ -51,8 +51,14 @@ def test_pipeline_runs_every_stage_and_reports(uninterrupted):
   assert systems["teacher"]["contrastive_pairs"] == final["contrastive_pairs"] > 0
   r = report["student_retention"]["L1"]["recall_at_10"]
   assert r == pytest.approx(systems["student L1"]["recall_at_10"] / systems["teacher"]["recall_at_10"])
+  claim, student, baseline = report["paper_claim"], systems["student L1"], systems["baseline"]
+  assert claim["students"]["L1"]["minus_baseline"] == pytest.approx(student["ndcg_at_10"] - baseline["ndcg_at_10"])
+  assert claim["students"]["L1"]["speedup"] == pytest.approx(student["qps"] / systems["teacher"]["qps"])
+  assert claim["above_baseline"] == (student["ndcg_at_10"] > baseline["ndcg_at_10"])
   md = (workdir / "report.md").read_text()
   assert "| teacher |" in md and "quality_vs_speed.png" in md
+  verdict = "holds" if claim["above_baseline"] else "does not hold"
+  assert f"students above the directly-trained small dual tower: {verdict};" in md
   for png in ("quality_vs_speed.png", "training.png"):
     assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # the mining round's frozen parameters are the first teacher's: stored once, in frozen/, read by both rounds

@@ -88,6 +88,31 @@ def fmt(value) -> str:
   return str(value)
 
 
+# The paper's claim, tested either way: students far above the directly-trained small dual tower, close to the
+# teacher, at many times its query throughput. "Close" and "many" need numbers: these are the report's.
+CLOSE, MANY = 0.95, 10.0  # of the teacher's nDCG@10; times its queries/s
+
+
+def paper_claim(systems: dict, students: list[str]) -> dict:
+  teacher, baseline = systems["teacher"], systems["baseline"]
+  per = {name: {"minus_baseline": systems[f"student {name}"]["ndcg_at_10"] - baseline["ndcg_at_10"],
+                "kept": systems[f"student {name}"]["ndcg_at_10"] / max(teacher["ndcg_at_10"], 1e-12),
+                "speedup": systems[f"student {name}"]["qps"] / teacher["qps"]} for name in students}
+  return {"students": per, "above_baseline": all(r["minus_baseline"] > 0 for r in per.values()),
+          "close_to_teacher": all(r["kept"] >= CLOSE for r in per.values()),
+          "many_times_faster": all(r["speedup"] >= MANY for r in per.values())}
+
+
+def claim_text(claim: dict) -> str:
+  verdict = lambda ok: "holds" if ok else "does not hold"  # noqa: E731
+  per = "; ".join(f"{name} {r['minus_baseline']:+.4f} nDCG@10 against the baseline, {r['kept']:.1%} of the "
+                  f"teacher's, {r['speedup']:.1f}x its queries/s" for name, r in claim["students"].items())
+  return (f"The paper's claim, on this run: students above the directly-trained small dual tower: "
+          f"{verdict(claim['above_baseline'])}; close to the teacher (>= {CLOSE:.0%} of its nDCG@10): "
+          f"{verdict(claim['close_to_teacher'])}; at many times its throughput (>= {MANY:g}x): "
+          f"{verdict(claim['many_times_faster'])}. Students: {per}.")
+
+
 def write(workdir: str, cfg, evals: dict, timings: dict[str, float]) -> dict:
   """Writes report.json, report.md, quality_vs_speed.png and training.png into `workdir`; returns the report."""
   systems = evals["systems"]
@@ -97,6 +122,7 @@ def write(workdir: str, cfg, evals: dict, timings: dict[str, float]) -> dict:
                       for key in ("ndcg_at_10", "recall_at_10", "recall_at_100")} for name in students}
   report = {"systems": systems, "student_retention": retention,
             "teacher_minus_baseline": {k: teacher[k] - systems["baseline"][k] for k in ("ndcg_at_10", "recall_at_100")},
+            "paper_claim": paper_claim(systems, students),
             "stage_seconds": timings, **{k: evals.get(k, 0) for k in QRELS_COUNTS},
             "figures": ["quality_vs_speed.png", "training.png"], "config": cfg.to_dict()}
   plot_quality_vs_speed(systems, os.path.join(workdir, "quality_vs_speed.png"))
@@ -119,7 +145,7 @@ def write(workdir: str, cfg, evals: dict, timings: dict[str, float]) -> dict:
             f"{systems[f'student {name}']['qps'] / teacher['qps']:.1f}x |" for name, r in retention.items()]
   lines += ["", f"Teacher minus the directly-trained small dual tower: nDCG@10 "
             f"{report['teacher_minus_baseline']['ndcg_at_10']:+.4f}, Recall@100 "
-            f"{report['teacher_minus_baseline']['recall_at_100']:+.4f}.", "",
+            f"{report['teacher_minus_baseline']['recall_at_100']:+.4f}.", "", claim_text(report["paper_claim"]), "",
             "![quality against throughput](quality_vs_speed.png)", "", "![training curves](training.png)", "",
             "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
             "CE = contrastive entropy (cosine / temperature; not defined for BM25). Throughput: encode + search of "
