@@ -89,7 +89,8 @@ def fmt(value) -> str:
 
 
 # The paper's claim, tested either way: students far above the directly-trained small dual tower, close to the
-# teacher, at many times its query throughput. "Close" and "many" need numbers: these are the report's.
+# teacher, at many times its query throughput. "Close" and "many" need numbers: these are the report's (the
+# paper's 4-layer student keeps ~99% of its 7B teacher's Recall@50 at ~83x its QPS, its 1-layer student 90%).
 CLOSE, MANY = 0.95, 10.0  # of the teacher's nDCG@10; times its queries/s
 
 
