@@ -52,17 +52,18 @@ from scalingnote_jax.train import stage1, stage2
 def prepare_data(d: ConfigDict, out: str) -> dict:
   """The synthetic corpus as a BEIR directory (train / test qrels and an unlabelled query log), or a given
   BEIR directory checked for its train and test splits, with `query_log` = a text file of unlabelled queries,
-  "titles" (the corpus's titles, written to `out`) or ""."""
+  texts of the corpus (`beir.corpus_query_log`: "titles", "conclusions" or both joined by "+"; written to
+  `out`) or ""."""
   if d.source == "beir":
     for split in ("train", d.split):
       train = beir.load_beir(d.path, split, unknown="skip")  # bad input fails here, naming file:line
     query_log = d.query_log
-    if query_log == "titles":  # e.g. SciFact: its titles are claims much like its queries
+    if query_log and not os.path.isfile(query_log):  # e.g. "titles": SciFact's titles are claims like its queries
+      texts = beir.corpus_query_log(train.corpus, query_log)
       query_log = os.path.join(out, "query_log.txt")
       if is_main():
         os.makedirs(out, exist_ok=True)
-        titles = [t for doc in train.corpus.values() if (t := doc["title"].strip())]
-        write_atomic(query_log, "\n".join(titles) + "\n")
+        write_atomic(query_log, "\n".join(texts) + "\n")
     return {"path": os.path.abspath(d.path), "query_log": os.path.abspath(query_log) if query_log else ""}
   if d.source != "synthetic":
     raise ValueError(f"data.source={d.source!r}: expected 'synthetic' or 'beir'")

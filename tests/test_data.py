@@ -62,6 +62,39 @@ def test_bad_corpus_lines_name_file_and_line(tmp_path, line, message):
   assert beir.load_corpus(write(tmp_path / "ok.jsonl", [first]))["0"]["text"] == "first \U0001F600"
 
 
+def test_the_pipeline_writes_a_query_log_from_the_corpus(tmp_path):
+  """data.query_log "titles+conclusions": every title (one line each), then the last two sentences of each
+  abstract that have 5-60 words; the sentence split keeps numbers and brackets inside their sentence."""
+  from ml_collections import ConfigDict
+
+  from scalingnote_jax.pipeline import prepare_data
+
+  docs = [{"_id": "d1", "title": "Statins and\nmemory ", "text": "We studied 17 adults (n = 17) over a year. Short "
+           "one. Memory fell by 2.5 points vs. 0.4 in controls, p = 0.016. Statins may impair memory in older adults."},
+          {"_id": "d2", "title": "", "text": "A single sentence about the gut microbiome and diet"},
+          {"_id": "d3", "title": "Vitamin D", "text": "Too short. Also brief!"}]
+  (tmp_path / "beir").mkdir()
+  write(tmp_path / "beir" / "corpus.jsonl", [json.dumps(d) for d in docs])
+  write(tmp_path / "beir" / "queries.jsonl", ['{"_id": "q1", "text": "do statins harm memory"}'])
+  (tmp_path / "beir" / "qrels").mkdir()
+  for split in ("train", "test"):
+    write(tmp_path / "beir" / "qrels" / f"{split}.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1"])
+  d = ConfigDict(dict(source="beir", path=str(tmp_path / "beir"), split="test", query_log="titles+conclusions"))
+  log = prepare_data(d, str(tmp_path / "data"))["query_log"]
+  assert open(log).read().splitlines() == [
+      "Statins and memory", "Vitamin D",
+      "Memory fell by 2.5 points vs. 0.4 in controls, p = 0.016.", "Statins may impair memory in older adults.",
+      "A single sentence about the gut microbiome and diet"]
+  d.query_log = "titles"
+  assert open(prepare_data(d, str(tmp_path / "t"))["query_log"]).read() == "Statins and memory\nVitamin D\n"
+  d.query_log = str(tmp_path / "data" / "query_log.txt")  # a file is the log as it is
+  assert prepare_data(d, str(tmp_path / "f"))["query_log"] == d.query_log and not (tmp_path / "f").exists()
+  d.query_log = "titles+abstracts"
+  with pytest.raises(ValueError, match=r"data.query_log='titles\+abstracts': 'abstracts' is not one of"):
+    prepare_data(d, str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
 def test_bad_qrels_name_file_and_line(tmp_path):
   qrels = write(tmp_path / "q.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q1\td9\t1"])
   with pytest.raises(beir.DataError, match=r"q\.tsv:3: unknown document id 'd9'"):

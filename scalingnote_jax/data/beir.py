@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 
 from scalingnote_jax.data.synthetic import Dataset
 
@@ -140,6 +141,42 @@ def load_beir(directory: str, split: str, *, unknown: str = "error", skipped: li
   qrels = load_qrels(os.path.join(directory, "qrels", f"{split}.tsv"), query_ids=queries, doc_ids=corpus,
                      unknown=unknown, skipped=skipped)
   return Dataset(corpus, {q: queries[q] for q in qrels}, qrels)
+
+
+# A sentence ends at . ! or ? followed by space and a capital letter: a heuristic that keeps "p = 0.016" and
+# "(n = 17)" inside their sentence, enough for choosing which sentences of an abstract to keep.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def one_line(text: str) -> str:
+  """`text` stripped, its line breaks made spaces: one line of a query log (other spacing kept, as tokenized)."""
+  return re.sub(r"\s*[\r\n]+\s*", " ", text.strip())
+
+
+def last_sentences(text: str, n: int, *, min_words: int = 5, max_words: int = 60) -> list[str]:
+  """The last `n` sentences of `text` among those of `min_words`..`max_words` words, each `one_line`."""
+  sentences = [one_line(s) for s in _SENTENCE_END.split(text)]
+  return [s for s in sentences if min_words <= len(s.split()) <= max_words][-n:] if n > 0 else []
+
+
+QUERY_LOG_SOURCES = ("titles", "conclusions")
+
+
+def corpus_query_log(corpus: dict[str, dict[str, str]], sources: str) -> list[str]:
+  """Query-like texts from the corpus itself, an unlabelled query log for distillation: `sources` joined by "+"
+  from "titles" (each document's title) and "conclusions" (the last two sentences of each abstract, where
+  papers state their findings: SciFact's claims are such findings), each source in corpus order."""
+  texts = []
+  for source in sources.split("+"):
+    if source not in QUERY_LOG_SOURCES:
+      raise ValueError(f"data.query_log={sources!r}: {source!r} is not one of {'/'.join(QUERY_LOG_SOURCES)} "
+                       "(join them with '+'), and not a file")
+    for doc in corpus.values():
+      if source == "titles":
+        texts += [t] if (t := one_line(doc["title"])) else []
+      else:
+        texts += last_sentences(doc["text"], 2)
+  return texts
 
 
 def examples_from_qrels(data: Dataset) -> list[TrainExample]:
