@@ -1,5 +1,5 @@
 """The whole pipeline on BEIR SciFact: SmolLM2-135M towers as the teacher (configs/scifact_smollm2.py: the lower
-24 blocks frozen with their states cached, sized for a 2-core CPU), MiniLM's first layers as the
+18 blocks frozen with their states cached, sized for a 2-core CPU), MiniLM's first layers as the
 directly-trained small dual tower and as the students, all-MiniLM-L6-v2 zero-shot and BM25 as references.
 SciFact's 5,183 titles and its abstracts' last two sentences (claims and findings, like its queries) are the
 students' unlabelled query log. The teacher and the baseline hold the same 15% of the train queries out as a
@@ -25,10 +25,9 @@ def get_config(variant: str = "", *, name: str = "scifact"):
   query_log = "titles+conclusions" if name == "scifact" else "titles"
   c.data = ConfigDict(dict(source="beir", path=f"../shared/data/beir/{name}", split="test", query_log=query_log))
   # variant "minilm": all-MiniLM-L6-v2 as the teacher, a stand-in that trains on a CPU
-  c.teacher = minilm_config() if variant == "minilm" else smollm2_config()
+  # (configs/nfcorpus_smollm2.py's recipe for name "nfcorpus": its own dev split, 24 frozen blocks)
+  c.teacher = minilm_config() if variant == "minilm" else smollm2_config(name=name)
   c.teacher.eval.every = c.teacher.num_steps
-  if name == "nfcorpus" and variant != "minilm":  # NFCorpus has a dev split of its own
-    c.teacher.data.val_split = "dev"
   # No mining round by default (num_steps 0): on 2 cores it costs a full-corpus pass of the teacher (~30 min)
   # and trunk states of most of the corpus; variant "mined" runs one.
   c.mining = ConfigDict(dict(range_min=10, range_max=100, num_negatives=8, sampling="top", seed=0, n_neg=1,
