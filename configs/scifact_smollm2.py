@@ -16,7 +16,8 @@ def get_config(variant: str = "", *, name: str = "scifact"):
   c = stage1_defaults()
   c.model.init = "SmolLM2-135M-Instruct-Q4_1"
   # SciFact dev (whole corpus, 300 steps): 24 frozen blocks 0.654, 18 frozen 0.732 (0.769 after a mining round,
-  # 0.751 with 24); a step 4.6 s instead of 2.5 on 2 cores (BENCHMARKS.md). NFCorpus not measured with 18 yet.
+  # 0.751 with 24); a step 4.6 s instead of 2.5 on 2 cores (BENCHMARKS.md). NFCorpus dev with 18: 0.279 at
+  # step 200 (24: 0.245), its run unfinished; it keeps 24 until step 300 decides (its recorded pipeline used 24).
   c.model.freeze_layers = 18 if name == "scifact" else 24
   c.model.trunk_cache = True
   # Mean pooling: an untrained decoder's last-token state barely depends on the text (SciFact test nDCG@10
