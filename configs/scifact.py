@@ -25,7 +25,7 @@ def get_config(variant: str = "", *, name: str = "scifact"):
   query_log = "titles+conclusions" if name == "scifact" else "titles"
   c.data = ConfigDict(dict(source="beir", path=f"../shared/data/beir/{name}", split="test", query_log=query_log))
   # variant "minilm": all-MiniLM-L6-v2 as the teacher, a stand-in that trains on a CPU
-  # (configs/nfcorpus_smollm2.py's recipe for name "nfcorpus": its own dev split, 24 frozen blocks)
+  # (configs/nfcorpus_smollm2.py's recipe for name "nfcorpus": its own dev split)
   c.teacher = minilm_config() if variant == "minilm" else smollm2_config(name=name)
   c.teacher.eval.every = c.teacher.num_steps
   # No mining round by default (num_steps 0): on 2 cores it costs a full-corpus pass of the teacher (~30 min)

@@ -1,5 +1,5 @@
 """Stage 1 on BEIR SciFact with both towers initialised from SmolLM2-135M-Instruct (the packaged Q4_1 GGUF,
-dequantized), sized for a 2-core CPU: the embedding and lower 18 of 30 blocks frozen (24 for NFCorpus), their
+dequantized), sized for a 2-core CPU: the embedding and lower 18 of 30 blocks frozen, their
 hidden states of the corpus and queries cached once (`model.trunk_cache`, data/trunk.py), so a step runs the
 12 blocks above; mean pooling.
 A dev split (15% of the train queries) is held out to choose settings on; the test split is reported once.
@@ -16,9 +16,9 @@ def get_config(variant: str = "", *, name: str = "scifact"):
   c = stage1_defaults()
   c.model.init = "SmolLM2-135M-Instruct-Q4_1"
   # SciFact dev (whole corpus, 300 steps): 24 frozen blocks 0.654, 18 frozen 0.732 (0.769 after a mining round,
-  # 0.751 with 24); a step 4.6 s instead of 2.5 on 2 cores (BENCHMARKS.md). NFCorpus dev with 18: 0.279 at
-  # step 200 (24: 0.245), its run unfinished; it keeps 24 until step 300 decides (its recorded pipeline used 24).
-  c.model.freeze_layers = 18 if name == "scifact" else 24
+  # 0.751 with 24); a step 4.6 s instead of 2.5 on 2 cores (BENCHMARKS.md). NFCorpus dev: 18 frozen 0.273 at
+  # step 100 and 0.279 at 200, above 24 frozen's 0.258 at step 300.
+  c.model.freeze_layers = 18
   c.model.trunk_cache = True
   # Mean pooling: an untrained decoder's last-token state barely depends on the text (SciFact test nDCG@10
   # 0.000 at step 0 with EOS pooling); the demo found mean pooling far better for small decoders.
