@@ -503,9 +503,16 @@ def _quiet_background_failures() -> None:
     def filter(self, record):
       return not (record.levelno >= logging.ERROR and str(record.msg).startswith("[process="))
 
-  absl = logging.getLogger("absl")
-  if not any(isinstance(f, FromOrbaxThreads) for f in absl.filters):
-    absl.addFilter(FromOrbaxThreads())
+  class UnretrievedWrites(logging.Filter):  # asyncio, at exit, on each failed write's future nobody awaited
+    def filter(self, record):
+      exc = record.exc_info[1] if record.exc_info else None
+      return not (str(record.msg).startswith(("Future exception was never retrieved",
+                                               "Task exception was never retrieved")) and "Error writing" in str(exc))
+
+  for name, quiet in (("absl", FromOrbaxThreads), ("asyncio", UnretrievedWrites)):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, quiet) for f in logger.filters):
+      logger.addFilter(quiet())
   previous = sys.unraisablehook
   if getattr(previous, "quiet", False):
     return
