@@ -71,9 +71,14 @@ def test_data_parallel_encoding_equals_single_device(tmp_path):
   shrunk = dict(list(data.corpus.items())[:50])
   with pytest.raises(ValueError, match="holds a finished encoding of a different corpus"):  # was: reused silently
     encode_corpus(parallel, shrunk, str(tmp_path / "p"), chunk_size=16)
+  edited = {**data.corpus, "d0": {"title": "retitled", "text": "rewritten"}}  # same ids, one text changed
+  with pytest.raises(ValueError, match="holds a finished encoding of other texts under the same ids"):
+    encode_corpus(parallel, edited, str(tmp_path / "p"))  # was: reused silently, the old row served as the new
   with pytest.raises(ValueError, match="holds a partial encoding of a different corpus"):
     (tmp_path / "p" / "COMPLETE").unlink()
     encode_corpus(parallel, shrunk, str(tmp_path / "p"), chunk_size=32)
+  with pytest.raises(ValueError, match="holds a partial encoding of other texts under the same ids"):
+    encode_corpus(parallel, edited, str(tmp_path / "p"), chunk_size=32)
 
 
 def test_a_corrupted_store_is_refused_when_loaded(tmp_path):

@@ -2,6 +2,7 @@
 >= 95% of its Recall@10; export writes a bundle that `Retriever` and the HTTP service answer from with the
 student's own results; a student and documents from different teachers are refused; resume == uninterrupted."""
 
+import glob
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 from helpers import ROOT, read_metrics, run_cli
-from scalingnote_jax import cli
+from scalingnote_jax import cli, sharding
 from scalingnote_jax.config import load_config
 from scalingnote_jax.data import synthetic
 from scalingnote_jax.data.beir import DataError
@@ -21,7 +22,7 @@ from scalingnote_jax.data.training import load_data
 from scalingnote_jax.eval.retrieval import ir_metrics
 from scalingnote_jax.serve import bundle
 from scalingnote_jax.serve.retriever import Retriever
-from scalingnote_jax.artifacts import trained
+from scalingnote_jax.artifacts import store, trained
 from scalingnote_jax.train import stage1, stage2
 
 pytestmark = pytest.mark.slow  # trains, encodes a real corpus or runs processes: in `make test`, not test-fast
@@ -61,7 +62,8 @@ def test_student_keeps_95_percent_of_the_teachers_recall(distilled):
   assert first["step"] == 0 and first["recall_at_10_retention"] < 0.3, first  # a random projection at first
   assert last["recall_at_10_retention"] >= 0.95, last
   assert last["cosine_to_teacher"] > 0.85 > first["cosine_to_teacher"]
-  with open(os.path.join(distilled["workdir"], "teacher", "queries", "ids.json")) as f:
+  [store_dir] = glob.glob(os.path.join(distilled["workdir"], "teacher", "queries-*"))  # one store per query set
+  with open(os.path.join(store_dir, "ids.json")) as f:
     trained_on = json.load(f)
   labelled = [q for q in trained_on if not q.startswith("unlabelled:")]
   examples, held_out, _ = load_data(load_config(f"{ROOT}/configs/tiny.py").data)
@@ -170,6 +172,25 @@ def test_resume_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
                              rtol=1e-6)
   for a, b in zip(jax.tree.leaves(nnx.state(resumed["student"])), jax.tree.leaves(nnx.state(whole["student"]))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_students_with_other_query_logs_share_a_teacher_cache_each_with_its_own_rows(tiny_teacher, tmp_path):
+  """The teacher cache keeps one store per query set: a student whose log holds as many other texts (so the
+  same positional ids) gets the teacher's rows of its own texts, not the first student's."""
+  cache, got = tmp_path / "cache", {}
+  for word in ("alpha", "beta"):
+    (tmp_path / f"{word}.txt").write_text("".join(f"{word} question number {i}\n" for i in range(6)))
+    cfg = config(tiny_teacher, "smoke", teacher_cache=str(cache), **{"data.query_files": f"('{tmp_path / word}.txt',)"})
+    stage2.distill(cfg, str(tmp_path / word))
+    got[word] = stage2.training_queries(cfg, load_config(f"{ROOT}/configs/tiny.py"))[0]
+  assert list(got["alpha"]) == list(got["beta"]) and got["alpha"] != got["beta"]  # same ids, other texts
+  stores = sorted(cache.glob("queries-*"))
+  assert len(stores) == 2
+  t_q_enc = stage2.load_teacher(tiny_teacher, sharding.make_mesh())[0]
+  for store_dir, queries in zip(stores, sorted(got.values(), key=store.inputs_digest)):
+    ids, rows_QxD = store.load_embeddings(str(store_dir))
+    assert ids == list(queries)
+    np.testing.assert_allclose(rows_QxD, t_q_enc.encode_queries(list(queries.values())), atol=1e-5)
 
 
 def test_query_files_errors_name_file_and_line(tmp_path):

@@ -4,11 +4,12 @@ corpus encodings of `scalingnote encode`, a bundle's documents and the Stage 2 t
 
 Layout of the output directory:
   ids.json            the ids in row order (written first; a rerun checks it is the same corpus)
-  ENCODER             JSON {fingerprint, kind}: which tower wrote it (a rerun with another tower is refused)
+  ENCODER             JSON {fingerprint, kind, inputs}: which tower wrote it, and a digest of the ids and texts it
+                      encodes (a rerun with another tower, or other texts under the same ids, is refused)
   embeddings.zarr/    float32 [N, D] (or [N, *row_shape] of another encoder, e.g. a frozen trunk's hidden
                       states [N, T, E]), one zarr chunk per encoding chunk of `chunk_size` items
   done/<chunk>        an empty marker written after its chunk's rows are durably written
-  COMPLETE            JSON {num_docs, dim, fingerprint, kind, sha256}, written last: a store without it is never
+  COMPLETE            JSON {num_docs, dim, fingerprint, kind, inputs, sha256}, written last: a store without it is never
                       read as complete; sha256 (of the rows as read back) is checked whenever the store is loaded
 
 Chunks are dealt round-robin to JAX processes; within a process each batch is split over all its devices.
@@ -53,19 +54,15 @@ def encode_corpus(encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk
   fingerprint is recorded; finishing or reusing a store another tower wrote is refused."""
   os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
   kind = "queries" if queries else "documents"
-  encoder_info = {"fingerprint": encoder.fingerprint, "kind": kind}
+  encoder_info = {"fingerprint": encoder.fingerprint, "kind": kind, "inputs": inputs_digest(corpus)}
   ids = list(corpus)
   if os.path.exists(os.path.join(out_dir, COMPLETE)):
-    _check_encoder(out_dir, _read_json(out_dir, COMPLETE), encoder_info)
-    if _read_json(out_dir, IDS) != ids:  # reused only for the corpus it holds, in the same order
-      raise ValueError(f"{out_dir}: holds a finished encoding of a different corpus; use a new --out")
+    _check_store(out_dir, "finished", _read_json(out_dir, COMPLETE), encoder_info, ids)
     return out_dir
   ids_path, encoder_path = os.path.join(out_dir, IDS), os.path.join(out_dir, ENCODER)
   if os.path.exists(ids_path):
-    if _read_json(out_dir, IDS) != ids:
-      raise ValueError(f"{out_dir}: holds a partial encoding of a different corpus; use a new --out")
-    if os.path.exists(encoder_path):
-      _check_encoder(out_dir, _read_json(out_dir, ENCODER), encoder_info)
+    found = _read_json(out_dir, ENCODER) if os.path.exists(encoder_path) else {}
+    _check_store(out_dir, "partial", found, encoder_info, ids)
   elif is_main():
     write_atomic(encoder_path, json.dumps(encoder_info))
     write_atomic(ids_path, json.dumps(ids))
@@ -105,11 +102,25 @@ def _read_json(out_dir: str, name: str):
     return json.load(f)
 
 
-def _check_encoder(out_dir: str, found: dict, want: dict) -> None:
+def inputs_digest(corpus: dict) -> str:
+  """sha256 of a store's inputs: each id with its text, document ({title, text}) or token row, in order."""
+  h = hashlib.sha256()
+  for key, value in corpus.items():
+    h.update(json.dumps([key, value], sort_keys=True, ensure_ascii=False, default=lambda o: o.tolist()).encode())
+  return h.hexdigest()
+
+
+def _check_store(out_dir: str, state: str, found: dict, want: dict, ids: list[str]) -> None:
+  """A store is finished or continued only by the tower that began it, for the same ids and texts."""
   for key in ("kind", "fingerprint"):
-    if found.get(key) != want[key]:
-      raise ValueError(f"{out_dir}: was encoded with {key} {found.get(key)!r}, not this tower's {want[key]!r}; "
+    if key in found and found[key] != want[key]:
+      raise ValueError(f"{out_dir}: was encoded with {key} {found[key]!r}, not this tower's {want[key]!r}; "
                        "use a new --out (or the tower that wrote it)")
+  if _read_json(out_dir, IDS) != ids:  # reused only for the corpus it holds, in the same order
+    raise ValueError(f"{out_dir}: holds a {state} encoding of a different corpus; use a new --out")
+  if "inputs" in found and found["inputs"] != want["inputs"]:  # (stores written before 2026-12-07 record none)
+    raise ValueError(f"{out_dir}: holds a {state} encoding of other texts under the same ids (the digest of its "
+                     "inputs differs); use a new --out")
 
 
 def store_info(out_dir: str) -> dict:

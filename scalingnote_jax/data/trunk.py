@@ -96,7 +96,7 @@ class Trunk:
 
   def cache(self, rows: list[list[int]], kind: str) -> StateStore:
     """The states of `rows` in their store (computed, finished or found); duplicate rows are stored once."""
-    keyed = {row_key(r, self.length): r for r in rows}
+    keyed = {row_key(r, self.length): r[:self.length] for r in rows}  # the tokens it sees: a store's inputs
     h = hashlib.sha256("".join(sorted(keyed)).encode()).hexdigest()[:16]
     out = cache_dir("trunk", self.trunk_fingerprint, f"{kind}-{self.length}-{h}")
     store.encode_corpus(self, keyed, out, chunk_size=CHUNK_ROWS, batch_size=CHUNK_ROWS, queries=kind == "queries")

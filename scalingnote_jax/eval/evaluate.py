@@ -89,10 +89,7 @@ def embedding_cache(encoder, corpus: dict[str, dict]) -> str:
   """Where `eval` keeps a document tower's embeddings of a corpus between runs: CACHE/embeddings/<the tower's
   fingerprint>-<a hash of the corpus's ids and texts>, so that a second evaluation of the same tower and corpus
   (or one that adds --save-run) encodes nothing, and another tower or corpus gets a store of its own."""
-  h = hashlib.sha256()
-  for doc_id, doc in corpus.items():
-    h.update(json.dumps([doc_id, doc], sort_keys=True, ensure_ascii=False).encode())
-  return cache_dir("embeddings", f"{encoder.fingerprint[:16]}-{h.hexdigest()[:16]}")
+  return cache_dir("embeddings", f"{encoder.fingerprint[:16]}-{store.inputs_digest(corpus)[:16]}")
 
 
 def tower_system(checkpoint: str, corpus: dict[str, dict], embeddings: str | None, *, backend: str = "exact",

@@ -9,8 +9,9 @@ created sharded by `train/common.py`, step, log, validate, checkpoint).
   scalingnote distill --config configs/distill_tiny.py --config.teacher=STAGE1_WORKDIR --workdir DIR
 
 The workdir holds config.json, student.json (what rebuilds the student: backbone and tower configs, its
-tokenizer, the teacher's fingerprints), teacher/{queries,val_queries,documents}/ (cached teacher embeddings,
-`artifacts.store` stores; elsewhere with `teacher_cache`), checkpoints/, metrics.jsonl and tensorboard/.
+tokenizer, the teacher's fingerprints), teacher/{queries-<digest of the texts>,val_queries,documents}/ (cached
+teacher embeddings, `artifacts.store` stores; elsewhere with `teacher_cache`), checkpoints/, metrics.jsonl and
+tensorboard/.
 """
 
 from __future__ import annotations
@@ -164,7 +165,9 @@ def distill(cfg: ConfigDict, workdir: str, *, resume: bool = False) -> dict:
                      "workdir from before 2026-12-06 recorded parameter-only fingerprints: distil it anew)")
   queries, held_out = training_queries(cfg, t_cfg)
   kw = dict(batch_size=cfg.teacher_encode.batch_size, chunk_size=cfg.teacher_encode.chunk_size)
-  train_store = store.encode_corpus(t_q_enc, queries, os.path.join(cache, "queries"), queries=True, **kw)
+  # one store per query set (the query files differ between students; unlabelled ids are positions, not texts)
+  train_dir = os.path.join(cache, f"queries-{store.inputs_digest(queries)[:16]}")
+  train_store = store.encode_corpus(t_q_enc, queries, train_dir, queries=True, **kw)
   validate = held_out is not None and cfg.eval.every > 0
   if validate:
     doc_ids, _ = validation_doc_ids(held_out, cfg.eval.max_docs, np.random.default_rng(cfg.eval.seed))
