@@ -51,7 +51,7 @@ def encode_corpus(encoder, corpus: dict[str, dict | str], out_dir: str, *, chunk
                   batch_size: int = 64, queries: bool = False) -> str:
   """Encodes `corpus` ({id: {"title", "text"}} documents, or {id: text} queries with `queries`) into
   `out_dir` with `encoder` (an `encoder.Encoder`); returns it. Skips finished chunks. The encoder's
-  fingerprint is recorded; finishing or reusing a store another tower wrote is refused."""
+  fingerprint is recorded; finishing or reusing a store another tower wrote, or one of other texts, is refused."""
   os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
   kind = "queries" if queries else "documents"
   encoder_info = {"fingerprint": encoder.fingerprint, "kind": kind, "inputs": inputs_digest(corpus)}
